@@ -1,0 +1,28 @@
+"""A small CNN for 28x28 (or 8x8) images, written with plain Flax layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+
+class SmallCNN(nn.Module):
+  """Conv-ReLU stages (the first at stride 1, the rest at stride 2), global average pool, Dense.
+
+  Attributes:
+    num_classes: outputs of the classifier.
+    features: channels of each conv stage.
+  """
+
+  num_classes: int = 10
+  features: Sequence[int] = (16, 32, 64)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # no dropout or batch norm; kept for a uniform model signature
+    for i, width in enumerate(self.features):
+      x = nn.relu(nn.Conv(width, (3, 3), strides=1 if i == 0 else 2)(x))
+    x = x.mean(axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)

@@ -1,0 +1,62 @@
+"""Quantized Flax Linen layers: Dense, DenseGeneral and Conv with quantized input and kernel.
+
+Each is its Flax original (same fields, same params, same behaviour) plus three fields:
+``weight_spec`` and ``input_spec`` (None leaves that operand in float) and ``mode``. The
+quantization params sit next to the kernel: ``kernel_scale`` and, with an input spec,
+``input_scale`` and ``input_zero_point`` (asymmetric only). The running input range used by
+calibration lives in the ``quant_stats`` collection.
+
+Example:
+  >>> layer = QuantDense(16, weight_spec=QuantSpec.for_weights(4))
+  >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 8)))
+  >>> sorted(variables["params"])
+  ['bias', 'input_scale', 'input_zero_point', 'kernel', 'kernel_scale']
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from efqat_jax.nn.ops import Mode, call_quantized
+from efqat_jax.quant.spec import QuantSpec
+
+DEFAULT_WEIGHT_SPEC = QuantSpec.for_weights(8)
+DEFAULT_INPUT_SPEC = QuantSpec.for_activations(8)
+
+
+def _ops_fields(layer) -> dict:
+  return dict(weight_spec=layer.weight_spec, input_spec=layer.input_spec, mode=layer.mode)
+
+
+class QuantDense(nn.Dense):
+  """``nn.Dense`` with fake-quantized input and kernel (per output channel by default)."""
+
+  weight_spec: QuantSpec | None = DEFAULT_WEIGHT_SPEC
+  input_spec: QuantSpec | None = DEFAULT_INPUT_SPEC
+  mode: Mode = Mode.QUANTIZE
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return call_quantized(self, nn.Dense, _ops_fields(self), inputs)
+
+
+class QuantDenseGeneral(nn.DenseGeneral):
+  """``nn.DenseGeneral`` with fake-quantized input and kernel (per output channel by default)."""
+
+  weight_spec: QuantSpec | None = DEFAULT_WEIGHT_SPEC
+  input_spec: QuantSpec | None = DEFAULT_INPUT_SPEC
+  mode: Mode = Mode.QUANTIZE
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return call_quantized(self, nn.DenseGeneral, _ops_fields(self), inputs)
+
+
+class QuantConv(nn.Conv):
+  """``nn.Conv`` with fake-quantized input and kernel (per output channel by default)."""
+
+  weight_spec: QuantSpec | None = DEFAULT_WEIGHT_SPEC
+  input_spec: QuantSpec | None = DEFAULT_INPUT_SPEC
+  mode: Mode = Mode.QUANTIZE
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return call_quantized(self, nn.Conv, _ops_fields(self), inputs)

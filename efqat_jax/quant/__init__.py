@@ -1,0 +1,28 @@
+"""Framework-free quantization numerics: pure functions on arrays and a frozen QuantSpec."""
+
+from efqat_jax.quant import granularity, ranges
+from efqat_jax.quant.fake_quant import check_scale_values, fake_quant, lsq_grad_scale
+from efqat_jax.quant.integer import (
+  IntegerLayer,
+  apply_integer,
+  dequantize,
+  export_layer,
+  int_dtype,
+  quantize_to_int,
+)
+from efqat_jax.quant.spec import QuantSpec
+
+__all__ = [
+  "IntegerLayer",
+  "QuantSpec",
+  "apply_integer",
+  "check_scale_values",
+  "dequantize",
+  "export_layer",
+  "fake_quant",
+  "granularity",
+  "int_dtype",
+  "lsq_grad_scale",
+  "quantize_to_int",
+  "ranges",
+]

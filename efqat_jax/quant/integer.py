@@ -1,0 +1,273 @@
+"""Integer export and the integer reference path (int32 accumulation).
+
+The hardware model: integer inputs ``x_int`` (with zero point ``z``) times integer weights
+``w_int`` are summed in an int32 accumulator, ``acc = sum x_int * w_int``; the output is
+``s_x * s_w * (acc - z * sum w_int) + bias``. That equals the fake-quantized layer up to float
+rounding. The largest ``|acc|`` is reported, for accumulator-aware work: it is the magnitude an
+accumulator must hold when inputs enter unshifted (unsigned inputs for asymmetric activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from efqat_jax.quant import granularity
+from efqat_jax.quant.spec import QuantSpec
+
+
+def int_dtype(spec: QuantSpec) -> np.dtype:
+  """The narrowest numpy integer type that holds the grid of ``spec``."""
+  if spec.bits <= 8:
+    return np.dtype(np.int8 if spec.signed else np.uint8)
+  return np.dtype(np.int16 if spec.signed else np.uint16)
+
+
+def quantize_to_int(
+  x: jax.Array, scale: jax.Array, zero_point: jax.Array | None, spec: QuantSpec
+) -> jax.Array:
+  """``clip(round(x / s) + round(z), qmin, qmax)`` as an integer array (see ``int_dtype``)."""
+  blocks = granularity.to_blocks(x, spec).astype(jnp.float32)
+  s, z = granularity.expand_scale_and_zero_point(scale, zero_point, spec, x.shape)
+  q = jnp.clip(jnp.round(blocks / s) + z, spec.qmin, spec.qmax)
+  return q.reshape(x.shape).astype(int_dtype(spec))
+
+
+def dequantize(
+  q: jax.Array, scale: jax.Array, zero_point: jax.Array | None, spec: QuantSpec
+) -> jax.Array:
+  """``s * (q - z)`` in float32."""
+  blocks = granularity.to_blocks(q, spec).astype(jnp.float32)
+  s, z = granularity.expand_scale_and_zero_point(scale, zero_point, spec, q.shape)
+  return ((blocks - z) * s).reshape(q.shape)
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["weight", "weight_scale", "input_scale", "input_zero_point", "bias"],
+  meta_fields=[
+    "weight_spec",
+    "input_spec",
+    "op",
+    "dimension_numbers",
+    "window_strides",
+    "padding",
+    "rhs_dilation",
+    "feature_group_count",
+  ],
+)
+@dataclasses.dataclass(frozen=True)
+class IntegerLayer:
+  """One exported layer: integer weights, scales, zero point and the op that uses them.
+
+  Attributes:
+    weight: integer kernel (``int_dtype(weight_spec)``).
+    weight_scale: float scales, ``granularity.param_shape(weight_spec, weight.shape)``.
+    input_scale: float scale of the input quantizer (None for a weight-only layer).
+    input_zero_point: integer zero point of the input (None if symmetric or weight-only).
+    bias: float bias added after rescaling, or None.
+    weight_spec, input_spec: the integer formats (input_spec None: weight-only).
+    op: ``"dot_general"`` or ``"conv"``.
+    dimension_numbers: of ``lax.dot_general`` or ``lax.conv_general_dilated``.
+    window_strides, padding, rhs_dilation, feature_group_count: the convolution's settings.
+  """
+
+  weight: jax.Array
+  weight_scale: jax.Array
+  input_scale: jax.Array | None
+  input_zero_point: jax.Array | None
+  bias: jax.Array | None
+  weight_spec: QuantSpec
+  input_spec: QuantSpec | None
+  op: str
+  dimension_numbers: Any
+  window_strides: tuple[int, ...] = ()
+  padding: str | tuple[tuple[int, int], ...] = ()
+  rhs_dilation: tuple[int, ...] = ()
+  feature_group_count: int = 1
+
+  def __post_init__(self):
+    if self.op not in ("dot_general", "conv"):
+      raise ValueError(f"IntegerLayer.op must be 'dot_general' or 'conv', got {self.op!r}")
+    if not self.weight_spec.symmetric:
+      raise ValueError(
+        "IntegerLayer.weight_spec must be symmetric: kernel zero points are not supported"
+      )
+    if self.op == "conv":
+      n_spatial = len(self.dimension_numbers.lhs_spec) - 2
+      if len(self.window_strides) != n_spatial or len(self.rhs_dilation) != n_spatial:
+        raise ValueError(
+          f"a conv IntegerLayer needs window_strides and rhs_dilation with {n_spatial} entries,"
+          f" got {self.window_strides!r} and {self.rhs_dilation!r}"
+        )
+    if self.input_spec is not None and self.input_spec.granularity != "tensor":
+      raise ValueError(
+        "the integer path needs a per-tensor input scale (it factors out of the sum);"
+        f" got input_spec.granularity={self.input_spec.granularity!r}"
+      )
+
+
+def export_layer(
+  kernel: jax.Array,
+  kernel_scale: jax.Array,
+  weight_spec: QuantSpec,
+  input_scale: jax.Array | None,
+  input_zero_point: jax.Array | None,
+  input_spec: QuantSpec | None,
+  bias: jax.Array | None = None,
+  **op_settings: Any,
+) -> IntegerLayer:
+  """Rounds a float kernel to integers and packs it with its scales into an IntegerLayer."""
+  zero_point = None if input_zero_point is None else jnp.round(input_zero_point).astype(jnp.int32)
+  return IntegerLayer(
+    weight=quantize_to_int(kernel, kernel_scale, None, weight_spec),
+    weight_scale=jnp.asarray(kernel_scale, jnp.float32),
+    input_scale=None if input_scale is None else jnp.asarray(input_scale, jnp.float32),
+    input_zero_point=zero_point,
+    bias=bias,
+    weight_spec=weight_spec,
+    input_spec=input_spec,
+    **op_settings,
+  )
+
+
+def apply_integer(layer: IntegerLayer, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Runs the layer with integer inputs, integer weights and int32 accumulation.
+
+  Args:
+    layer: an exported layer.
+    x: float input, as the fake-quantized layer receives it.
+
+  Returns:
+    ``(y, max_abs_accumulator)``: the float output (with bias) and the largest ``|acc|``
+    (0 for a weight-only layer, whose inputs are not integers).
+  """
+  if layer.op == "conv":
+    y, acc_max = _conv(layer, x)
+  else:
+    y, acc_max = _dot_general(layer, x)
+  if layer.bias is not None:
+    y = y + layer.bias
+  return y, acc_max
+
+
+def _integer_input(layer: IntegerLayer, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Integer input as int32 and its zero point as an int32 scalar."""
+  zp = layer.input_zero_point
+  q = quantize_to_int(x, layer.input_scale, zp, layer.input_spec).astype(jnp.int32)
+  return q, jnp.zeros((), jnp.int32) if zp is None else jnp.reshape(zp, ()).astype(jnp.int32)
+
+
+def _accumulate(op, xq, zero_point, w):
+  """``(acc, acc - z * sum w)`` for an integer op: the raw accumulator and the centred sum."""
+  acc = op(xq, w)
+  offset = op(jnp.full_like(xq, zero_point), w)
+  return acc, acc - offset
+
+
+def _weight_scale_for_output(layer: IntegerLayer, out_shape, out_axis_of_rhs: dict[int, int]):
+  """Reshapes per-channel weight scales to broadcast over the output; raises if they cannot."""
+  spec, w = layer.weight_spec, layer.weight
+  if spec.granularity == "tensor":
+    return jnp.reshape(layer.weight_scale, ())
+  kept = granularity.normalize_axes(spec.axis, w.ndim)
+  if not set(kept) <= set(out_axis_of_rhs):
+    raise ValueError(
+      f"the integer path needs weight scales per output channel; axis={spec.axis!r} includes a"
+      " reduced (input) axis of the kernel"
+    )
+  shape = [1] * len(out_shape)
+  for rhs_axis in kept:
+    shape[out_axis_of_rhs[rhs_axis]] = w.shape[rhs_axis]
+  return jnp.reshape(layer.weight_scale, shape)
+
+
+def _dot_general(layer: IntegerLayer, x: jax.Array):
+  (lc, rc), (lb, rb) = layer.dimension_numbers
+  w = layer.weight.astype(jnp.int32)
+  if layer.weight_spec.granularity == "group":
+    return _grouped_dot(layer, x)
+  rhs_free = [d for d in range(w.ndim) if d not in rc and d not in rb]
+  n_lhs_free = x.ndim - len(lc) - len(lb)
+  out_axis_of_rhs = {d: len(lb) + n_lhs_free + i for i, d in enumerate(rhs_free)}
+  dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+  if layer.input_spec is None:
+    w_float = dequantize(w, layer.weight_scale, None, layer.weight_spec)
+    return lax.dot_general(x, w_float, dims), jnp.zeros((), jnp.int32)
+  op = functools.partial(lax.dot_general, dimension_numbers=dims, preferred_element_type=jnp.int32)
+  xq, z = _integer_input(layer, x)
+  acc, centred = _accumulate(op, xq, z, w)
+  w_scale = _weight_scale_for_output(layer, centred.shape, out_axis_of_rhs)
+  y = centred.astype(jnp.float32) * layer.input_scale * w_scale
+  return y, jnp.max(jnp.abs(acc))
+
+
+def _grouped_dot(layer: IntegerLayer, x: jax.Array):
+  """Group-wise weights: one int32 accumulator per group (multi-stage accumulation)."""
+  (lc, rc), (lb, rb) = layer.dimension_numbers
+  spec, w = layer.weight_spec, layer.weight.astype(jnp.int32)
+  (a,) = granularity.normalize_axes(spec.axis, w.ndim)
+  if tuple(rc) != (a,) or lb or rb or layer.input_spec is None:
+    raise ValueError(
+      "group-wise weights in the integer path need the grouped axis to be the only contracted"
+      f" kernel axis, no batch axes and quantized inputs; got contracting={rc}, axis={a}"
+    )
+  g, lhs_axis = spec.group_size, lc[0]
+  xq, z = _integer_input(layer, x)
+  xq = xq.reshape(*xq.shape[:lhs_axis], -1, g, *xq.shape[lhs_axis + 1 :])
+  wb = w.reshape(*w.shape[:a], -1, g, *w.shape[a + 1 :])
+  dims = (((lhs_axis + 1,), (a + 1,)), ((lhs_axis,), (a,)))
+  op = functools.partial(lax.dot_general, dimension_numbers=dims, preferred_element_type=jnp.int32)
+  acc, centred = _accumulate(op, xq, z, wb)  # (groups, lhs free..., rhs free...)
+  scale = jnp.moveaxis(layer.weight_scale, a, 0)
+  scale = scale.reshape(scale.shape[0], *([1] * (x.ndim - 1)), *scale.shape[1:])
+  y = jnp.sum(centred.astype(jnp.float32) * scale, axis=0) * layer.input_scale
+  return y, jnp.max(jnp.abs(acc))
+
+
+def _conv(layer: IntegerLayer, x: jax.Array):
+  dn = layer.dimension_numbers
+  w = layer.weight.astype(jnp.int32)
+  if layer.weight_spec.granularity == "group":
+    raise ValueError("the integer conv path supports per-tensor and per-channel weights, not group")
+  spatial = dn.lhs_spec[2:]
+  window = [
+    (w.shape[d] - 1) * r + 1 for d, r in zip(dn.rhs_spec[2:], layer.rhs_dilation, strict=True)
+  ]
+  padding = layer.padding
+  if isinstance(padding, str):
+    in_spatial = [x.shape[d] for d in spatial]
+    padding = lax.padtype_to_pads(in_spatial, window, layer.window_strides, padding)
+  op = functools.partial(
+    lax.conv_general_dilated,
+    window_strides=layer.window_strides,
+    padding="VALID",
+    rhs_dilation=layer.rhs_dilation,
+    dimension_numbers=dn,
+    feature_group_count=layer.feature_group_count,
+    preferred_element_type=jnp.int32,
+  )
+  pads = [(0, 0)] * x.ndim
+  for d, p in zip(spatial, padding, strict=True):
+    pads[d] = tuple(p)
+  if layer.input_spec is None:
+    w_float = dequantize(w, layer.weight_scale, None, layer.weight_spec)
+    y = lax.conv_general_dilated(
+      jnp.pad(x, pads), w_float, layer.window_strides, "VALID",
+      rhs_dilation=layer.rhs_dilation, dimension_numbers=dn,
+      feature_group_count=layer.feature_group_count,
+    )  # fmt: skip
+    return y, jnp.zeros((), jnp.int32)
+  xq, z = _integer_input(layer, x)
+  # Zero padding of the float input is padding with the zero point in the integer domain.
+  xq = jnp.pad(xq, pads, constant_values=z)
+  acc, centred = _accumulate(op, xq, z, w)
+  w_scale = _weight_scale_for_output(layer, centred.shape, {dn.rhs_spec[0]: dn.out_spec[1]})
+  y = centred.astype(jnp.float32) * layer.input_scale * w_scale
+  return y, jnp.max(jnp.abs(acc))
