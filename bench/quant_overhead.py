@@ -8,6 +8,9 @@ included) + Adam, with params and optimizer state donated.
 
   python bench/quant_overhead.py           # full size
   python bench/quant_overhead.py --quick   # under a minute
+
+It restarts itself under jemalloc when that is installed (``apt-get install libjemalloc2``);
+``--allocator default`` keeps glibc's malloc and writes ``quant_overhead_default_allocator.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ from efqat_jax.nn import QuantRule, quantize
 from efqat_jax.quant import QuantSpec
 
 BITS = [(8, 8), (4, 4)]
+
+
+def _rules(w: int, a: int, fixed_first_input: str | None) -> list[QuantRule]:
+  """Every layer at WwAa with LSQ scales; optionally the model input's quantizer not learnable.
+
+  A learnable input scale on the first layer needs the gradient w.r.t. the model's input,
+  which a float step never computes (for the CNN, one extra convolution).
+  """
+  weight, act = QuantSpec.for_weights(w), QuantSpec.for_activations(a)
+  rules = [QuantRule(".*", weight=weight, input=act)]
+  if fixed_first_input:
+    fixed = QuantSpec.for_activations(a, learnable=False)
+    rules.insert(0, QuantRule(fixed_first_input, weight=weight, input=fixed))
+  return rules
 
 
 def _cnn(quick: bool):
@@ -78,15 +95,23 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="small models, few rounds")
   parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant")
+  parser.add_argument("--allocator", choices=["jemalloc", "default"], default="jemalloc")
   args = parser.parse_args()
-  rounds = args.rounds or (10 if args.quick else 40)
+  if args.allocator == "jemalloc":
+    timing.use_jemalloc()
+  rounds = args.rounds or (10 if args.quick else 80)
   rows = []
-  for name, build in (("cnn", _cnn), ("transformer", _transformer)):
+  cases = (
+    ("cnn", _cnn, None),
+    ("cnn, first input scale fixed", _cnn, "Conv_0"),
+    ("transformer", _transformer, None),
+  )
+  for name, build, fixed_first_input in cases:
     model, x, loss = build(args.quick)
     steps = {"float": _train_step(model, x, loss)}
     for w, a in BITS:
-      rule = QuantRule(".*", weight=QuantSpec.for_weights(w), input=QuantSpec.for_activations(a))
-      steps[f"w{w}a{a}"] = _train_step(quantize(model, rule), x, loss)
+      qmodel = quantize(model, _rules(w, a, fixed_first_input))
+      steps[f"w{w}a{a}"] = _train_step(qmodel, x, loss)
     times = timing.interleaved_ms(steps, rounds)
     float_ms = timing.median(times["float"])
     for w, a in BITS:
@@ -110,7 +135,8 @@ def main():
     )
   )
   if not args.quick:
-    print(f"wrote {timing.write_rows('quant_overhead', rows)}")
+    suffix = "" if timing.allocator() == "jemalloc" else "_default_allocator"
+    print(f"wrote {timing.write_rows('quant_overhead' + suffix, rows)}")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,39 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import jax
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+JEMALLOC_PATHS = (
+  "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+  "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+)
+
+
+def allocator() -> str:
+  """``"jemalloc"`` if this process runs under jemalloc, else ``"default"``."""
+  return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "default"
+
+
+def use_jemalloc() -> None:
+  """Restarts this process under jemalloc (retaining freed pages) if it is installed.
+
+  XLA:CPU allocates a step's temporaries afresh on every call; with glibc's malloc, buffers over
+  its mmap threshold come back as fresh pages each step, and the page faults can cost more than
+  the arithmetic (research/platform.md section 3). jemalloc with decay off keeps them.
+  """
+  if allocator() == "jemalloc":
+    return
+  path = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+  if path is None:
+    print("jemalloc not found (apt-get install libjemalloc2): timing with the default allocator")
+    return
+  env = dict(os.environ, LD_PRELOAD=path, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+  os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def interleaved_ms(
@@ -44,6 +71,7 @@ def machine() -> dict[str, object]:
     "cpu_count": os.cpu_count(),
     "jax": jax.__version__,
     "python": platform.python_version(),
+    "allocator": allocator(),
   }
 
 
