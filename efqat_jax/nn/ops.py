@@ -96,7 +96,7 @@ class QuantizedOps:
     """Drop-in for ``lax.dot_general`` with ``lhs`` the input and ``rhs`` the kernel."""
     (lc, rc), (lb, rb) = dimension_numbers
     dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
-    out_axes = tuple(d for d in range(rhs.ndim) if d not in dims[0][1] and d not in dims[1][1])
+    out_axes = tuple(d for d in range(rhs.ndim) if d not in rc and d not in rb)
     float_op = functools.partial(
       lax.dot_general,
       dimension_numbers=dims,
