@@ -1,0 +1,26 @@
+"""Training: state, losses, jitted data-parallel steps."""
+
+from efqat_jax.train.losses import accuracy, cross_entropy, masked_mean
+from efqat_jax.train.state import TrainState, create_train_state
+from efqat_jax.train.step import (
+  DATA_AXIS,
+  make_eval_step,
+  make_mesh,
+  make_train_step,
+  replicate,
+  shard_batch,
+)
+
+__all__ = [
+  "DATA_AXIS",
+  "TrainState",
+  "accuracy",
+  "create_train_state",
+  "cross_entropy",
+  "make_eval_step",
+  "make_mesh",
+  "make_train_step",
+  "masked_mean",
+  "replicate",
+  "shard_batch",
+]
