@@ -1,6 +1,8 @@
 """Training: state, losses, jitted data-parallel steps."""
 
+from efqat_jax.train.checkpoint import Checkpointer
 from efqat_jax.train.losses import accuracy, cross_entropy, masked_mean
+from efqat_jax.train.metrics import MetricWriter, read_scalars
 from efqat_jax.train.state import TrainState, create_train_state
 from efqat_jax.train.step import (
   DATA_AXIS,
@@ -12,7 +14,9 @@ from efqat_jax.train.step import (
 )
 
 __all__ = [
+  "Checkpointer",
   "DATA_AXIS",
+  "MetricWriter",
   "TrainState",
   "accuracy",
   "create_train_state",
@@ -21,6 +25,7 @@ __all__ = [
   "make_mesh",
   "make_train_step",
   "masked_mean",
+  "read_scalars",
   "replicate",
   "shard_batch",
 ]
