@@ -71,11 +71,13 @@ class QuantizedModel(nn.Module):
     model: the float Linen model (any module; only its ``__call__`` is wrapped).
     rules: the rules, first match wins.
     mode: see ``Mode``.
+    weight_estimator: kernel range estimator of Mode.CALIBRATE, ``"minmax"`` or ``"mse"``.
   """
 
   model: nn.Module
   rules: tuple[QuantRule, ...]
   mode: Mode = Mode.QUANTIZE
+  weight_estimator: str = "minmax"
 
   def setup(self):
     nn.share_scope(self, self.model)
@@ -100,7 +102,12 @@ class QuantizedModel(nn.Module):
       matched.add(self.rules.index(rule))
       if rule.weight is None and rule.input is None:
         return next_fun(*call_args, **call_kwargs)
-      fields = dict(weight_spec=rule.weight, input_spec=rule.input, mode=self.mode)
+      fields = dict(
+        weight_spec=rule.weight,
+        input_spec=rule.input,
+        mode=self.mode,
+        weight_estimator=self.weight_estimator,
+      )
       return call_quantized(module, type(module), fields, *call_args, **call_kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -119,7 +126,10 @@ class QuantizedModel(nn.Module):
 
 
 def quantize(
-  model: nn.Module, rules: Sequence[QuantRule] | QuantRule, mode: Mode = Mode.QUANTIZE
+  model: nn.Module,
+  rules: Sequence[QuantRule] | QuantRule,
+  mode: Mode = Mode.QUANTIZE,
+  weight_estimator: str = "minmax",
 ) -> QuantizedModel:
   """Wraps ``model`` so that its layers are quantized according to ``rules``.
 
@@ -127,6 +137,7 @@ def quantize(
     model: a Flax Linen module written with plain ``nn.Dense``/``nn.DenseGeneral``/``nn.Conv``.
     rules: one rule or a sequence of rules; the first rule matching a layer's path applies.
     mode: initial behaviour (``Mode.QUANTIZE`` by default).
+    weight_estimator: kernel range estimator of Mode.CALIBRATE, ``"minmax"`` or ``"mse"``.
 
   Returns:
     A QuantizedModel that initialises and applies like ``model``. At init, a rule that matches
@@ -136,4 +147,4 @@ def quantize(
   for rule in rules:
     if not isinstance(rule, QuantRule):
       raise ValueError(f"rules must be QuantRule objects, got {type(rule).__name__}: {rule!r}")
-  return QuantizedModel(model=model, rules=rules, mode=mode)
+  return QuantizedModel(model=model, rules=rules, mode=mode, weight_estimator=weight_estimator)

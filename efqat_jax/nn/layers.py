@@ -26,7 +26,12 @@ DEFAULT_INPUT_SPEC = QuantSpec.for_activations(8)
 
 
 def _ops_fields(layer) -> dict:
-  return dict(weight_spec=layer.weight_spec, input_spec=layer.input_spec, mode=layer.mode)
+  return dict(
+    weight_spec=layer.weight_spec,
+    input_spec=layer.input_spec,
+    mode=layer.mode,
+    weight_estimator=layer.weight_estimator,
+  )
 
 
 class QuantDense(nn.Dense):
@@ -35,6 +40,7 @@ class QuantDense(nn.Dense):
   weight_spec: QuantSpec | None = DEFAULT_WEIGHT_SPEC
   input_spec: QuantSpec | None = DEFAULT_INPUT_SPEC
   mode: Mode = Mode.QUANTIZE
+  weight_estimator: str = "minmax"
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     return call_quantized(self, nn.Dense, _ops_fields(self), inputs)
@@ -46,6 +52,7 @@ class QuantDenseGeneral(nn.DenseGeneral):
   weight_spec: QuantSpec | None = DEFAULT_WEIGHT_SPEC
   input_spec: QuantSpec | None = DEFAULT_INPUT_SPEC
   mode: Mode = Mode.QUANTIZE
+  weight_estimator: str = "minmax"
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     return call_quantized(self, nn.DenseGeneral, _ops_fields(self), inputs)
@@ -57,6 +64,7 @@ class QuantConv(nn.Conv):
   weight_spec: QuantSpec | None = DEFAULT_WEIGHT_SPEC
   input_spec: QuantSpec | None = DEFAULT_INPUT_SPEC
   mode: Mode = Mode.QUANTIZE
+  weight_estimator: str = "minmax"
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     return call_quantized(self, nn.Conv, _ops_fields(self), inputs)

