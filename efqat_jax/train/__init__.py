@@ -1,6 +1,7 @@
 """Training: state, losses, jitted data-parallel steps."""
 
 from efqat_jax.train.checkpoint import Checkpointer
+from efqat_jax.train.loop import train_loop
 from efqat_jax.train.losses import accuracy, cross_entropy, masked_mean
 from efqat_jax.train.metrics import MetricWriter, read_scalars
 from efqat_jax.train.state import TrainState, create_train_state
@@ -28,4 +29,5 @@ __all__ = [
   "read_scalars",
   "replicate",
   "shard_batch",
+  "train_loop",
 ]
