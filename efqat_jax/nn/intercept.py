@@ -22,6 +22,7 @@ import re
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 
 from efqat_jax.nn.layers import QuantConv, QuantDense, QuantDenseGeneral
 from efqat_jax.nn.ops import Mode, call_quantized, is_quantized, op_field
@@ -148,3 +149,21 @@ def quantize(
     if not isinstance(rule, QuantRule):
       raise ValueError(f"rules must be QuantRule objects, got {type(rule).__name__}: {rule!r}")
   return QuantizedModel(model=model, rules=rules, mode=mode, weight_estimator=weight_estimator)
+
+
+def quantizable_paths(model: nn.Module, *args, **kwargs) -> list[str]:
+  """Module paths of the Dense/DenseGeneral/Conv layers ``model`` calls, in call order.
+
+  Traces ``model.init`` abstractly (``jax.eval_shape``): nothing is computed.
+  """
+  paths: list[str] = []
+
+  def record(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and op_field(module) is not None:
+      paths.append("/".join(module.scope.path))
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+  return list(dict.fromkeys(paths))

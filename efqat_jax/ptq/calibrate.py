@@ -46,7 +46,7 @@ def calibrate(
     **apply_kwargs: extra keyword arguments of ``model.apply`` (e.g. ``train=False``).
 
   Returns:
-    The variables with calibrated params and the final ``quant_stats``.
+    The variables with calibrated params and the final running ranges in ``quant_stats``.
   """
   if num_batches < 1:
     raise ValueError(f"num_batches must be >= 1, got {num_batches}")
@@ -67,4 +67,7 @@ def calibrate(
     seen += 1
   if seen == 0:
     raise ValueError("calibrate got no batches")
-  return {**variables, "params": calibrated_params(variables["params"], variables[QUANT_STATS])}
+  stats = flatten_dict(variables[QUANT_STATS])
+  running = unflatten_dict({k: v for k, v in stats.items() if k[-1] not in CALIBRATED_PARAMS})
+  params = calibrated_params(variables["params"], variables[QUANT_STATS])
+  return {**variables, "params": params, QUANT_STATS: running}

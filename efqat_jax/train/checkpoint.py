@@ -46,6 +46,13 @@ class Checkpointer:
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
+  def read(self, step: int | None = None) -> Any:
+    """Checkpoint ``step`` (default: the newest) as saved, without a target structure."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return self._manager.restore(step)
+
   def close(self) -> None:
     """Waits for pending writes and releases the manager."""
     self._manager.wait_until_finished()

@@ -6,11 +6,6 @@ from efqat_jax import data
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="session")
 def prepared(data_dir):
   """``prepared(name)`` -> ``{split: data source}``, built on first request."""
   cache = {}

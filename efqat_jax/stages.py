@@ -1,0 +1,359 @@
+"""The pipeline's stages: fp -> ptq -> qat -> export, each resumable from its own checkpoint.
+
+A run keeps everything in its workdir:
+  data/            prepared datasets (unless config.data_dir is set)
+  fp/ ptq/ qat/    orbax checkpoints of each stage
+  tb/<stage>/      TensorBoard event files
+  export/          integer weights, scales and zero points (layers.npz) of the final model
+  results.json     metric and wall time of every finished stage (a finished stage is skipped
+                   when the command runs again)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from efqat_jax import data, models
+from efqat_jax.nn import QuantRule, export_integer, integer_apply, quantize
+from efqat_jax.nn.intercept import quantizable_paths
+from efqat_jax.ptq import calibrate
+from efqat_jax.quant import QuantSpec
+from efqat_jax.train import (
+  Checkpointer,
+  MetricWriter,
+  TrainState,
+  create_train_state,
+  make_eval_step,
+  make_mesh,
+  make_train_step,
+  replicate,
+  shard_batch,
+  train_loop,
+)
+
+STAGES = ("fp", "ptq", "qat", "export")
+TASKS = ("classification", "lm")
+
+
+class Run:
+  """One pipeline run: config, workdir, data, mesh and the stage results so far."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+    self.config = config
+    self.workdir = pathlib.Path(workdir).absolute()
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    data_dir = config.data_dir or str(self.workdir / "data")
+    self.train_source = data.load(config.dataset, data_dir, config.train_split)
+    self.eval_source = data.load(config.dataset, data_dir, config.eval_split)
+    self.mesh = make_mesh()
+    self.model = models.get_model(config.model, **config.model_kwargs)
+    self.results_path = self.workdir / "results.json"
+    self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+
+  # --- data -------------------------------------------------------------------------------
+
+  def to_model_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Dataset features -> ``inputs``, ``labels``, ``mask`` (next-token targets for ``lm``)."""
+    if self.config.task == "lm":
+      tokens = batch["tokens"]
+      return {"inputs": tokens[:, :-1], "labels": tokens[:, 1:], "mask": batch["mask"]}
+    return {"inputs": batch["image"], "labels": batch["label"], "mask": batch["mask"]}
+
+  def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
+    """The training batches from step ``start_step`` on (epochs reshuffled by seed)."""
+    steps_per_epoch = len(self.train_source) // self.config.batch_size
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+      epoch_batches = data.batches(
+        self.train_source, self.config.batch_size, seed=self.config.seed, epoch=epoch
+      )
+      for i, batch in enumerate(epoch_batches):
+        if i >= skip:
+          yield shard_batch(self.to_model_batch(batch), self.mesh)
+      epoch, skip = epoch + 1, 0
+
+  def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
+    batches = data.batches(
+      self.eval_source, self.config.eval_batch_size, shuffle=False, drop_remainder=False
+    )
+    for batch in batches:
+      yield shard_batch(self.to_model_batch(batch), self.mesh)
+
+  def sample_inputs(self) -> jax.Array:
+    batch = next(data.batches(self.train_source, self.config.batch_size, seed=self.config.seed))
+    return jnp.asarray(self.to_model_batch(batch)["inputs"])
+
+  # --- evaluation -------------------------------------------------------------------------
+
+  def evaluate(self, model, state: TrainState) -> dict[str, float]:
+    """Loss and accuracy over the whole eval split (bits per character for ``lm``)."""
+    eval_step = make_eval_step(model, self.mesh)
+    totals = {"loss": 0.0, "accuracy": 0.0, "count": 0.0}
+    for batch in self.eval_batches():
+      metrics = jax.device_get(eval_step(state, batch))
+      count = float(metrics["count"])
+      totals["loss"] += float(metrics["loss"]) * count
+      totals["accuracy"] += float(metrics["accuracy"]) * count
+      totals["count"] += count
+    result = {k: totals[k] / totals["count"] for k in ("loss", "accuracy")}
+    if self.config.task == "lm":
+      result["bits_per_char"] = result["loss"] / math.log(2)
+    return result
+
+  # --- bookkeeping ------------------------------------------------------------------------
+
+  def record(self, stage: str, result: dict[str, Any]) -> None:
+    self.results[stage] = result
+    self.results_path.write_text(json.dumps(self.results, indent=1) + "\n")
+
+  def checkpointer(self, stage: str) -> Checkpointer:
+    return Checkpointer(self.workdir / stage)
+
+  def writer(self, stage: str) -> MetricWriter:
+    return MetricWriter(self.workdir / "tb" / stage)
+
+  # --- quantization -----------------------------------------------------------------------
+
+  def quant_rules(self, sample: jax.Array) -> list[QuantRule]:
+    """All layers at the configured bits; ``high_precision_layers`` (default: the first and
+    the last layer in call order) at ``high_precision_bits``."""
+    q = self.config.quant
+    rules = [
+      QuantRule(
+        ".*",
+        weight=QuantSpec.for_weights(q.weight_bits),
+        input=QuantSpec.for_activations(q.act_bits),
+      )
+    ]
+    pattern = q.high_precision_layers
+    if pattern == "auto":
+      paths = quantizable_paths(self.model, sample, train=False)
+      pattern = "|".join(re.escape(p) for p in dict.fromkeys([paths[0], paths[-1]]))
+    if pattern:
+      bits = q.high_precision_bits
+      high = QuantRule(
+        pattern, weight=QuantSpec.for_weights(bits), input=QuantSpec.for_activations(bits)
+      )
+      rules.insert(0, high)
+    return rules
+
+  def quantized_model(self, sample: jax.Array):
+    return quantize(
+      self.model, self.quant_rules(sample), weight_estimator=self.config.quant.weight_estimator
+    )
+
+
+QUANT_PARAM_NAMES = ("kernel_scale", "input_scale", "input_zero_point")
+
+
+def _optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
+  """AdamW (or SGD with momentum) with linear warm-up and cosine decay; returns (tx, schedule).
+
+  Quantization params (scales, zero points) get the learning rate times
+  ``quant_lr_multiplier`` and no weight decay: Adam moves every param by about the learning
+  rate per step, which for a scale of 0.01 would flip its sign within a few steps.
+  """
+  warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, cfg.learning_rate, warmup_steps=warmup, decay_steps=max(cfg.steps, warmup + 1)
+  )
+
+  def make(lr, weight_decay):
+    if cfg.optimizer == "sgd":
+      return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, 0.9))
+    return optax.adamw(lr, weight_decay=weight_decay)
+
+  quant_schedule = lambda step: schedule(step) * cfg.quant_lr_multiplier
+  tx = optax.multi_transform(
+    {"weights": make(schedule, cfg.weight_decay), "quant": make(quant_schedule, 0.0)},
+    lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "quant" if path[-1].key in QUANT_PARAM_NAMES else "weights", params
+    ),
+  )
+  return tx, schedule
+
+
+def _train(run: Run, stage: str, model, variables: dict, cfg) -> TrainState:
+  tx, schedule = _optimizer(cfg)
+  state = replicate(create_train_state(variables, tx), run.mesh)
+  step_fn = make_train_step(model, tx, run.mesh)
+  with run.checkpointer(stage) as ckpt, run.writer(stage) as writer:
+    return train_loop(
+      state,
+      step_fn,
+      run.train_batches,
+      cfg.steps,
+      checkpointer=ckpt,
+      writer=writer,
+      rng=jax.random.key(run.config.seed),
+      checkpoint_every=run.config.checkpoint_every,
+      log_every=run.config.log_every,
+      learning_rate=schedule,
+      description=stage,
+      progress=run.config.progress,
+    )
+
+
+def _with_params(variables: dict, params: Any, collections: dict) -> dict:
+  """``variables`` with every param and collection entry that ``params``/``collections`` have."""
+  merged = {}
+  for name, tree in {"params": params, **collections}.items():
+    flat = flatten_dict(variables.get(name, {}))
+    flat.update(flatten_dict(tree))
+    merged[name] = unflatten_dict(flat)
+  return {**variables, **merged}
+
+
+def run_fp(run: Run) -> TrainState:
+  """Trains (or resumes training) the float model."""
+  sample = run.sample_inputs()
+  variables = run.model.init(jax.random.key(run.config.seed), sample, train=False)
+  start = time.perf_counter()
+  state = _train(run, "fp", run.model, variables, run.config.fp)
+  if "fp" not in run.results:
+    result = run.evaluate(run.model, state)
+    run.record("fp", {**result, "wall_time_s": time.perf_counter() - start})
+  return state
+
+
+def run_ptq(run: Run, fp_state: TrainState) -> dict:
+  """Quantizes the float model: calibration on ``ptq.calibration_batches`` batches, then RTN."""
+  sample = run.sample_inputs()
+  qmodel = run.quantized_model(sample)
+  with run.checkpointer("ptq") as ckpt:
+    start = time.perf_counter()
+    variables = qmodel.init(jax.random.key(run.config.seed), sample, train=False)
+    variables = _with_params(
+      variables, jax.device_get(fp_state.params), jax.device_get(fp_state.collections)
+    )
+    if ckpt.latest_step() is None:
+      inputs = (b["inputs"] for b in run.train_batches(0))
+      variables = calibrate(
+        qmodel, variables, inputs, run.config.ptq.calibration_batches, train=False
+      )
+      ckpt.save(0, variables, wait=True)
+    variables = ckpt.restore_latest(variables)
+  if "ptq" not in run.results:
+    state = replicate(create_train_state(variables, optax.identity()), run.mesh)
+    run.record("ptq", {**run.evaluate(qmodel, state), "wall_time_s": time.perf_counter() - start})
+  return variables
+
+
+def run_qat(run: Run, ptq_variables: dict) -> TrainState:
+  """Fine-tunes every param of the quantized model (weights and quantization params)."""
+  qmodel = run.quantized_model(run.sample_inputs())
+  start = time.perf_counter()
+  state = _train(run, "qat", qmodel, ptq_variables, run.config.qat)
+  if "qat" not in run.results:
+    result = run.evaluate(qmodel, state)
+    run.record("qat", {**result, "wall_time_s": time.perf_counter() - start})
+  return state
+
+
+def run_export(run: Run, variables: dict) -> None:
+  """Integer weights, scales and zero points of the quantized model, checked on a batch."""
+  start = time.perf_counter()
+  sample = run.sample_inputs()
+  qmodel = run.quantized_model(sample)
+  layers = export_integer(qmodel, variables, sample, train=False)
+  out = run.workdir / "export"
+  out.mkdir(exist_ok=True)
+  arrays = {}
+  for path, layer in layers.items():
+    for field in ("weight", "weight_scale", "input_scale", "input_zero_point", "bias"):
+      value = getattr(layer, field)
+      if value is not None:
+        arrays[f"{path}/{field}"] = np.asarray(value)
+  np.savez(out / "layers.npz", **arrays)
+  fake = qmodel.apply(variables, sample, train=False)
+  integer, accumulators = integer_apply(qmodel, variables, sample, train=False)
+  agreement = float(jnp.mean(jnp.argmax(fake, -1) == jnp.argmax(integer, -1)))
+  run.record(
+    "export",
+    {
+      "layers": len(layers),
+      "prediction_agreement": agreement,
+      "max_abs_logit_diff": float(jnp.max(jnp.abs(fake - integer))),
+      "max_accumulator": int(max(int(a) for a in jax.tree.leaves(accumulators))),
+      "wall_time_s": time.perf_counter() - start,
+    },
+  )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field, before any work starts."""
+
+  def fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"config.{field} = {value!r} is not allowed: {allowed}")
+
+  stages = [s.strip() for s in str(config.stages).split(",")]
+  if not stages or any(s not in STAGES for s in stages):
+    fail("stages", config.stages, f"a comma-separated subset of {','.join(STAGES)}")
+  if config.model not in models.MODELS:
+    fail("model", config.model, f"one of {sorted(models.MODELS)}")
+  if config.task not in TASKS:
+    fail("task", config.task, f"one of {TASKS}")
+  for field in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      fail(field, value, "a positive integer")
+  devices = jax.device_count()
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] % devices:
+      fail(field, config[field], f"a multiple of the {devices} visible devices")
+  for stage in ("fp", "qat"):
+    cfg = config[stage]
+    if not isinstance(cfg.steps, int) or cfg.steps < 0:
+      fail(f"{stage}.steps", cfg.steps, "an integer >= 0")
+    if not cfg.learning_rate > 0:
+      fail(f"{stage}.learning_rate", cfg.learning_rate, "a number > 0")
+    if cfg.optimizer not in ("adamw", "sgd"):
+      fail(f"{stage}.optimizer", cfg.optimizer, "'adamw' or 'sgd'")
+    if cfg.weight_decay < 0:
+      fail(f"{stage}.weight_decay", cfg.weight_decay, "a number >= 0")
+    if not cfg.quant_lr_multiplier >= 0:
+      fail(f"{stage}.quant_lr_multiplier", cfg.quant_lr_multiplier, "a number >= 0")
+    if not isinstance(cfg.warmup_steps, int) or cfg.warmup_steps < 0:
+      fail(f"{stage}.warmup_steps", cfg.warmup_steps, "an integer >= 0")
+  q = config.quant
+  for field in ("weight_bits", "act_bits", "high_precision_bits"):
+    if isinstance(q[field], bool) or not isinstance(q[field], int) or not 2 <= q[field] <= 16:
+      fail(f"quant.{field}", q[field], "an integer in 2..16")
+  if q.weight_estimator not in ("minmax", "mse"):
+    fail("quant.weight_estimator", q.weight_estimator, "'minmax' or 'mse'")
+  try:
+    re.compile(q.high_precision_layers)
+  except re.error as e:
+    fail("quant.high_precision_layers", q.high_precision_layers, f"'auto', '' or a regex ({e})")
+  if not isinstance(config.ptq.calibration_batches, int) or config.ptq.calibration_batches < 1:
+    fail("ptq.calibration_batches", config.ptq.calibration_batches, "an integer >= 1")
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Runs the configured stages in order; returns the results of every finished stage."""
+  validate(config)
+  run = Run(config, workdir)
+  stages = [s.strip() for s in config.stages.split(",")]
+  fp_state = run_fp(run)  # later stages start from it: trained once, then restored
+  variables = None
+  if {"ptq", "qat", "export"} & set(stages):
+    variables = run_ptq(run, fp_state)
+  if "qat" in stages:
+    state = run_qat(run, variables)
+    variables = jax.device_get(state.variables)
+  if "export" in stages:
+    run_export(run, variables)
+  return run.results

@@ -1,0 +1,144 @@
+"""The pipeline end to end: stages on every bundled dataset, resume, config validation, CLI."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from efqat_jax import stages
+from efqat_jax.config import base_config
+from efqat_jax.train import Checkpointer
+
+TINY = {
+  "mnist5k": dict(model="cnn", model_kwargs={"features": (4, 8), "hidden": 16}),
+  "digits": dict(model="cnn", model_kwargs={"features": (4, 8)}),
+  "shakespeare_char/seq64": dict(
+    model="transformer",
+    task="lm",
+    eval_split="validation",
+    model_kwargs=dict(
+      vocab_size=256, d_model=16, num_heads=2, num_layers=1, mlp_dim=32, max_len=64
+    ),
+  ),
+}
+
+
+def tiny_config(dataset, data_dir, **overrides):
+  config = base_config()
+  config.dataset = dataset
+  config.data_dir = data_dir
+  for key, value in TINY[dataset].items():
+    if key == "model_kwargs":
+      config.model_kwargs.update(value)
+    else:
+      config[key] = value
+  config.batch_size = 8
+  config.eval_batch_size = 512
+  config.progress = False
+  config.fp.update(steps=2, warmup_steps=0)
+  config.qat.update(steps=2, warmup_steps=0)
+  config.ptq.calibration_batches = 2
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize("dataset", list(TINY))
+def test_every_stage_runs_on_every_bundled_dataset(dataset, data_dir, tmp_path):
+  results = stages.run_pipeline(tiny_config(dataset, data_dir), tmp_path)
+  assert list(results) == ["fp", "ptq", "qat", "export"]
+  metric = "bits_per_char" if dataset.startswith("shakespeare") else "accuracy"
+  for stage in ("fp", "ptq", "qat"):
+    assert np.isfinite(results[stage][metric]) and results[stage]["wall_time_s"] > 0
+  assert results["export"]["prediction_agreement"] > 0.9
+  assert json.loads((tmp_path / "results.json").read_text()) == results
+  assert (tmp_path / "export" / "layers.npz").exists()
+  assert list((tmp_path / "tb" / "qat").glob("events.out.tfevents.*"))
+
+
+def _final_qat_params(workdir):
+  with Checkpointer(workdir / "qat") as ckpt:
+    return ckpt.latest_step(), ckpt.read()["params"]
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path, monkeypatch):
+  config = tiny_config("digits", data_dir, checkpoint_every=2)
+  config.qat.steps = 5
+  stages.run_pipeline(config, tmp_path / "straight")
+
+  make_step = stages.make_train_step
+
+  def dying_make_train_step(model, tx, mesh):
+    step_fn, calls = make_step(model, tx, mesh), []
+
+    def step(state, batch, rng):
+      calls.append(1)
+      if len(calls) == 4 and "input_scale" in str(jax.tree_util.tree_structure(state.params)):
+        raise KeyboardInterrupt  # killed during QAT, after the checkpoint at step 2
+      return step_fn(state, batch, rng)
+
+    return step
+
+  monkeypatch.setattr(stages, "make_train_step", dying_make_train_step)
+  with pytest.raises(KeyboardInterrupt):
+    stages.run_pipeline(config, tmp_path / "resumed")
+  assert "qat" not in json.loads((tmp_path / "resumed" / "results.json").read_text())
+  monkeypatch.setattr(stages, "make_train_step", make_step)
+  results = stages.run_pipeline(config, tmp_path / "resumed")
+
+  step_a, params_a = _final_qat_params(tmp_path / "straight")
+  step_b, params_b = _final_qat_params(tmp_path / "resumed")
+  assert step_a == step_b == 5
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+  assert results["qat"]["accuracy"] == straight["qat"]["accuracy"]
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("stages", "fp,train", "config.stages"),
+    ("model", "vgg", "config.model"),
+    ("batch_size", 0, "config.batch_size"),
+    ("task", "regression", "config.task"),
+    ("fp.steps", -1, "config.fp.steps"),
+    ("qat.learning_rate", 0.0, "config.qat.learning_rate"),
+    ("quant.weight_bits", 1, "config.quant.weight_bits"),
+    ("quant.act_bits", 17, "config.quant.act_bits"),
+    ("quant.weight_estimator", "l2", "config.quant.weight_estimator"),
+    ("quant.high_precision_layers", "(", "config.quant.high_precision_layers"),
+    ("ptq.calibration_batches", 0, "config.ptq.calibration_batches"),
+  ],
+)
+def test_bad_config_is_rejected_naming_the_field_before_any_work(field, value, message, tmp_path):
+  config = base_config()
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  workdir = tmp_path / "never_created"
+  with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    stages.run_pipeline(config, workdir)
+  assert not workdir.exists()
+
+
+def test_command_line_runs_and_prints_the_stage_table(data_dir, tmp_path):
+  cmd = [
+    sys.executable,
+    "-m",
+    "efqat_jax.main",
+    f"--workdir={tmp_path}",
+    f"--config.data_dir={data_dir}",
+    "--config.dataset=digits",
+    "--config.model_kwargs.features=(4, 8)",
+    "--config.model_kwargs.hidden=16",
+    "--config.fp.steps=2",
+    "--config.qat.steps=2",
+    "--config.stages=fp,ptq",
+    "--config.progress=False",
+  ]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "| fp | accuracy" in out.stdout and "| ptq | accuracy" in out.stdout
+  bad = subprocess.run([*cmd, "--config.quant.weight_bits=1"], capture_output=True, text=True)
+  assert bad.returncode != 0 and "config.quant.weight_bits" in bad.stderr
