@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from efqat_jax import data, models
@@ -98,11 +99,19 @@ class Run:
 
   # --- evaluation -------------------------------------------------------------------------
 
-  def evaluate(self, model, state: TrainState) -> dict[str, float]:
+  def evaluate(self, model, state: TrainState, stage: str) -> dict[str, float]:
     """Loss and accuracy over the whole eval split (bits per character for ``lm``)."""
     eval_step = make_eval_step(model, self.mesh)
     totals = {"loss": 0.0, "accuracy": 0.0, "count": 0.0}
-    for batch in self.eval_batches():
+    num_batches = math.ceil(len(self.eval_source) / self.config.eval_batch_size)
+    batches = tqdm.tqdm(
+      self.eval_batches(),
+      total=num_batches,
+      desc=f"{stage} eval",
+      disable=not self.config.progress,
+      leave=False,
+    )
+    for batch in batches:
       metrics = jax.device_get(eval_step(state, batch))
       count = float(metrics["count"])
       totals["loss"] += float(metrics["loss"]) * count
@@ -224,7 +233,7 @@ def run_fp(run: Run) -> TrainState:
   start = time.perf_counter()
   state = _train(run, "fp", run.model, variables, run.config.fp)
   if "fp" not in run.results:
-    result = run.evaluate(run.model, state)
+    result = run.evaluate(run.model, state, "fp")
     run.record("fp", {**result, "wall_time_s": time.perf_counter() - start})
   return state
 
@@ -248,7 +257,9 @@ def run_ptq(run: Run, fp_state: TrainState) -> dict:
     variables = ckpt.restore_latest(variables)
   if "ptq" not in run.results:
     state = replicate(create_train_state(variables, optax.identity()), run.mesh)
-    run.record("ptq", {**run.evaluate(qmodel, state), "wall_time_s": time.perf_counter() - start})
+    run.record(
+      "ptq", {**run.evaluate(qmodel, state, "ptq"), "wall_time_s": time.perf_counter() - start}
+    )
   return variables
 
 
@@ -258,7 +269,7 @@ def run_qat(run: Run, ptq_variables: dict) -> TrainState:
   start = time.perf_counter()
   state = _train(run, "qat", qmodel, ptq_variables, run.config.qat)
   if "qat" not in run.results:
-    result = run.evaluate(qmodel, state)
+    result = run.evaluate(qmodel, state, "qat")
     run.record("qat", {**result, "wall_time_s": time.perf_counter() - start})
   return state
 
