@@ -1,0 +1,23 @@
+"""EfQAT: train only the most important channels or layers of a quantized model."""
+
+from efqat_jax.efqat.importance import channel_importance, layer_importance, quantized_kernels
+from efqat_jax.efqat.masking import (
+  FreezeState,
+  freeze_unselected,
+  set_trainable,
+  trainable_masks,
+)
+from efqat_jax.efqat.selection import MODES, TrainableSet, select
+
+__all__ = [
+  "MODES",
+  "FreezeState",
+  "TrainableSet",
+  "channel_importance",
+  "freeze_unselected",
+  "layer_importance",
+  "quantized_kernels",
+  "select",
+  "set_trainable",
+  "trainable_masks",
+]

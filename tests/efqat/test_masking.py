@@ -1,0 +1,105 @@
+"""Frozen means frozen: zero update, untouched optimizer state, no weight decay."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from efqat_jax import QuantRule, QuantSpec, quantize
+from efqat_jax.efqat import freeze_unselected, select, set_trainable
+from efqat_jax.models import SmallCNN
+
+RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
+MODEL = quantize(SmallCNN(features=(8, 16)), RULE)
+X = jax.random.uniform(jax.random.key(0), (8, 12, 12, 1))
+Y = jnp.arange(8) % 10
+PARAMS = MODEL.init(jax.random.key(0), X)["params"]
+OPTIMIZERS = {
+  "sgd_momentum": optax.sgd(0.05, momentum=0.9),
+  "adam": optax.adam(1e-2),
+  "adamw": optax.adamw(1e-2, weight_decay=0.5),
+}
+
+
+def _loss(params):
+  logits = MODEL.apply({"params": params}, X)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean()
+
+
+def _run(tx, params, opt_state, steps):
+  @jax.jit
+  def step(params, opt_state):
+    updates, opt_state = tx.update(jax.grad(_loss)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for _ in range(steps):
+    params, opt_state = step(params, opt_state)
+  return params, opt_state, step
+
+
+def _frozen_and_trained(tset, path):
+  mask = np.asarray(tset.channel_mask(path))
+  return ~mask, mask
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_frozen_channels_do_not_move_and_selected_ones_do(name):
+  tx = freeze_unselected(OPTIMIZERS[name])
+  tset = select(PARAMS, "cwpl", 0.25)
+  state = set_trainable(tx.init(PARAMS), PARAMS, tset)
+  params, _, _ = _run(tx, PARAMS, state, 3)
+  for path in ("Conv_0", "Conv_1", "Dense_0"):
+    frozen, trained = _frozen_and_trained(tset, path)
+    before, after = np.asarray(PARAMS[path]["kernel"]), np.asarray(params[path]["kernel"])
+    np.testing.assert_array_equal(after[..., frozen], before[..., frozen])  # exactly, decay too
+    assert np.all(
+      np.any(after[..., trained] != before[..., trained], axis=tuple(range(before.ndim - 1)))
+    )
+    scale_before, scale_after = (
+      np.asarray(PARAMS[path]["kernel_scale"]),
+      np.asarray(params[path]["kernel_scale"]),
+    )
+    np.testing.assert_array_equal(scale_after[frozen], scale_before[frozen])
+    assert not np.array_equal(params[path]["bias"], PARAMS[path]["bias"])  # biases always train
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_channel_frozen_at_reselection_stops_at_once_and_keeps_its_moments(name):
+  tx = freeze_unselected(OPTIMIZERS[name])
+  everything = select(PARAMS, "qat")
+  params, state, step = _run(tx, PARAMS, set_trainable(tx.init(PARAMS), PARAMS, everything), 3)
+  nothing = select(params, "ptq")
+  state = set_trainable(state, params, nothing)
+  params2, state2 = step(params, state)
+  for path in ("Conv_0", "Dense_0"):
+    np.testing.assert_array_equal(
+      params2[path]["kernel"], params[path]["kernel"]
+    )  # no momentum carry
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(a, b) if np.ndim(a) > 1 else None,
+    state2.inner,
+    state.inner,
+  )  # kernel moments untouched while frozen
+  assert step._cache_size() == 1  # a new selection is data: no retrace
+
+
+def test_default_trains_everything_like_the_inner_optimizer():
+  inner = optax.adam(1e-2)
+  a, _, _ = _run(freeze_unselected(inner), PARAMS, freeze_unselected(inner).init(PARAMS), 2)
+  b, _, _ = _run(inner, PARAMS, inner.init(PARAMS), 2)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+
+
+def test_train_frozen_scales_lets_every_kernel_scale_move():
+  tx = freeze_unselected(optax.adam(1e-2))
+  tset = select(PARAMS, "ptq")
+  state = set_trainable(tx.init(PARAMS), PARAMS, tset, train_frozen_scales=True)
+  params, _, _ = _run(tx, PARAMS, state, 2)
+  np.testing.assert_array_equal(params["Conv_1"]["kernel"], PARAMS["Conv_1"]["kernel"])
+  assert not np.array_equal(params["Conv_1"]["kernel_scale"], PARAMS["Conv_1"]["kernel_scale"])
+
+
+def test_set_trainable_rejects_a_foreign_state():
+  with pytest.raises(ValueError, match="freeze_unselected"):
+    set_trainable(optax.adam(1e-2).init(PARAMS), PARAMS, select(PARAMS, "qat"))

@@ -1,0 +1,118 @@
+"""Importance (mean |w|) and the CWPL / CWPN / LWPN selections."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efqat_jax import QuantRule, QuantSpec, quantize
+from efqat_jax.efqat import channel_importance, layer_importance, quantized_kernels, select
+from efqat_jax.models import SmallCNN, Transformer
+
+RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
+CNN = quantize(SmallCNN(features=(8, 16)), RULE)
+CNN_PARAMS = CNN.init(jax.random.key(0), jnp.ones((2, 12, 12, 1)))["params"]
+TFM = quantize(Transformer(vocab_size=16, d_model=8, num_heads=2, mlp_dim=16, max_len=8), RULE)
+TFM_PARAMS = TFM.init(jax.random.key(0), jnp.ones((2, 8), jnp.int32))["params"]
+
+
+def _brute_force_channel_scores(params):
+  scores = {}
+  for path, w in quantized_kernels(params).items():
+    out_axes = max(1, np.ndim(_node(params, path)["kernel_scale"]))
+    w = np.asarray(w).reshape(-1, int(np.prod(w.shape[w.ndim - out_axes :])))
+    scores[path] = [float(np.mean(np.abs(w[:, c]))) for c in range(w.shape[1])]
+  return scores
+
+
+def _node(params, path):
+  for name in path.split("/"):
+    params = params[name]
+  return params
+
+
+def test_channel_importance_is_mean_abs_weight_per_output_channel():
+  w = jnp.arange(24.0).reshape(2, 3, 4) - 12.0
+  np.testing.assert_allclose(channel_importance(w), np.abs(np.asarray(w)).mean(axis=(0, 1)))
+  np.testing.assert_allclose(
+    channel_importance(w, num_output_axes=2), np.abs(np.asarray(w)).mean(axis=0).reshape(-1)
+  )
+  assert float(layer_importance(w)) == pytest.approx(float(np.abs(np.asarray(w)).mean()))
+
+
+def test_quantized_kernels_are_found_with_their_output_channels():
+  assert set(quantized_kernels(CNN_PARAMS)) == {"Conv_0", "Conv_1", "Dense_0"}
+  tset = select(TFM_PARAMS, "qat")
+  query = "TransformerBlock_0/MultiHeadDotProductAttention_0/query"
+  assert tset.size(query) == 8  # heads x head_dim
+  assert "Embed_0" not in dict(tset.sizes)
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.25, 0.5, 1.0])
+def test_cwpl_takes_the_top_ceil_rho_channels_of_every_layer(rho):
+  tset = select(TFM_PARAMS, "cwpl", rho)
+  for path, scores in _brute_force_channel_scores(TFM_PARAMS).items():
+    k = math.ceil(rho * len(scores))
+    assert tset.count(path) == k
+    chosen = set(np.asarray(tset.channels[path]).tolist())
+    assert chosen == set(np.argsort(scores)[::-1][:k].tolist())
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.3])
+def test_cwpn_takes_the_global_top_channels(rho):
+  tset = select(TFM_PARAMS, "cwpn", rho)
+  scores = _brute_force_channel_scores(TFM_PARAMS)
+  pooled = sorted(((s, p, c) for p, ss in scores.items() for c, s in enumerate(ss)), reverse=True)
+  k = math.ceil(rho * len(pooled))
+  expected = {(p, c) for _, p, c in pooled[:k]}
+  got = {(p, int(c)) for p, cs in tset.channels.items() for c in np.asarray(cs)}
+  assert got == expected
+  assert len({tset.count(p) / tset.size(p) for p in scores}) > 1  # counts differ by layer
+
+
+def test_cwpn_bucket_rounds_counts_up():
+  tset = select(TFM_PARAMS, "cwpn", 0.2, bucket=4)
+  plain = select(TFM_PARAMS, "cwpn", 0.2)
+  for path, k in plain.counts:
+    assert tset.count(path) == min(tset.size(path), -(-k // 4) * 4)
+
+
+def test_lwpn_trains_the_top_layers_whole():
+  tset = select(CNN_PARAMS, "lwpn", 0.3)  # ceil(0.3 * 3 layers) = 1
+  means = {p: float(np.abs(np.asarray(w)).mean()) for p, w in quantized_kernels(CNN_PARAMS).items()}
+  top = max(means, key=means.get)
+  assert {p for p, k in tset.counts if k} == {top}
+  assert tset.count(top) == tset.size(top)
+
+
+def test_qat_and_ptq_are_the_two_ends():
+  assert all(k == select(CNN_PARAMS, "qat").size(p) for p, k in select(CNN_PARAMS, "qat").counts)
+  assert all(k == 0 for _, k in select(CNN_PARAMS, "ptq").counts)
+  assert all(k == 0 for _, k in select(CNN_PARAMS, "cwpl", 0.0).counts)
+
+
+def test_reselection_after_training_keeps_cwpl_counts_static():
+  moved = jax.tree.map(lambda w: w * jax.random.uniform(jax.random.key(1), w.shape), CNN_PARAMS)
+  a, b = select(CNN_PARAMS, "cwpl", 0.25), select(moved, "cwpl", 0.25)
+  assert jax.tree.structure(a) == jax.tree.structure(b)  # same static counts: no recompile
+  assert any(not np.array_equal(a.channels[p], b.channels[p]) for p in a.channels)
+
+
+@pytest.mark.parametrize(
+  "kwargs, field",
+  [
+    (dict(mode="random"), "mode"),
+    (dict(mode="cwpl", rho=1.5), "rho"),
+    (dict(mode="cwpn", rho=0.1, bucket=0), "bucket"),
+  ],
+)
+def test_bad_selection_arguments_raise(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    select(CNN_PARAMS, **kwargs)
+
+
+def test_params_without_quantized_layers_raise():
+  with pytest.raises(ValueError, match="kernel_scale"):
+    select({"Dense_0": {"kernel": jnp.ones((2, 2))}}, "cwpl", 0.5)
