@@ -1,5 +1,6 @@
 """EfQAT: train only the most important channels or layers of a quantized model."""
 
+from efqat_jax.efqat.frozen_layers import frozen_layers, stop_frozen_layers
 from efqat_jax.efqat.importance import channel_importance, layer_importance, quantized_kernels
 from efqat_jax.efqat.masking import (
   FreezeState,
@@ -15,9 +16,11 @@ __all__ = [
   "TrainableSet",
   "channel_importance",
   "freeze_unselected",
+  "frozen_layers",
   "layer_importance",
   "quantized_kernels",
   "select",
   "set_trainable",
+  "stop_frozen_layers",
   "trainable_masks",
 ]

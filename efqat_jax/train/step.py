@@ -17,6 +17,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from efqat_jax.efqat.frozen_layers import stop_frozen_layers
+from efqat_jax.efqat.selection import TrainableSet
 from efqat_jax.train.losses import accuracy, cross_entropy
 from efqat_jax.train.state import TrainState
 
@@ -68,13 +70,20 @@ def make_train_step(
 
   Collections present in the state other than ``quant_stats`` (e.g. ``batch_stats``) are
   updated by the forward pass. The state is donated.
+
+  With a ``trainable`` TrainableSet (EfQAT), the layers it leaves without a trainable channel
+  are not differentiated at all; pair it with an optimizer from
+  ``efqat_jax.efqat.freeze_unselected`` so the rest of the selection is frozen too. The step is
+  retraced only when the TrainableSet's static counts change.
   """
 
-  def step(state: TrainState, batch: Batch, rng: jax.Array):
+  def step(state: TrainState, batch: Batch, rng: jax.Array, trainable: TrainableSet | None = None):
     mutable = tuple(c for c in state.collections if c != "quant_stats")
     rng = jax.random.fold_in(rng, state.step)
 
     def loss(params):
+      if trainable is not None:
+        params = stop_frozen_layers(params, trainable)
       logits, updates = _apply(model, state, params, batch, True, rng, mutable)
       return loss_fn(logits, batch["labels"], batch.get("mask")), (logits, updates)
 
@@ -89,13 +98,9 @@ def make_train_step(
     metrics = {"loss": value, "accuracy": accuracy(logits, batch["labels"], batch.get("mask"))}
     return new_state, metrics
 
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-  return jax.jit(
-    step,
-    in_shardings=(replicated, sharded, replicated),
-    out_shardings=(replicated, replicated),
-    donate_argnums=0,
-  )
+  # Inputs keep the shardings they were placed with (``replicate``, ``shard_batch``).
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def make_eval_step(
