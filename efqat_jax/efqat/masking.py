@@ -4,8 +4,8 @@ Frozen entries get exactly zero update (so no weight decay either), and their op
 is left as it was: a channel that becomes frozen at re-selection stops at once, and one that
 becomes trainable again resumes with the moments it had. What trains besides the selected
 kernel channels: every param that is not a quantized kernel (biases, normalisation params,
-activation quantizer params) and, unless ``train_frozen_scales``, only the kernel scales of
-the selected channels (a frozen channel's scale gradient would need that channel's full weight
+activation quantizer params) and, unless the TrainableSet says ``train_frozen_scales``, only
+the kernel scales of the selected channels (a frozen channel's scale gradient would need that channel's full weight
 gradient).
 
 The masks are data in the optimizer state, so re-selecting never recompiles the step. This
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from efqat_jax.efqat.selection import TrainableSet
+from efqat_jax.efqat.selection import TrainableSet, select
 
 
 class FreezeState(NamedTuple):
@@ -32,7 +32,7 @@ class FreezeState(NamedTuple):
   masks: Any
 
 
-def trainable_masks(params: Any, trainable: TrainableSet, train_frozen_scales: bool = False) -> Any:
+def trainable_masks(params: Any, trainable: TrainableSet) -> Any:
   """A params-shaped tree of bool masks (broadcastable to each param; True = trains)."""
   counts = dict(trainable.counts)
   masks = {}
@@ -44,7 +44,9 @@ def trainable_masks(params: Any, trainable: TrainableSet, train_frozen_scales: b
       channels = trainable.channel_mask(layer).reshape(channel_shape)
       if name == "kernel":
         mask = channels.reshape((1,) * (value.ndim - len(channel_shape)) + channel_shape)
-      elif not train_frozen_scales:
+      elif trainable.train_frozen_scales:
+        mask = jnp.ones(jnp.shape(value), bool)
+      else:
         mask = channels.reshape(jnp.shape(value)) if jnp.ndim(value) else channels.any()
     masks[path] = mask
   return unflatten_dict(masks)
@@ -68,7 +70,7 @@ def freeze_unselected(inner: optax.GradientTransformation) -> optax.GradientTran
   """
 
   def init(params):
-    return FreezeState(inner.init(params), jax.tree.map(lambda _: jnp.ones((), bool), params))
+    return FreezeState(inner.init(params), _everything_trains(params))
 
   def update(updates, state, params=None):
     masked = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, state.masks)
@@ -82,22 +84,39 @@ def freeze_unselected(inner: optax.GradientTransformation) -> optax.GradientTran
   return optax.GradientTransformation(init, update)
 
 
-def set_trainable(
-  state: FreezeState, params: Any, trainable: TrainableSet, train_frozen_scales: bool = False
-) -> FreezeState:
+def set_trainable(state: FreezeState, params: Any, trainable: TrainableSet) -> FreezeState:
   """The optimizer state of ``freeze_unselected`` with a new selection installed."""
   if not isinstance(state, FreezeState):
     raise ValueError(f"expected the state of freeze_unselected, got {type(state).__name__}")
-  return state._replace(masks=trainable_masks(params, trainable, train_frozen_scales))
+  return state._replace(masks=trainable_masks(params, trainable))
+
+
+def _everything_trains(params: Any) -> Any:
+  """All-True masks with the shapes ``set_trainable`` installs (so a checkpointed state
+  restores into ``init``'s structure and re-selecting never changes shapes)."""
+  try:
+    return trainable_masks(params, select(params, "qat"))
+  except ValueError:  # no quantized layer: nothing is ever selected
+    return jax.tree.map(lambda _: jnp.ones((), bool), params)
+
+
+def _is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
 
 def _keep_frozen_state(new: Any, old: Any, masks: Any) -> Any:
-  """In every params-shaped part of an optimizer state, frozen entries keep their old value."""
-  mask_def = jax.tree.structure(masks)
-  if jax.tree.structure(new) == mask_def:
-    return jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new, old, masks)
+  """In every params-shaped part of an optimizer state, frozen entries keep their old value.
+
+  Params-shaped parts are found in NamedTuple, tuple, list and dict states (``chain``,
+  ``multi_transform``); entries another transformation owns (``optax.MaskedNode``) are left.
+  """
+  if jax.tree.structure(new, is_leaf=_is_masked_node) == jax.tree.structure(masks):
+    keep = lambda n, o, m: n if _is_masked_node(n) else jnp.where(m, n, o)
+    return jax.tree.map(keep, new, old, masks, is_leaf=_is_masked_node)
   if isinstance(new, tuple) and hasattr(new, "_fields"):  # NamedTuple states (Adam, trace...)
     return type(new)(*(_keep_frozen_state(n, o, masks) for n, o in zip(new, old, strict=True)))
   if isinstance(new, tuple | list):
     return type(new)(_keep_frozen_state(n, o, masks) for n, o in zip(new, old, strict=True))
+  if isinstance(new, dict):
+    return {k: _keep_frozen_state(v, old[k], masks) for k, v in new.items()}
   return new

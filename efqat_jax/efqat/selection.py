@@ -30,7 +30,9 @@ MODES = ("cwpl", "cwpn", "lwpn", "qat", "ptq")
 
 
 @functools.partial(
-  jax.tree_util.register_dataclass, data_fields=["channels"], meta_fields=["counts", "sizes"]
+  jax.tree_util.register_dataclass,
+  data_fields=["channels"],
+  meta_fields=["counts", "sizes", "train_frozen_scales"],
 )
 @dataclasses.dataclass(frozen=True)
 class TrainableSet:
@@ -41,11 +43,14 @@ class TrainableSet:
       selection with the same counts reuses the compiled step.
     sizes: ``{path: C}``, the layer's number of output channels.
     channels: ``{path: int32[k]}``, the trainable channels, most important first.
+    train_frozen_scales: whether the kernel scales of frozen channels train anyway (their
+      gradient then needs the layer's full weight gradient).
   """
 
   counts: tuple[tuple[str, int], ...]
   sizes: tuple[tuple[str, int], ...]
   channels: dict[str, jax.Array]
+  train_frozen_scales: bool = False
 
   def count(self, path: str) -> int:
     return dict(self.counts)[path]
@@ -75,7 +80,9 @@ def _bucketed(k: int, size: int, bucket: int) -> int:
   return min(size, -(-k // bucket) * bucket) if k else 0
 
 
-def select(params: Any, mode: str, rho: float = 0.1, bucket: int = 1) -> TrainableSet:
+def select(
+  params: Any, mode: str, rho: float = 0.1, bucket: int = 1, train_frozen_scales: bool = False
+) -> TrainableSet:
   """Chooses the trainable output channels of every quantized layer.
 
   Args:
@@ -84,6 +91,7 @@ def select(params: Any, mode: str, rho: float = 0.1, bucket: int = 1) -> Trainab
     rho: fraction of channels (cwpl, cwpn) or layers (lwpn) that train.
     bucket: for cwpn, per-layer counts are rounded up to a multiple of ``bucket`` (capped at
       C), so that re-selections change the static counts, and recompile the step, less often.
+    train_frozen_scales: let the kernel scales of frozen channels train.
 
   Returns:
     The TrainableSet.
@@ -117,4 +125,6 @@ def select(params: Any, mode: str, rho: float = 0.1, bucket: int = 1) -> Trainab
     path: jnp.asarray(np.argsort(-scores[path], kind="stable")[: counts[path]], jnp.int32)
     for path in sizes
   }
-  return TrainableSet(tuple(sorted(counts.items())), tuple(sorted(sizes.items())), channels)
+  return TrainableSet(
+    tuple(sorted(counts.items())), tuple(sorted(sizes.items())), channels, train_frozen_scales
+  )

@@ -93,8 +93,8 @@ def test_default_trains_everything_like_the_inner_optimizer():
 
 def test_train_frozen_scales_lets_every_kernel_scale_move():
   tx = freeze_unselected(optax.adam(1e-2))
-  tset = select(PARAMS, "ptq")
-  state = set_trainable(tx.init(PARAMS), PARAMS, tset, train_frozen_scales=True)
+  tset = select(PARAMS, "ptq", train_frozen_scales=True)
+  state = set_trainable(tx.init(PARAMS), PARAMS, tset)
   params, _, _ = _run(tx, PARAMS, state, 2)
   np.testing.assert_array_equal(params["Conv_1"]["kernel"], PARAMS["Conv_1"]["kernel"])
   assert not np.array_equal(params["Conv_1"]["kernel_scale"], PARAMS["Conv_1"]["kernel_scale"])
@@ -103,3 +103,39 @@ def test_train_frozen_scales_lets_every_kernel_scale_move():
 def test_set_trainable_rejects_a_foreign_state():
   with pytest.raises(ValueError, match="freeze_unselected"):
     set_trainable(optax.adam(1e-2).init(PARAMS), PARAMS, select(PARAMS, "qat"))
+
+
+def test_frozen_state_is_kept_inside_multi_transform_with_decay_before_momentum():
+  inner = optax.multi_transform(
+    {
+      "weights": optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1, momentum=0.9)),
+      "quant": optax.adam(1e-3),
+    },
+    lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "quant" if "scale" in path[-1].key or "zero" in path[-1].key else "weights",
+      params,
+    ),
+  )
+  tx = freeze_unselected(inner)
+  tset = select(PARAMS, "cwpl", 0.25)
+  params, state, _ = _run(tx, PARAMS, set_trainable(tx.init(PARAMS), PARAMS, tset), 3)
+  momentum = state.inner.inner_states["weights"].inner_state[1][0].trace
+  frozen = ~np.asarray(tset.channel_mask("Conv_1"))
+  np.testing.assert_array_equal(np.asarray(momentum["Conv_1"]["kernel"])[..., frozen], 0.0)
+  np.testing.assert_array_equal(
+    np.asarray(params["Conv_1"]["kernel"])[..., frozen],
+    np.asarray(PARAMS["Conv_1"]["kernel"])[..., frozen],
+  )
+
+
+def test_selected_state_has_the_shapes_of_a_fresh_state(tmp_path):
+  from efqat_jax.train import Checkpointer
+
+  tx = freeze_unselected(optax.adam(1e-2))
+  fresh = tx.init(PARAMS)
+  selected = set_trainable(fresh, PARAMS, select(PARAMS, "cwpl", 0.25, train_frozen_scales=True))
+  assert jax.tree.map(np.shape, selected) == jax.tree.map(np.shape, fresh)
+  with Checkpointer(tmp_path / "c") as ckpt:
+    ckpt.save(1, selected, wait=True)
+    restored = ckpt.restore_latest(fresh)
+  jax.tree.map(np.testing.assert_array_equal, restored.masks, selected.masks)
