@@ -57,15 +57,15 @@ def train_loop(
   bar = tqdm.tqdm(
     total=num_steps, initial=start, desc=description, disable=not progress, dynamic_ncols=True
   )
-  last = time.perf_counter()
+  last, last_step = time.perf_counter(), start
   for step in range(start, num_steps):
     state, metrics = step_fn(state, next(batches), rng)
     done = step + 1
     if done % log_every == 0 or done == num_steps:
       metrics = {k: float(v) for k, v in metrics.items()}
       now = time.perf_counter()
-      metrics["step_time_ms"] = (now - last) * 1e3 / (done % log_every or log_every)
-      last = now
+      metrics["step_time_ms"] = (now - last) * 1e3 / (done - last_step)  # includes compilation
+      last, last_step = now, done
       if learning_rate is not None:
         metrics["learning_rate"] = float(learning_rate(step))
       writer.write(done, metrics)
