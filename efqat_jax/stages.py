@@ -11,6 +11,7 @@ A run keeps everything in its workdir:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from efqat_jax import data, models
 from efqat_jax.nn import QuantRule, export_integer, integer_apply, quantize
 from efqat_jax.nn.intercept import quantizable_paths
+from efqat_jax.nn.ops import QUANT_PARAM_NAMES, WEIGHT_ESTIMATORS
 from efqat_jax.ptq import calibrate
 from efqat_jax.quant import QuantSpec
 from efqat_jax.train import (
@@ -109,7 +111,9 @@ class Run:
     for batch in batches:
       yield shard_batch(self.to_model_batch(batch), self.mesh)
 
+  @functools.cached_property
   def sample_inputs(self) -> jax.Array:
+    """The first training batch's inputs (for init, tracing and the export check)."""
     batch = next(data.batches(self.train_source, self.config.batch_size, seed=self.config.seed))
     return jnp.asarray(self.to_model_batch(batch)["inputs"])
 
@@ -154,7 +158,7 @@ class Run:
 
   # --- quantization -----------------------------------------------------------------------
 
-  def quant_rules(self, sample: jax.Array) -> list[QuantRule]:
+  def quant_rules(self) -> list[QuantRule]:
     """All layers at the configured bits; ``high_precision_layers`` (default: the first and
     the last layer in call order) at ``high_precision_bits``."""
     q = self.config.quant
@@ -168,7 +172,7 @@ class Run:
     pattern = q.high_precision_layers
     if not pattern:
       return rules
-    paths = quantizable_paths(self.model, sample, train=False)
+    paths = quantizable_paths(self.model, self.sample_inputs, train=False)
     if pattern == "auto":
       pattern = "|".join(re.escape(p) for p in dict.fromkeys([paths[0], paths[-1]]))
     high = [p for p in paths if re.fullmatch(pattern, p)]
@@ -182,13 +186,12 @@ class Run:
     high_rule = QuantRule(pattern, **spec)
     return [high_rule] if len(high) == len(paths) else [high_rule, *rules]
 
-  def quantized_model(self, sample: jax.Array):
+  @functools.cached_property
+  def quantized_model(self):
+    """The model quantized by ``quant_rules`` (raises for a pattern that matches no layer)."""
     return quantize(
-      self.model, self.quant_rules(sample), weight_estimator=self.config.quant.weight_estimator
+      self.model, self.quant_rules(), weight_estimator=self.config.quant.weight_estimator
     )
-
-
-QUANT_PARAM_NAMES = ("kernel_scale", "input_scale", "input_zero_point")
 
 
 def _optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
@@ -251,8 +254,7 @@ def _with_params(variables: dict, params: Any, collections: dict) -> dict:
 
 def run_fp(run: Run) -> TrainState:
   """Trains (or resumes training) the float model."""
-  sample = run.sample_inputs()
-  variables = run.model.init(jax.random.key(run.config.seed), sample, train=False)
+  variables = run.model.init(jax.random.key(run.config.seed), run.sample_inputs, train=False)
   start = time.perf_counter()
   state = _train(run, "fp", run.model, variables, run.config.fp)
   if "fp" not in run.results:
@@ -263,11 +265,10 @@ def run_fp(run: Run) -> TrainState:
 
 def run_ptq(run: Run, fp_state: TrainState) -> dict:
   """Quantizes the float model: calibration on ``ptq.calibration_batches`` batches, then RTN."""
-  sample = run.sample_inputs()
-  qmodel = run.quantized_model(sample)
+  qmodel = run.quantized_model
   with run.checkpointer("ptq") as ckpt:
     start = time.perf_counter()
-    variables = qmodel.init(jax.random.key(run.config.seed), sample, train=False)
+    variables = qmodel.init(jax.random.key(run.config.seed), run.sample_inputs, train=False)
     variables = _with_params(
       variables, jax.device_get(fp_state.params), jax.device_get(fp_state.collections)
     )
@@ -288,7 +289,7 @@ def run_ptq(run: Run, fp_state: TrainState) -> dict:
 
 def run_qat(run: Run, ptq_variables: dict) -> TrainState:
   """Fine-tunes every param of the quantized model (weights and quantization params)."""
-  qmodel = run.quantized_model(run.sample_inputs())
+  qmodel = run.quantized_model
   start = time.perf_counter()
   state = _train(run, "qat", qmodel, ptq_variables, run.config.qat)
   if "qat" not in run.results:
@@ -300,8 +301,7 @@ def run_qat(run: Run, ptq_variables: dict) -> TrainState:
 def run_export(run: Run, variables: dict) -> None:
   """Integer weights, scales and zero points of the quantized model, checked on a batch."""
   start = time.perf_counter()
-  sample = run.sample_inputs()
-  qmodel = run.quantized_model(sample)
+  sample, qmodel = run.sample_inputs, run.quantized_model
   layers = export_integer(qmodel, variables, sample, train=False)
   out = run.workdir / "export"
   out.mkdir(exist_ok=True)
@@ -327,6 +327,11 @@ def run_export(run: Run, variables: dict) -> None:
   )
 
 
+def stage_list(config: ml_collections.ConfigDict) -> list[str]:
+  """``config.stages`` as a list of stage names."""
+  return [s.strip() for s in str(config.stages).split(",")]
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field, before any work starts."""
 
@@ -335,7 +340,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
     fail("seed", config.seed, "an integer >= 0")
-  stages = [s.strip() for s in str(config.stages).split(",")]
+  stages = stage_list(config)
   if not stages or any(s not in STAGES for s in stages):
     fail("stages", config.stages, f"a comma-separated subset of {','.join(STAGES)}")
   if config.model not in models.MODELS:
@@ -372,8 +377,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("weight_bits", "act_bits", "high_precision_bits"):
     if isinstance(q[field], bool) or not isinstance(q[field], int) or not 2 <= q[field] <= 16:
       fail(f"quant.{field}", q[field], "an integer in 2..16")
-  if q.weight_estimator not in ("minmax", "mse"):
-    fail("quant.weight_estimator", q.weight_estimator, "'minmax' or 'mse'")
+  if q.weight_estimator not in WEIGHT_ESTIMATORS:
+    fail("quant.weight_estimator", q.weight_estimator, f"one of {tuple(WEIGHT_ESTIMATORS)}")
   try:
     re.compile(q.high_precision_layers)
   except re.error as e:
@@ -386,8 +391,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   """Runs the configured stages in order; returns the results of every finished stage."""
   validate(config)
   run = Run(config, workdir)
-  stages = [s.strip() for s in config.stages.split(",")]
-  run.quant_rules(run.sample_inputs())  # a bad layer pattern fails now, not after training
+  stages = stage_list(config)
+  run.quantized_model  # noqa: B018 (built now: a bad layer pattern fails before training)
   fp_state = run_fp(run)  # later stages start from it: trained once, then restored
   variables = None
   if {"ptq", "qat", "export"} & set(stages):

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
+from efqat_jax.nn.export import params_at
+
 
 def quantized_kernels(params: Any) -> dict[str, jax.Array]:
   """The kernels of the quantized layers (those with a ``kernel_scale``), by ``/``-joined path."""
@@ -26,10 +28,7 @@ def quantized_kernels(params: Any) -> dict[str, jax.Array]:
 
 def output_axes(params: Any, path: str) -> int:
   """How many trailing kernel axes are output channels (at least 1)."""
-  node = params
-  for name in path.split("/"):
-    node = node[name]
-  return max(1, jnp.ndim(node["kernel_scale"]))
+  return max(1, jnp.ndim(params_at(params, path)["kernel_scale"]))
 
 
 def channel_importance(kernel: jax.Array, num_output_axes: int = 1) -> jax.Array:

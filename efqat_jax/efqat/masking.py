@@ -23,6 +23,7 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from efqat_jax.efqat.selection import TrainableSet, select
+from efqat_jax.nn.export import params_at
 
 
 class FreezeState(NamedTuple):
@@ -50,13 +51,6 @@ def trainable_masks(params: Any, trainable: TrainableSet) -> Any:
         mask = channels.reshape(jnp.shape(value)) if jnp.ndim(value) else channels.any()
     masks[path] = mask
   return unflatten_dict(masks)
-
-
-def params_at(params: Any, layer: str) -> Any:
-  node = params
-  for name in layer.split("/"):
-    node = node[name]
-  return node
 
 
 def freeze_unselected(inner: optax.GradientTransformation) -> optax.GradientTransformation:

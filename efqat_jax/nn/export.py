@@ -12,6 +12,13 @@ from efqat_jax.nn.ops import ACCUMULATOR, Mode, record_integer_layers
 from efqat_jax.quant.integer import IntegerLayer
 
 
+def params_at(params: Any, path: str) -> Any:
+  """The subtree of ``params`` at a ``/``-joined module path (``""``: the whole tree)."""
+  for name in path.split("/") if path else ():
+    params = params[name]
+  return params
+
+
 def with_mode(model: nn.Module, mode: Mode) -> nn.Module:
   """``model`` switched to ``mode`` (a QuantizedModel or a Quant layer: anything with a mode field)."""
   if "mode" not in {f.name for f in dataclasses.fields(model)}:
@@ -49,11 +56,8 @@ def export_integer(model: nn.Module, variables: Any, *args, **kwargs) -> dict[st
     with_mode(model, Mode.INTEGER).apply(variables, *args, **kwargs)
   if not layers:
     raise ValueError(f"{type(model).__name__} has no quantized layer with a quantized kernel")
-  params = variables["params"]
   exported = {}
   for path, layer in layers.items():
-    node = params
-    for name in path.split("/") if path else ():
-      node = node[name]
-    exported[path] = dataclasses.replace(layer, bias=node.get("bias"))
+    bias = params_at(variables["params"], path).get("bias")
+    exported[path] = dataclasses.replace(layer, bias=bias)
   return jax.device_get(exported)

@@ -28,6 +28,7 @@ from efqat_jax.quant.spec import QuantSpec
 
 QUANT_STATS = "quant_stats"
 ACCUMULATOR = "accumulator"
+QUANT_PARAM_NAMES = ("kernel_scale", "input_scale", "input_zero_point")
 
 
 class Mode(enum.Enum):
@@ -77,7 +78,7 @@ class QuantizedOps:
 
   In Mode.CALIBRATE the ranges a PTQ step should install are written to ``quant_stats`` under
   the param names they replace (``kernel_scale``, ``input_scale``, ``input_zero_point``); see
-  ``efqat_jax.nn.calibrated_params``.
+  ``efqat_jax.ptq.calibrated_params``.
   """
 
   scope: Scope

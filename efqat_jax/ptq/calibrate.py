@@ -15,16 +15,14 @@ import jax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from efqat_jax.nn.export import with_mode
-from efqat_jax.nn.ops import QUANT_STATS, Mode
-
-CALIBRATED_PARAMS = ("kernel_scale", "input_scale", "input_zero_point")
+from efqat_jax.nn.ops import QUANT_PARAM_NAMES, QUANT_STATS, Mode
 
 
 def calibrated_params(params: Any, quant_stats: Any) -> Any:
   """``params`` with every scale and zero point replaced by its calibrated value."""
   flat_params = flatten_dict(params)
   for path, value in flatten_dict(quant_stats).items():
-    if path[-1] in CALIBRATED_PARAMS and path in flat_params:
+    if path[-1] in QUANT_PARAM_NAMES and path in flat_params:
       flat_params[path] = value.astype(flat_params[path].dtype)
   return unflatten_dict(flat_params)
 
@@ -68,6 +66,6 @@ def calibrate(
   if seen == 0:
     raise ValueError("calibrate got no batches")
   stats = flatten_dict(variables[QUANT_STATS])
-  running = unflatten_dict({k: v for k, v in stats.items() if k[-1] not in CALIBRATED_PARAMS})
+  running = unflatten_dict({k: v for k, v in stats.items() if k[-1] not in QUANT_PARAM_NAMES})
   params = calibrated_params(variables["params"], variables[QUANT_STATS])
   return {**variables, "params": params, QUANT_STATS: running}
