@@ -1,6 +1,11 @@
 """EfQAT: train only the most important channels or layers of a quantized model."""
 
-from efqat_jax.efqat.frozen_layers import frozen_layers, stop_frozen_layers
+from efqat_jax.efqat.backward import (
+  frozen_layers,
+  partial_layers,
+  restrict_backward,
+  stop_frozen_layers,
+)
 from efqat_jax.efqat.importance import channel_importance, layer_importance, quantized_kernels
 from efqat_jax.efqat.masking import (
   FreezeState,
@@ -18,7 +23,9 @@ __all__ = [
   "freeze_unselected",
   "frozen_layers",
   "layer_importance",
+  "partial_layers",
   "quantized_kernels",
+  "restrict_backward",
   "select",
   "set_trainable",
   "stop_frozen_layers",

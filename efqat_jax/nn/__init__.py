@@ -3,8 +3,8 @@
 from efqat_jax.nn.export import export_integer, integer_apply, with_mode
 from efqat_jax.nn.intercept import QuantizedModel, QuantRule, quantize
 from efqat_jax.nn.layers import QuantConv, QuantDense, QuantDenseGeneral
-from efqat_jax.nn.ops import ACCUMULATOR, QUANT_STATS, Mode, QuantizedOps
-from efqat_jax.nn.partial_grad import leading_channels_grad
+from efqat_jax.nn.ops import ACCUMULATOR, QUANT_STATS, Mode, QuantizedOps, weight_grad_channels
+from efqat_jax.nn.partial_grad import channel_subset_grad
 
 __all__ = [
   "ACCUMULATOR",
@@ -18,7 +18,8 @@ __all__ = [
   "QuantizedOps",
   "export_integer",
   "integer_apply",
-  "leading_channels_grad",
+  "channel_subset_grad",
   "quantize",
+  "weight_grad_channels",
   "with_mode",
 ]

@@ -14,6 +14,8 @@ import contextvars
 import dataclasses
 import enum
 import functools
+import types
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from flax.core.scope import Scope
 from jax import lax
 
+from efqat_jax.nn.partial_grad import channel_subset_grad
 from efqat_jax.quant import granularity, integer, ranges
 from efqat_jax.quant.fake_quant import fake_quant, lsq_grad_scale
 from efqat_jax.quant.spec import QuantSpec
@@ -61,6 +64,27 @@ def record_integer_layers():
     yield layers
   finally:
     _RECORDER.reset(token)
+
+
+_WEIGHT_GRAD_CHANNELS: contextvars.ContextVar[Mapping[str, jax.Array]] = contextvars.ContextVar(
+  "efqat_jax_weight_grad_channels", default=types.MappingProxyType({})
+)
+
+
+@contextlib.contextmanager
+def weight_grad_channels(channels: Mapping[str, jax.Array]):
+  """Within: the layer at path ``p`` (in Mode.QUANTIZE) computes its kernel's gradient only for
+  the output channels ``channels[p]`` (int32[k]); the other channels get a zero gradient.
+
+  Use it around the forward pass that ``jax.grad`` differentiates (as ``make_train_step`` does
+  for an EfQAT TrainableSet). Output channels are flattened in C order over the kernel's
+  output axes, which must be its trailing axes (true of Flax's Dense, DenseGeneral and Conv).
+  """
+  token = _WEIGHT_GRAD_CHANNELS.set(channels)
+  try:
+    yield
+  finally:
+    _WEIGHT_GRAD_CHANNELS.reset(token)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -203,7 +227,28 @@ class QuantizedOps:
       )
     if kernel_spec is not None:
       rhs = fake_quant(rhs, params["kernel_scale"], spec=kernel_spec)
+    channels = _WEIGHT_GRAD_CHANNELS.get().get(self.path)
+    if channels is not None:
+      return self._channel_subset_op(float_op, lhs, rhs, channels, out_axes, settings)
     return float_op(lhs, rhs)
+
+  def _channel_subset_op(self, float_op, lhs, rhs, channels, out_axes, settings) -> jax.Array:
+    """``float_op(lhs, rhs)`` with the weight gradient of ``channels`` only.
+
+    Grouped convolutions other than depthwise ones compute their full weight gradient.
+    """
+    if out_axes != tuple(range(rhs.ndim - len(out_axes), rhs.ndim)):
+      raise ValueError(
+        f"{self.path}: a channel-subset weight gradient needs the kernel's output axes last,"
+        f" got output axes {out_axes} of a {rhs.ndim}-D kernel"
+      )
+    groups = settings.get("feature_group_count", 1)
+    depthwise = groups > 1
+    if depthwise:
+      in_features = lhs.shape[settings["dimension_numbers"].lhs_spec[1]]
+      if not groups == in_features == rhs.shape[-1]:
+        return float_op(lhs, rhs)
+    return channel_subset_grad(float_op, lhs, rhs, channels, len(out_axes), depthwise)
 
   def _params(self, lhs, rhs, kernel_spec) -> dict[str, jax.Array]:
     """Creates (at init) or reads the quantization params; initial values from min-max."""

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from efqat_jax.efqat.frozen_layers import stop_frozen_layers
+from efqat_jax.efqat.backward import restrict_backward
 from efqat_jax.efqat.selection import TrainableSet
 from efqat_jax.train.losses import accuracy, cross_entropy
 from efqat_jax.train.state import TrainState
@@ -71,8 +71,8 @@ def make_train_step(
   Collections present in the state other than ``quant_stats`` (e.g. ``batch_stats``) are
   updated by the forward pass. The state is donated.
 
-  With a ``trainable`` TrainableSet (EfQAT), the layers it leaves without a trainable channel
-  are not differentiated at all; pair it with an optimizer from
+  With a ``trainable`` TrainableSet (EfQAT), the backward pass computes weight gradients only
+  for the channels it selects (``efqat_jax.efqat.restrict_backward``); pair it with an optimizer from
   ``efqat_jax.efqat.freeze_unselected`` so the rest of the selection is frozen too. The step is
   retraced only when the TrainableSet's static counts change.
   """
@@ -82,9 +82,8 @@ def make_train_step(
     rng = jax.random.fold_in(rng, state.step)
 
     def loss(params):
-      if trainable is not None:
-        params = stop_frozen_layers(params, trainable)
-      logits, updates = _apply(model, state, params, batch, True, rng, mutable)
+      with restrict_backward(params, trainable) as params:
+        logits, updates = _apply(model, state, params, batch, True, rng, mutable)
       return loss_fn(logits, batch["labels"], batch.get("mask")), (logits, updates)
 
     (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)

@@ -38,7 +38,7 @@ def _op_counts(step, state, batch, trainable):
   "mode, rho, convolutions, dots",
   [
     ("qat", 1.0, 3 + 3 + 3, 1 + 1 + 1),
-    ("cwpl", 0.25, 3 + 3 + 3, 1 + 1 + 1),  # partial layers still compute their full dW here
+    ("cwpl", 0.25, 3 + 3 + 3, 1 + 1 + 1),
     ("ptq", 0.0, 3 + 3 + 0, 1 + 1 + 0),
   ],
 )
@@ -47,6 +47,58 @@ def test_compiled_step_has_weight_gradients_only_for_layers_that_train(
 ):
   state, step, batch = setup
   assert _op_counts(step, state, batch, select(state.params, mode, rho)) == (convolutions, dots)
+
+
+def _backward_output_shapes(step, state, batch, trainable):
+  """Sorted output shapes of the convolutions and dots that are not in the forward pass."""
+  hlo = step.lower(state, batch, jax.random.key(0), trainable).compile().as_text()
+  shapes = []
+  for line in hlo.splitlines():
+    found = re.search(r"= f32\[([0-9,]*)\][^=]* (?:convolution|dot)\(", line)
+    forward = re.search(r'op_name="[^"]*jvp\(', line) and "transpose(" not in line
+    if found and not forward:
+      shapes.append(tuple(sorted(int(d) for d in found.group(1).split(","))))
+  return shapes
+
+
+def _weight_gradient(kernel_shape, k):
+  """Sorted shape of the weight gradient of k output channels (XLA may permute its axes)."""
+  return tuple(sorted((*kernel_shape[:-1], k)))
+
+
+def test_partially_trained_layers_compute_weight_gradients_for_their_channels_only(setup):
+  state, step, batch = setup
+  trainable = select(state.params, "cwpl", 0.25)  # 8, 16, 16, 10 channels -> 2, 4, 4, 3
+  shapes = _backward_output_shapes(step, state, batch, trainable)
+  for path, k in trainable.counts:
+    kernel = state.params[path]["kernel"].shape
+    assert (k, kernel[-1]) in [(2, 8), (4, 16), (3, 10)], path
+    assert _weight_gradient(kernel, k) in shapes, path
+    assert _weight_gradient(kernel, kernel[-1]) not in shapes, path
+  full = _backward_output_shapes(step, state, batch, select(state.params, "qat"))
+  for path, value in state.params.items():
+    assert _weight_gradient(value["kernel"].shape, value["kernel"].shape[-1]) in full, path
+
+
+@pytest.mark.parametrize("mode, rho", [("cwpl", 0.25), ("cwpn", 0.2), ("lwpn", 0.5)])
+def test_restricted_backward_updates_params_like_the_full_backward_with_masks(mode, rho):
+  """The cheaper backward changes nothing but the work: one step with it equals a step with
+  the full weight gradients and the same freezing masks."""
+  mesh = make_mesh()
+  tx = freeze_unselected(optax.adam(1e-2))
+  state = replicate(create_train_state(MODEL.init(jax.random.key(0), X), tx), mesh)
+  trainable = select(state.params, mode, rho)
+  state = state.replace(opt_state=set_trainable(state.opt_state, state.params, trainable))
+  batch = shard_batch({"inputs": X, "labels": Y}, mesh)
+  copy = lambda s: jax.tree.map(jnp.copy, s)
+  step = make_train_step(MODEL, tx, mesh)
+  restricted, _ = step(copy(state), batch, jax.random.key(1), trainable)
+  full, _ = step(copy(state), batch, jax.random.key(1), None)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    restricted.params,
+    full.params,
+  )
 
 
 def test_lwpn_drops_the_weight_gradients_of_the_frozen_layers(setup):
