@@ -9,4 +9,5 @@ def get_config():
   config.model_kwargs.update({"num_classes": 10, "depth": 20})
   config.fp.update(steps=800, learning_rate=2e-3)
   config.qat.update(steps=300)
+  config.efqat.update(steps=300)
   return config

@@ -17,6 +17,7 @@ def get_config():
   config.eval_batch_size = 256
   config.fp.update(steps=1500, learning_rate=2e-3, weight_decay=0.0)
   config.qat.update(steps=500, learning_rate=5e-4)
+  config.efqat.update(steps=500, learning_rate=5e-4)
   config.quant.high_precision_layers = (
     "TransformerBlock_0/MultiHeadDotProductAttention_0/(query|key|value)|Dense_0"
   )

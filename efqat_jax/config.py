@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 
-def _optimizer(**overrides) -> ml_collections.ConfigDict:
+def _optimizer(type_safe: bool = True, **overrides) -> ml_collections.ConfigDict:
   fields = dict(
     steps=300,
     learning_rate=1e-3,
@@ -14,14 +14,14 @@ def _optimizer(**overrides) -> ml_collections.ConfigDict:
     warmup_steps=20,
     quant_lr_multiplier=0.01,  # learning-rate factor of scales and zero points
   )
-  return ml_collections.ConfigDict(fields | overrides)
+  return ml_collections.ConfigDict(fields | overrides, type_safe=type_safe)
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field the pipeline reads (see ``efqat_jax.stages.validate`` for allowed values)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.stages = "fp,ptq,qat,export"
+  config.stages = "fp,ptq,qat,efqat,export"
   config.dataset = "mnist5k"  # bundled: mnist5k, digits, shakespeare_char[/seq64]
   config.data_dir = ""  # "": <workdir>/data
   config.train_split = "train"
@@ -46,4 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
   )
   config.ptq = ml_collections.ConfigDict(dict(calibration_batches=8))
   config.qat = _optimizer()
+  config.efqat = _optimizer(
+    type_safe=False,  # reselect_every takes an int or "never"
+    mode="cwpl",  # cwpl, cwpn, lwpn, or the ends qat / ptq (efqat_jax.efqat.select)
+    rho=0.1,  # fraction of output channels (cwpl, cwpn) or of layers (lwpn) that train
+    reselect_every=100,  # steps between importance re-rankings; "never" or 0: rank once
+    bucket=4,  # cwpn: per-layer counts rounded up to a multiple (fewer recompiles)
+    train_frozen_scales=False,  # True: frozen channels' weight scales train (full dW cost)
+  )
   return config

@@ -1,8 +1,11 @@
-"""The pipeline's stages: fp -> ptq -> qat -> export, each resumable from its own checkpoint.
+"""The pipeline's stages: fp -> ptq -> qat / efqat -> export, each resumable from its checkpoint.
+
+qat and efqat both start from the ptq model; export exports the last quantized model trained
+(efqat if it ran, else qat, else ptq).
 
 A run keeps everything in its workdir:
   data/            prepared datasets (unless config.data_dir is set)
-  fp/ ptq/ qat/    orbax checkpoints of each stage
+  fp/ ptq/ qat/ efqat/   orbax checkpoints of each stage
   tb/<stage>/      TensorBoard event files
   export/          integer weights, scales and zero points (layers.npz) of the final model
   results.json     metric and wall time of every finished stage (a finished stage is skipped
@@ -30,6 +33,13 @@ import tqdm
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from efqat_jax import data, models
+from efqat_jax.efqat import (
+  MODES,
+  ReselectingStep,
+  freeze_unselected,
+  select,
+  trainable_from_state,
+)
 from efqat_jax.nn import QuantRule, export_integer, integer_apply, quantize
 from efqat_jax.nn.intercept import quantizable_paths
 from efqat_jax.nn.ops import QUANT_PARAM_NAMES, WEIGHT_ESTIMATORS
@@ -48,7 +58,7 @@ from efqat_jax.train import (
   train_loop,
 )
 
-STAGES = ("fp", "ptq", "qat", "export")
+STAGES = ("fp", "ptq", "qat", "efqat", "export")
 TASKS = ("classification", "lm")
 
 
@@ -221,14 +231,18 @@ def _optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransforma
   return tx, schedule
 
 
-def _train(run: Run, stage: str, model, variables: dict, cfg) -> TrainState:
+def _train(run: Run, stage: str, model, variables: dict, cfg, reselect=None) -> TrainState:
+  """Trains ``model`` from ``variables`` with the optimizer of ``cfg``; with ``reselect``
+  (``step_fn -> step``, EfQAT) the optimizer freezes what the selection leaves out."""
   tx, schedule = _optimizer(cfg)
+  if reselect is not None:
+    tx = freeze_unselected(tx)
   state = replicate(create_train_state(variables, tx), run.mesh)
   step_fn = make_train_step(model, tx, run.mesh)
   with run.checkpointer(stage) as ckpt, run.writer(stage) as writer:
     return train_loop(
       state,
-      step_fn,
+      step_fn if reselect is None else reselect(step_fn, writer),
       run.train_batches,
       cfg.steps,
       checkpointer=ckpt,
@@ -298,6 +312,49 @@ def run_qat(run: Run, ptq_variables: dict) -> TrainState:
   return state
 
 
+def run_efqat(run: Run, ptq_variables: dict) -> TrainState:
+  """EfQAT from the ptq model: trains the channels or layers ``config.efqat`` selects by
+  importance (re-selected every ``reselect_every`` steps), plus every non-kernel param."""
+  cfg, qmodel = run.config.efqat, run.quantized_model
+  every = None if cfg.reselect_every in ("never", 0) else cfg.reselect_every
+  log = {"recompiles": 0}
+
+  def selector(params):
+    return select(params, cfg.mode, cfg.rho, cfg.bucket, cfg.train_frozen_scales)
+
+  def reselect(step_fn, writer):
+    def on_select(step, params, trainable, recompiles):
+      log["recompiles"] += recompiles
+      scalars = {f"selection/{k}": v for k, v in trainable.summary(params).items()}
+      writer.write(step, {**scalars, "selection/recompiles": log["recompiles"]})
+      if recompiles and step:
+        tqdm.tqdm.write(f"efqat step {step}: new per-layer counts, the step compiles again")
+
+    return ReselectingStep(step_fn, selector, every, on_select)
+
+  start = time.perf_counter()
+  state = _train(run, "efqat", qmodel, ptq_variables, cfg, reselect)
+  if "efqat" not in run.results:
+    params = jax.device_get(state.params)
+    last = trainable_from_state(jax.device_get(state.opt_state), params)  # survives a resume
+    summary = last.summary(params)
+    result = run.evaluate(qmodel, state, "efqat")
+    run.record(
+      "efqat",
+      {
+        **result,
+        "wall_time_s": time.perf_counter() - start,
+        "mode": cfg.mode,
+        "rho": cfg.rho,
+        "channel_fraction": summary["channel_fraction"],
+        "param_fraction": summary["param_fraction"],
+        "selections": 1 if every is None else math.ceil(cfg.steps / every),
+        "recompiles_this_process": log["recompiles"],
+      },
+    )
+  return state
+
+
 def run_export(run: Run, variables: dict) -> None:
   """Integer weights, scales and zero points of the quantized model, checked on a batch."""
   start = time.perf_counter()
@@ -355,7 +412,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % devices:
       fail(field, config[field], f"a multiple of the {devices} visible devices")
-  for stage in ("fp", "qat"):
+  for stage in ("fp", "qat", "efqat"):
     cfg = config[stage]
     for field in ("steps", "warmup_steps"):
       value = cfg[field]
@@ -385,6 +442,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("quant.high_precision_layers", q.high_precision_layers, f"'auto', '' or a regex ({e})")
   if not isinstance(config.ptq.calibration_batches, int) or config.ptq.calibration_batches < 1:
     fail("ptq.calibration_batches", config.ptq.calibration_batches, "an integer >= 1")
+  e = config.efqat
+  if e.mode not in MODES:
+    fail("efqat.mode", e.mode, f"one of {MODES}")
+  if not isinstance(e.rho, int | float) or isinstance(e.rho, bool) or not 0 <= e.rho <= 1:
+    fail("efqat.rho", e.rho, "a number in [0, 1] (the fraction of channels or layers that train)")
+  every = e.reselect_every
+  if every != "never" and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+    fail("efqat.reselect_every", every, "an integer >= 1 (steps), or 'never' or 0 (rank once)")
+  if isinstance(e.bucket, bool) or not isinstance(e.bucket, int) or e.bucket < 1:
+    fail("efqat.bucket", e.bucket, "a positive integer")
+  if not isinstance(e.train_frozen_scales, bool):
+    fail("efqat.train_frozen_scales", e.train_frozen_scales, "True or False")
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -394,12 +463,15 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   stages = stage_list(config)
   run.quantized_model  # noqa: B018 (built now: a bad layer pattern fails before training)
   fp_state = run_fp(run)  # later stages start from it: trained once, then restored
-  variables = None
-  if {"ptq", "qat", "export"} & set(stages):
-    variables = run_ptq(run, fp_state)
-  if "qat" in stages or "qat" in run.results:  # a finished QAT is what export exports
-    state = run_qat(run, variables)
-    variables = jax.device_get(state.variables)
-  if "export" in stages:
+  export = "export" in stages
+  # A finished qat/efqat stage is restored for export even when not listed again.
+  trained = [s for s in ("qat", "efqat") if s in stages or (export and s in run.results)]
+  if trained or export or "ptq" in stages:
+    # On the host: qat and efqat each start from it, and their steps donate device buffers.
+    variables = ptq_variables = jax.device_get(run_ptq(run, fp_state))
+  for stage in trained:
+    train = run_qat if stage == "qat" else run_efqat
+    variables = jax.device_get(train(run, ptq_variables).variables)
+  if export:
     run_export(run, variables)
   return run.results

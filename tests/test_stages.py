@@ -10,7 +10,7 @@ import pytest
 
 from efqat_jax import stages
 from efqat_jax.config import base_config
-from efqat_jax.train import Checkpointer
+from efqat_jax.train import Checkpointer, read_scalars
 
 TINY = {
   "mnist5k": dict(model="cnn", model_kwargs={"features": (4, 8), "hidden": 16}),
@@ -40,6 +40,7 @@ def tiny_config(dataset, data_dir, **overrides):
   config.progress = False
   config.fp.update(steps=2, warmup_steps=0)
   config.qat.update(steps=2, warmup_steps=0)
+  config.efqat.update(steps=2, warmup_steps=0, reselect_every=1, mode="cwpn", rho=0.3)
   config.ptq.calibration_batches = 2
   config.update(overrides)
   return config
@@ -48,24 +49,33 @@ def tiny_config(dataset, data_dir, **overrides):
 @pytest.mark.parametrize("dataset", list(TINY))
 def test_every_stage_runs_on_every_bundled_dataset(dataset, data_dir, tmp_path):
   results = stages.run_pipeline(tiny_config(dataset, data_dir), tmp_path)
-  assert list(results) == ["fp", "ptq", "qat", "export"]
+  assert list(results) == ["fp", "ptq", "qat", "efqat", "export"]
   metric = "bits_per_char" if dataset.startswith("shakespeare") else "accuracy"
-  for stage in ("fp", "ptq", "qat"):
+  for stage in ("fp", "ptq", "qat", "efqat"):
     assert np.isfinite(results[stage][metric]) and results[stage]["wall_time_s"] > 0
   assert results["export"]["prediction_agreement"] > 0.9
   assert json.loads((tmp_path / "results.json").read_text()) == results
   assert (tmp_path / "export" / "layers.npz").exists()
   assert list((tmp_path / "tb" / "qat").glob("events.out.tfevents.*"))
+  assert results["efqat"]["selections"] == 2 and 0 < results["efqat"]["channel_fraction"] < 1
+  logged = read_scalars(tmp_path / "tb" / "efqat")
+  assert [step for step, _ in logged["selection/channel_fraction"]] == [0, 1]
+  layer = next(k for k in logged if k.endswith("/param_fraction") and k.count("/") > 1)
+  assert 0 <= logged[layer][0][1] <= 1
 
 
-def _final_qat_params(workdir):
-  with Checkpointer(workdir / "qat") as ckpt:
+def _final_params(workdir, stage):
+  with Checkpointer(workdir / stage) as ckpt:
     return ckpt.latest_step(), ckpt.read()["params"]
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path, monkeypatch):
-  config = tiny_config("digits", data_dir, checkpoint_every=2)
-  config.qat.steps = 5
+@pytest.mark.parametrize("stage", ["qat", "efqat"])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(
+  stage, data_dir, tmp_path, monkeypatch
+):
+  config = tiny_config("digits", data_dir, checkpoint_every=2, stages=f"fp,ptq,{stage}")
+  config[stage].steps = 5
+  config.efqat.reselect_every = 3  # selections at 0 and 3; the run resumes from step 2
   stages.run_pipeline(config, tmp_path / "straight")
 
   make_step = stages.make_train_step
@@ -73,27 +83,27 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path,
   def dying_make_train_step(model, tx, mesh):
     step_fn, calls = make_step(model, tx, mesh), []
 
-    def step(state, batch, rng):
+    def step(state, *args):
       calls.append(1)
       if len(calls) == 4 and "input_scale" in str(jax.tree_util.tree_structure(state.params)):
-        raise KeyboardInterrupt  # killed during QAT, after the checkpoint at step 2
-      return step_fn(state, batch, rng)
+        raise KeyboardInterrupt  # killed in the quantized stage, after its checkpoint at step 2
+      return step_fn(state, *args)
 
     return step
 
   monkeypatch.setattr(stages, "make_train_step", dying_make_train_step)
   with pytest.raises(KeyboardInterrupt):
     stages.run_pipeline(config, tmp_path / "resumed")
-  assert "qat" not in json.loads((tmp_path / "resumed" / "results.json").read_text())
+  assert stage not in json.loads((tmp_path / "resumed" / "results.json").read_text())
   monkeypatch.setattr(stages, "make_train_step", make_step)
   results = stages.run_pipeline(config, tmp_path / "resumed")
 
-  step_a, params_a = _final_qat_params(tmp_path / "straight")
-  step_b, params_b = _final_qat_params(tmp_path / "resumed")
+  step_a, params_a = _final_params(tmp_path / "straight", stage)
+  step_b, params_b = _final_params(tmp_path / "resumed", stage)
   assert step_a == step_b == 5
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
   straight = json.loads((tmp_path / "straight" / "results.json").read_text())
-  assert results["qat"]["accuracy"] == straight["qat"]["accuracy"]
+  assert results[stage]["accuracy"] == straight[stage]["accuracy"]
 
 
 @pytest.mark.parametrize(
@@ -113,6 +123,12 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path,
     ("seed", -1, "config.seed"),
     ("fp.steps", True, "config.fp.steps"),
     ("fp.weight_decay", float("nan"), "config.fp.weight_decay"),
+    ("efqat.mode", "random", "config.efqat.mode"),
+    ("efqat.rho", 1.5, "config.efqat.rho"),
+    ("efqat.reselect_every", -1, "config.efqat.reselect_every"),
+    ("efqat.reselect_every", "sometimes", "config.efqat.reselect_every"),
+    ("efqat.bucket", 0, "config.efqat.bucket"),
+    ("efqat.steps", -5, "config.efqat.steps"),
   ],
 )
 def test_bad_config_is_rejected_naming_the_field_before_any_work(field, value, message, tmp_path):
@@ -178,7 +194,7 @@ def test_high_precision_pattern_covering_every_layer_quantizes_all_at_high_preci
   assert np.isfinite(results["ptq"]["accuracy"])
 
 
-def test_export_alone_after_a_finished_run_exports_the_qat_model(data_dir, tmp_path):
+def test_export_alone_after_a_finished_run_exports_the_last_trained_model(data_dir, tmp_path):
   config = tiny_config("digits", data_dir)
   first = stages.run_pipeline(config, tmp_path)
   config.stages = "export"

@@ -11,12 +11,15 @@ from efqat_jax.efqat.masking import (
   FreezeState,
   freeze_unselected,
   set_trainable,
+  trainable_from_state,
   trainable_masks,
 )
+from efqat_jax.efqat.reselect import ReselectingStep
 from efqat_jax.efqat.selection import MODES, TrainableSet, select
 
 __all__ = [
   "MODES",
+  "ReselectingStep",
   "FreezeState",
   "TrainableSet",
   "channel_importance",
@@ -29,5 +32,6 @@ __all__ = [
   "select",
   "set_trainable",
   "stop_frozen_layers",
+  "trainable_from_state",
   "trainable_masks",
 ]

@@ -2,15 +2,18 @@
 
 Frozen entries get exactly zero update (so no weight decay either), and their optimizer state
 is left as it was: a channel that becomes frozen at re-selection stops at once, and one that
-becomes trainable again resumes with the moments it had. What trains besides the selected
-kernel channels: every param that is not a quantized kernel (biases, normalisation params,
-activation quantizer params) and, unless the TrainableSet says ``train_frozen_scales``, only
-the kernel scales of the selected channels (a frozen channel's scale gradient would need that channel's full weight
-gradient).
+becomes trainable again resumes with the moments it had (research/methods.md 2.7, reading 4).
+The state therefore keeps its full size; what the frozen entries cost is its memory, not
+optimizer arithmetic that changes anything.
+
+What trains besides the selected kernel channels: every param that is not a quantized kernel
+(biases, normalisation params, activation quantizer params) and, unless the TrainableSet says
+``train_frozen_scales``, only the kernel scales of the selected channels (a frozen channel's
+scale gradient would need that channel's full weight gradient).
 
 The masks are data in the optimizer state, so re-selecting never recompiles the step. This
-wrapper fixes the semantics; it does not by itself remove the frozen weight-gradient work,
-which needs the layouts of ``efqat_jax.nn.partial_grad``.
+wrapper fixes the semantics; the train step removes the frozen weight-gradient work
+(``efqat_jax.efqat.restrict_backward``).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from efqat_jax.efqat.importance import quantized_kernels
 from efqat_jax.efqat.selection import TrainableSet, select
 from efqat_jax.nn.export import params_at
 
@@ -83,6 +88,25 @@ def set_trainable(state: FreezeState, params: Any, trainable: TrainableSet) -> F
   if not isinstance(state, FreezeState):
     raise ValueError(f"expected the state of freeze_unselected, got {type(state).__name__}")
   return state._replace(masks=trainable_masks(params, trainable))
+
+
+def trainable_from_state(state: FreezeState, params: Any) -> TrainableSet:
+  """The selection installed in ``state`` (e.g. restored from a checkpoint).
+
+  Its channels come in ascending order rather than by importance, which changes nothing that
+  trains; ``train_frozen_scales`` is read off the kernel-scale masks.
+  """
+  counts, sizes, channels, scales_differ = {}, {}, {}, False
+  for path in quantized_kernels(params):
+    masks = params_at(state.masks, path)
+    kernel = np.asarray(masks["kernel"]).reshape(-1)
+    scale = np.asarray(masks["kernel_scale"]).reshape(-1)
+    scales_differ |= scale.size == kernel.size and bool(np.any(scale != kernel))
+    channels[path] = jnp.asarray(np.flatnonzero(kernel), jnp.int32)
+    counts[path], sizes[path] = int(kernel.sum()), kernel.size
+  return TrainableSet(
+    tuple(sorted(counts.items())), tuple(sorted(sizes.items())), channels, scales_differ
+  )
 
 
 def _everything_trains(params: Any) -> Any:

@@ -66,6 +66,20 @@ class TrainableSet:
     """Trainable share of output channels per layer (equal to the share of kernel params)."""
     return {path: k / dict(self.sizes)[path] for path, k in self.counts}
 
+  def summary(self, params: Any) -> dict[str, float]:
+    """What trains, for logging: per layer the share of channels and of kernel params (equal
+    within a layer), and over the network the share of channels and of kernel params."""
+    kernel_sizes = {path: np.size(w) for path, w in quantized_kernels(params).items()}
+    sizes = dict(self.sizes)
+    trained = sum(k / sizes[p] * kernel_sizes[p] for p, k in self.counts)
+    out = {
+      "channel_fraction": sum(k for _, k in self.counts) / sum(sizes.values()),
+      "param_fraction": trained / sum(kernel_sizes.values()),
+    }
+    for path, share in self.fractions().items():
+      out[f"{path}/channel_fraction"] = out[f"{path}/param_fraction"] = share
+    return out
+
 
 def _validate(mode: str, rho: float, bucket: int) -> None:
   if mode not in MODES:

@@ -1,0 +1,285 @@
+"""EfQAT accuracy sweep: how much of QAT's gain over PTQ EfQAT recovers when it trains only a
+fraction rho of the weights (modes cwpl, cwpn, lwpn; rho 0, 0.05, 0.1, 0.25, 0.5, 1).
+
+Settings: the CNN and ResNet-20 on mnist5k at W4A4 and W2A2, and the Transformer LM on
+shakespeare_char at W4A4 (configs/<model>.py; first and last layer at 8 bits). Per setting the
+float model, PTQ and QAT run once; every EfQAT run starts from that PTQ model with QAT's optimizer
+settings and number of steps, so EfQAT and QAT have the same step budget. At rho 0 (no kernel
+channel trains) and rho 1 (every channel trains) the three modes select the same set, so those
+run once and share their row values.
+
+  gap_recovered = (efqat - ptq) / (qat - ptq)
+
+on the setting's metric (accuracy in %, or bits per character for the LM, where lower is better;
+the ratio reads the same for both): 0 is no better than PTQ, 1 matches QAT. It is None when QAT
+and PTQ differ by less than 0.5 accuracy points (0.02 bits per char): the ratio of two small
+differences is then noise. wall_time_s is a stage's recorded wall time (training, compilation and
+the final evaluation; PTQ: calibration and evaluation).
+
+  python bench/efqat_accuracy.py                  # all settings (long: each trains fp, qat, 14 EfQAT)
+  python bench/efqat_accuracy.py --settings=cnn_mnist5k_w4a4,cnn_mnist5k_w2a2
+  python bench/efqat_accuracy.py --quick          # CNN W4A4, 20 steps, rho 0.1 and 1 (~1 min)
+  python bench/efqat_accuracy.py --plots-only     # re-plot from the JSON
+
+Writes bench/results/efqat_accuracy.json (rows of other settings already there are kept), and
+efqat_accuracy_vs_rho.png and efqat_accuracy_vs_time.png; --quick writes the same names with
+_quick. Reruns resume: every run keeps its checkpoints and results.json under --root (--quick
+under <root>/quick), finished stages and runs are skipped, so an interrupted sweep continues
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import jax
+import timing
+from reference_results import load_config
+
+from efqat_jax import stages
+
+SETTINGS = (
+  ("cnn_mnist5k", 4, 4),
+  ("cnn_mnist5k", 2, 2),
+  ("resnet20_mnist5k", 4, 4),
+  ("resnet20_mnist5k", 2, 2),
+  ("transformer_shakespeare", 4, 4),
+)
+MODES = ("cwpl", "cwpn", "lwpn")
+RHOS = (0.0, 0.05, 0.10, 0.25, 0.50, 1.0)
+QUICK_RHOS = (0.1, 1.0)
+QUICK_STEPS = 20
+MIN_GAP = {"accuracy": 0.5, "bits_per_char": 0.02}  # |qat - ptq| below this: no gap_recovered
+COLORS = {"cwpl": "C0", "cwpn": "C1", "lwpn": "C2", "fp": "C7", "ptq": "C3", "qat": "k"}
+COLUMNS = [
+  "model",
+  "weight_bits",
+  "act_bits",
+  "method",
+  "mode",
+  "rho",
+  "steps",
+  "metric_name",
+  "metric",
+  "gap_recovered",
+  "param_fraction",
+  "wall_time_s",
+]
+
+
+def setting_name(model: str, weight_bits: int, act_bits: int) -> str:
+  return f"{model}_w{weight_bits}a{act_bits}"
+
+
+SETTING_NAMES = [setting_name(*s) for s in SETTINGS]
+
+
+def setting_config(setting: tuple[str, int, int], root: pathlib.Path, quick: bool):
+  model, weight_bits, act_bits = setting
+  config = load_config(model)
+  config.quant.update(weight_bits=weight_bits, act_bits=act_bits)
+  config.progress = False
+  config.data_dir = str(root / "data")
+  if quick:
+    config.fp.steps = config.qat.steps = QUICK_STEPS
+  return config
+
+
+def efqat_config(config, mode: str, rho: float):
+  """``config`` with EfQAT at (mode, rho) and QAT's optimizer settings and steps."""
+  cfg = config.copy_and_resolve_references()
+  cfg.efqat.update(config.qat.to_dict())
+  cfg.efqat.update(mode=mode, rho=rho)
+  return cfg
+
+
+def efqat_result(cfg, workdir: pathlib.Path, ptq_variables: dict) -> dict:
+  """``results["efqat"]`` of the run in ``workdir``, training (or resuming) it unless finished."""
+  path = workdir / "results.json"
+  finished = json.loads(path.read_text()) if path.exists() else {}
+  if "efqat" in finished:
+    return finished["efqat"]
+  run = stages.Run(cfg, workdir)
+  stages.run_efqat(run, ptq_variables)
+  return run.results["efqat"]
+
+
+def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
+  """Trains (or resumes) fp, ptq, qat and every EfQAT run of a setting; returns its rows."""
+  config = setting_config(setting, root, quick)
+  rhos = QUICK_RHOS if quick else RHOS
+  configs = {(mode, rho): efqat_config(config, mode, rho) for mode in MODES for rho in rhos}
+  for cfg in (config, *configs.values()):
+    stages.validate(cfg)
+  workdir = root / setting_name(*setting)
+  run = stages.Run(config, workdir)
+  ptq_variables = jax.device_get(stages.run_ptq(run, stages.run_fp(run)))
+  stages.run_qat(run, ptq_variables)
+  efqat = {}
+  for (mode, rho), cfg in configs.items():
+    if rho in (0.0, 1.0) and mode != MODES[0]:  # no channel or every channel: same run
+      efqat[mode, rho] = efqat[MODES[0], rho]
+      continue
+    efqat[mode, rho] = efqat_result(cfg, workdir / f"efqat_{mode}_{rho}", ptq_variables)
+    seconds = efqat[mode, rho]["wall_time_s"]
+    print(f"{workdir.name}: efqat {mode} rho={rho} done ({seconds:.0f} s)", flush=True)
+  return setting_rows(setting, config, run.results, efqat)
+
+
+def setting_rows(setting, config, results: dict, efqat: dict) -> list[dict]:
+  """One row for each of fp, ptq, qat and every EfQAT (mode, rho)."""
+  model, weight_bits, act_bits = setting
+  metric_name = "bits_per_char" if config.task == "lm" else "accuracy"
+  scale = 100.0 if metric_name == "accuracy" else 1.0
+  ptq, qat = (results[stage][metric_name] * scale for stage in ("ptq", "qat"))
+  gap = qat - ptq if abs(qat - ptq) >= MIN_GAP[metric_name] else None
+  base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
+
+  def row(method, mode, rho, steps, result, gap_recovered=None):
+    return dict(
+      base,
+      method=method,
+      mode=mode,
+      rho=rho,
+      steps=steps,
+      metric=result[metric_name] * scale,
+      gap_recovered=gap_recovered,
+      wall_time_s=result["wall_time_s"],
+      channel_fraction=result.get("channel_fraction"),
+      param_fraction=result.get("param_fraction"),
+    )
+
+  rows = [
+    row("fp", "fp", None, config.fp.steps, results["fp"]),
+    row("ptq", "ptq", None, 0, results["ptq"]),
+    row("qat", "qat", 1.0, config.qat.steps, results["qat"]),
+  ]
+  for (mode, rho), result in efqat.items():
+    metric = result[metric_name] * scale
+    recovered = None if gap is None else (metric - ptq) / gap
+    rows.append(row("efqat", mode, rho, config.qat.steps, result, recovered))
+  return rows
+
+
+def merged(rows: list[dict], path: pathlib.Path) -> list[dict]:
+  """``rows`` plus the rows of other settings already in ``path``, in SETTINGS order."""
+  key = lambda r: setting_name(r["model"], r["weight_bits"], r["act_bits"])
+  fresh = {key(r) for r in rows}
+  old = json.loads(path.read_text()) if path.exists() else []
+  kept = [r for r in old if key(r) not in fresh and key(r) in SETTING_NAMES]
+  return sorted(kept + rows, key=lambda r: SETTING_NAMES.index(key(r)))
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def by_setting(rows: list[dict]) -> dict[str, list[dict]]:
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(f"{r['model']} W{r['weight_bits']}A{r['act_bits']}", []).append(r)
+  return groups
+
+
+def ylabel(rows: list[dict]) -> str:
+  lm = rows[0]["metric_name"] == "bits_per_char"
+  return "bits per char (lower is better)" if lm else "accuracy (%)"
+
+
+def draw_vs_rho(ax, rows: list[dict]) -> None:
+  """Metric vs rho, a line per mode; FP, PTQ and QAT as horizontal lines."""
+  for mode in MODES:
+    points = sorted((r["rho"], r["metric"]) for r in rows if r["mode"] == mode)
+    if points:
+      ax.plot(*zip(*points, strict=True), "o-", color=COLORS[mode], label=mode)
+  for r in rows:
+    if r["method"] != "efqat":
+      style = ":" if r["method"] == "fp" else "--"
+      ax.axhline(r["metric"], ls=style, color=COLORS[r["method"]], label=r["method"].upper())
+  ax.set_xlabel("rho (trained fraction)")
+
+
+def draw_vs_time(ax, rows: list[dict]) -> None:
+  """Metric vs stage wall time: EfQAT runs coloured by mode (labelled by rho), QAT and PTQ."""
+  for mode in MODES:
+    points = [r for r in rows if r["mode"] == mode]
+    times, metrics = [r["wall_time_s"] for r in points], [r["metric"] for r in points]
+    ax.scatter(times, metrics, color=COLORS[mode], label=mode)
+    for r in points:
+      xy = (r["wall_time_s"], r["metric"])
+      ax.annotate(f"{r['rho']:g}", xy, xytext=(3, 3), textcoords="offset points", fontsize=6)
+  for r in rows:
+    if r["method"] in ("qat", "ptq"):
+      marker = "*" if r["method"] == "qat" else "X"
+      ax.scatter(
+        r["wall_time_s"],
+        r["metric"],
+        marker=marker,
+        s=120,
+        color=COLORS[r["method"]],
+        label=r["method"].upper(),
+      )
+  ax.set_xlabel("stage wall time (s)")
+
+
+def plot(rows: list[dict], stem: str) -> None:
+  """Writes ``bench/results/<stem>_vs_rho.png`` and ``<stem>_vs_time.png``."""
+  try:
+    import matplotlib
+  except ImportError:
+    print("no plots: matplotlib is missing (pip install -e '.[bench]')")
+    return
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  groups = by_setting(rows)
+  cols = min(3, len(groups))
+  nrows = -(-len(groups) // cols)
+  for kind, draw in (("rho", draw_vs_rho), ("time", draw_vs_time)):
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
+    for ax, (title, group) in zip(axes.flat, groups.items(), strict=False):
+      draw(ax, group)
+      ax.set_title(title)
+      ax.set_ylabel(ylabel(group))
+      ax.grid(alpha=0.3)
+    for ax in axes.flat[len(groups) :]:
+      ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = timing.RESULTS / f"{stem}_vs_{kind}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--root", default="/tmp/efqat_accuracy", type=pathlib.Path)
+  parser.add_argument("--settings", help=f"comma-separated subset of {','.join(SETTING_NAMES)}")
+  parser.add_argument("--quick", action="store_true", help="CNN W4A4, 20 steps, rho 0.1 and 1")
+  parser.add_argument("--plots-only", action="store_true", help="re-plot from the JSON")
+  args = parser.parse_args()
+  stem = "efqat_accuracy_quick" if args.quick else "efqat_accuracy"
+  path = timing.RESULTS / f"{stem}.json"
+  if args.plots_only:
+    plot(json.loads(path.read_text()), stem)
+    return
+  names = args.settings.split(",") if args.settings else SETTING_NAMES[: 1 if args.quick else None]
+  unknown = sorted(set(names) - set(SETTING_NAMES))
+  if unknown:
+    parser.error(f"unknown settings {unknown}; choose from {SETTING_NAMES}")
+  root = args.root / "quick" if args.quick else args.root
+  machine = timing.machine()
+  rows = []
+  for name in names:
+    setting = SETTINGS[SETTING_NAMES.index(name)]
+    rows += [dict(r, quick=args.quick, **machine) for r in run_setting(setting, root, args.quick)]
+  print(timing.markdown_table(rows, COLUMNS))
+  rows = merged(rows, path)
+  print(f"wrote {timing.write_rows(stem, rows)}")
+  plot(rows, stem)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,123 @@
+"""Re-selection during training: when it happens, what it installs, and reading it back."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from efqat_jax import QuantRule, QuantSpec, quantize
+from efqat_jax.efqat import (
+  ReselectingStep,
+  freeze_unselected,
+  select,
+  set_trainable,
+  trainable_from_state,
+)
+from efqat_jax.models import SmallCNN
+from efqat_jax.train import create_train_state
+
+RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
+MODEL = quantize(SmallCNN(features=(8, 16)), RULE)  # Conv_0 (8), Conv_1 (16), Dense_0 (10)
+VARIABLES = MODEL.init(jax.random.key(0), jnp.ones((2, 12, 12, 1)))
+TX = freeze_unselected(optax.adam(1e-2))
+
+
+def _state():
+  return create_train_state(VARIABLES, TX)
+
+
+class Recorder:
+  """A stand-in train step that records the selection it gets and scales Conv_1's kernel so
+  that its channels' ranking flips (changing what cwpn selects)."""
+
+  def __init__(self):
+    self.seen = []
+
+  def __call__(self, state, batch, rng, trainable):
+    self.seen.append(trainable)
+    params = jax.tree_util.tree_map_with_path(
+      lambda p, v: -v * 3 if "Conv_1" in str(p) and p[-1].key == "kernel" else v, state.params
+    )
+    return state.replace(step=state.step + 1, params=params), {}
+
+
+def _run(step, state, steps):
+  for _ in range(steps):
+    state, _ = step(state, None, None)
+  return state
+
+
+@pytest.mark.parametrize("every, selections", [(2, [0, 2, 4]), (None, [0])])
+def test_selects_at_step_zero_and_every_so_many_steps(every, selections):
+  calls = []
+  recorder = Recorder()
+  step = ReselectingStep(
+    recorder, lambda p: select(p, "cwpl", 0.25), every, lambda *a: calls.append(a[0])
+  )
+  _run(step, _state(), 5)
+  assert calls == selections
+  assert len(recorder.seen) == 5 and all(t is not None for t in recorder.seen)
+
+
+def test_selection_is_installed_in_the_optimizer_state():
+  step = ReselectingStep(Recorder(), lambda p: select(p, "cwpl", 0.25), None)
+  state = _run(step, _state(), 1)
+  masks = state.opt_state.masks["Conv_1"]["kernel"]
+  assert masks.shape == (1, 1, 1, 16) and int(masks.sum()) == 4
+
+
+def test_recompiles_are_flagged_only_for_counts_not_seen_before():
+  flags = []
+  step = ReselectingStep(
+    Recorder(), lambda p: select(p, "cwpn", 0.3), 1, lambda *a: flags.append(a[3])
+  )
+  _run(step, _state(), 4)
+  assert flags[0] is True
+  assert sum(flags) == len(step.compiled_counts)
+
+
+@pytest.mark.parametrize("mode, rho", [("cwpl", 0.3), ("cwpn", 0.2), ("lwpn", 0.5), ("ptq", 0)])
+@pytest.mark.parametrize("train_frozen_scales", [False, True])
+def test_selection_reads_back_from_the_optimizer_state(mode, rho, train_frozen_scales):
+  state = _state()
+  chosen = select(state.params, mode, rho, train_frozen_scales=train_frozen_scales)
+  opt_state = set_trainable(state.opt_state, state.params, chosen)
+  back = trainable_from_state(opt_state, state.params)
+  assert back.counts == chosen.counts and back.sizes == chosen.sizes
+  partial = any(k < c for (_, k), (_, c) in zip(chosen.counts, chosen.sizes, strict=True))
+  expect_flag = train_frozen_scales and partial
+  assert back.train_frozen_scales == expect_flag
+  for path in chosen.channels:
+    assert set(np.asarray(back.channels[path])) == set(np.asarray(chosen.channels[path]))
+
+
+def test_a_resumed_run_between_selections_continues_with_the_installed_selection():
+  straight = Recorder()
+  _run(ReselectingStep(straight, lambda p: select(p, "cwpn", 0.3), 3), _state(), 5)
+  first = Recorder()
+  state = _run(ReselectingStep(first, lambda p: select(p, "cwpn", 0.3), 3), _state(), 2)
+  resumed = Recorder()  # a new process: resumes at step 2 (no selection due until step 3)
+  _run(ReselectingStep(resumed, lambda p: select(p, "cwpn", 0.3), 3), state, 3)
+  for a, b in zip(straight.seen, first.seen + resumed.seen, strict=True):
+    assert a.counts == b.counts
+    for path in a.channels:
+      assert set(np.asarray(a.channels[path])) == set(np.asarray(b.channels[path]))
+
+
+def test_summary_counts_channel_and_parameter_shares():
+  params = _state().params
+  chosen = select(params, "lwpn", 0.3)  # one of three layers, trained whole
+  summary = chosen.summary(params)
+  (trained,) = [p for p, k in chosen.counts if k]
+  sizes = {p: np.size(params[p]["kernel"]) for p in ("Conv_0", "Conv_1", "Dense_0")}
+  channels = {"Conv_0": 8, "Conv_1": 16, "Dense_0": 10}
+  assert summary["channel_fraction"] == pytest.approx(channels[trained] / 34)
+  assert summary["param_fraction"] == pytest.approx(sizes[trained] / sum(sizes.values()))
+  assert summary[f"{trained}/param_fraction"] == summary[f"{trained}/channel_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True])
+def test_bad_period_is_rejected(every):
+  with pytest.raises(ValueError, match="every must be"):
+    ReselectingStep(Recorder(), lambda p: select(p, "cwpl"), every)
