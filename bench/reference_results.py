@@ -47,6 +47,7 @@ def main():
     for bits in BITS:
       config = load_config(name)
       config.progress = False
+      config.stages = "fp,ptq,qat,export"  # EfQAT has its own sweep: bench/efqat_accuracy.py
       config.data_dir = str(base / "data")
       config.quant.update(weight_bits=bits, act_bits=bits)
       if args.quick:
