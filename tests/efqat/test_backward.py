@@ -2,6 +2,7 @@
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,18 +81,37 @@ def test_partially_trained_layers_compute_weight_gradients_for_their_channels_on
     assert _weight_gradient(value["kernel"].shape, value["kernel"].shape[-1]) in full, path
 
 
-@pytest.mark.parametrize("mode, rho", [("cwpl", 0.25), ("cwpn", 0.2), ("lwpn", 0.5)])
-def test_restricted_backward_updates_params_like_the_full_backward_with_masks(mode, rho):
+class GroupedConvs(nn.Module):
+  """A depthwise and a grouped (2 groups) convolution, then a Dense head."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3))(x)
+    x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=8)(x))  # depthwise
+    x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=2)(x))  # grouped: full dW
+    return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize(
+  "model, mode, rho",
+  [
+    (MODEL, "cwpl", 0.25),
+    (MODEL, "cwpn", 0.2),
+    (MODEL, "lwpn", 0.5),
+    (quantize(GroupedConvs(), RULE), "cwpl", 0.3),
+  ],
+)
+def test_restricted_backward_updates_params_like_the_full_backward_with_masks(model, mode, rho):
   """The cheaper backward changes nothing but the work: one step with it equals a step with
   the full weight gradients and the same freezing masks."""
   mesh = make_mesh()
   tx = freeze_unselected(optax.adam(1e-2))
-  state = replicate(create_train_state(MODEL.init(jax.random.key(0), X), tx), mesh)
+  state = replicate(create_train_state(model.init(jax.random.key(0), X), tx), mesh)
   trainable = select(state.params, mode, rho)
   state = state.replace(opt_state=set_trainable(state.opt_state, state.params, trainable))
   batch = shard_batch({"inputs": X, "labels": Y}, mesh)
   copy = lambda s: jax.tree.map(jnp.copy, s)
-  step = make_train_step(MODEL, tx, mesh)
+  step = make_train_step(model, tx, mesh)
   restricted, _ = step(copy(state), batch, jax.random.key(1), trainable)
   full, _ = step(copy(state), batch, jax.random.key(1), None)
   jax.tree.map(
