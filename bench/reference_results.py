@@ -55,6 +55,8 @@ def main():
       workdir = base / name / f"w{bits}a{bits}"
       if first is not None and not (workdir / "fp").exists():
         shutil.copytree(first / "fp", workdir / "fp")
+        (workdir / "stage_configs").mkdir()
+        shutil.copy(first / "stage_configs" / "fp.json", workdir / "stage_configs")
         fp_result = json.loads((first / "results.json").read_text())["fp"]
         (workdir / "results.json").write_text(json.dumps({"fp": fp_result}))
       results = stages.run_pipeline(config, workdir)

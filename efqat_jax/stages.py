@@ -7,6 +7,8 @@ A run keeps everything in its workdir:
   data/            prepared datasets (unless config.data_dir is set)
   fp/ ptq/ qat/ efqat/   orbax checkpoints of each stage
   tb/<stage>/      TensorBoard event files
+  stage_configs/   the config fields each trained stage depends on (a changed field is an
+                   error, not a silent reuse of the old checkpoint)
   export/          integer weights, scales and zero points (layers.npz) of the final model
   results.json     metric and wall time of every finished stage (a finished stage is skipped
                    when the command runs again)
@@ -59,6 +61,14 @@ from efqat_jax.train import (
 )
 
 STAGES = ("fp", "ptq", "qat", "efqat", "export")
+_FP_INPUTS = ("seed", "dataset", "train_split", "task", "model", "model_kwargs", "batch_size", "fp")
+# The config fields a stage's checkpoint depends on (its own and those of the stages before it).
+STAGE_INPUTS = {
+  "fp": _FP_INPUTS,
+  "ptq": (*_FP_INPUTS, "quant", "ptq"),
+  "qat": (*_FP_INPUTS, "quant", "ptq", "qat"),
+  "efqat": (*_FP_INPUTS, "quant", "ptq", "efqat"),
+}
 TASKS = ("classification", "lm")
 
 
@@ -161,7 +171,36 @@ class Run:
     os.replace(partial, self.results_path)  # an interrupted write never leaves broken JSON
 
   def checkpointer(self, stage: str) -> Checkpointer:
+    self.check_stage_config(stage)
     return Checkpointer(self.workdir / stage)
+
+  def stage_config(self, stage: str) -> dict:
+    """The config fields ``stage`` depends on, as JSON values."""
+    fields = {k: self.config[k] for k in STAGE_INPUTS[stage]}
+    plain = {
+      k: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v for k, v in fields.items()
+    }
+    return json.loads(json.dumps(plain))
+
+  def check_stage_config(self, stage: str) -> None:
+    """Records the config a stage is trained with; raises if its workdir holds that stage
+    trained (or partly trained) with different values."""
+    path = self.workdir / "stage_configs" / f"{stage}.json"
+    current = self.stage_config(stage)
+    if path.exists():
+      saved = json.loads(path.read_text())
+      changed = sorted(_changed_fields(saved, current))
+      if changed:
+        raise ValueError(
+          f"{self.workdir / stage} was trained with a different config (changed:"
+          f" {', '.join(changed)}); use a new --workdir, or delete {self.workdir / stage} and"
+          f" {path} to train that stage again"
+        )
+    elif (self.workdir / stage).exists() or stage in self.results:
+      return  # trained before fingerprints existed: nothing to compare with
+    else:
+      path.parent.mkdir(exist_ok=True)
+      path.write_text(json.dumps(current, indent=1) + "\n")
 
   def writer(self, stage: str) -> MetricWriter:
     return MetricWriter(self.workdir / "tb" / stage)
@@ -202,6 +241,18 @@ class Run:
     return quantize(
       self.model, self.quant_rules(), weight_estimator=self.config.quant.weight_estimator
     )
+
+
+def _changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the fields whose values differ between two config dicts."""
+  changed = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key), current.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      changed += _changed_fields(a, b, f"{prefix}{key}.")
+    elif a != b:
+      changed.append(f"config.{prefix}{key}")
+  return changed
 
 
 def _optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
@@ -461,6 +512,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   validate(config)
   run = Run(config, workdir)
   stages = stage_list(config)
+  for stage in STAGE_INPUTS:  # before any work: a changed config must not reuse a checkpoint
+    if (run.workdir / "stage_configs" / f"{stage}.json").exists():
+      run.check_stage_config(stage)
   run.quantized_model  # noqa: B018 (built now: a bad layer pattern fails before training)
   fp_state = run_fp(run)  # later stages start from it: trained once, then restored
   export = "export" in stages

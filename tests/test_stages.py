@@ -201,3 +201,18 @@ def test_export_alone_after_a_finished_run_exports_the_last_trained_model(data_d
   again = stages.run_pipeline(config, tmp_path)
   assert again["export"]["max_accumulator"] == first["export"]["max_accumulator"]
   assert again["export"]["layers"] == first["export"]["layers"]
+
+
+def test_changed_config_in_an_existing_workdir_is_an_error_not_a_silent_reuse(data_dir, tmp_path):
+  config = tiny_config("digits", data_dir, stages="fp,ptq,efqat")
+  first = stages.run_pipeline(config, tmp_path)
+  config.eval_batch_size = 256  # not an input of any checkpoint: reuse is fine
+  assert stages.run_pipeline(config, tmp_path) == first
+  for field, value in (("efqat.rho", 0.5), ("fp.steps", 3), ("quant.act_bits", 8)):
+    changed = config.copy_and_resolve_references()
+    section, name = field.split(".")
+    changed[section][name] = value
+    with pytest.raises(ValueError, match=rf"changed: config\.{field}"):
+      stages.run_pipeline(changed, tmp_path)
+  assert json.loads((tmp_path / "results.json").read_text()) == first  # nothing lost
+  assert stages.run_pipeline(config, tmp_path) == first
