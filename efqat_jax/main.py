@@ -33,6 +33,11 @@ def results_table(results: dict) -> str:
         f"{result['layers']} layers, integer/fake-quant prediction agreement"
         f" {100 * result['prediction_agreement']:.1f}%, max accumulator {result['max_accumulator']}"
       )
+    if "mode" in result:  # efqat
+      metric += (
+        f" ({result['mode']}, rho {result['rho']:g}: {100 * result['param_fraction']:.1f}% of"
+        " kernel params trained)"
+      )
     lines.append(f"| {stage} | {metric} | {result['wall_time_s']:.1f} |")
   return "\n".join(lines)
 

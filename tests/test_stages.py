@@ -152,13 +152,14 @@ def test_command_line_runs_and_prints_the_stage_table(data_dir, tmp_path):
     "--config.model_kwargs.features=(4, 8)",
     "--config.model_kwargs.hidden=16",
     "--config.fp.steps=2",
-    "--config.qat.steps=2",
-    "--config.stages=fp,ptq",
+    "--config.efqat.steps=2",
+    "--config.stages=fp,ptq,efqat",
     "--config.progress=False",
   ]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "| fp | accuracy" in out.stdout and "| ptq | accuracy" in out.stdout
+  assert "| efqat | accuracy" in out.stdout and "(cwpl, rho 0.1:" in out.stdout
   bad = subprocess.run([*cmd, "--config.quant.weight_bits=1"], capture_output=True, text=True)
   assert bad.returncode != 0 and "config.quant.weight_bits" in bad.stderr
 
