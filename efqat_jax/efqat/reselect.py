@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
 from efqat_jax.efqat.masking import set_trainable, trainable_from_state
 from efqat_jax.efqat.selection import TrainableSet
 
@@ -67,4 +69,10 @@ class ReselectingStep:
     self.compiled_counts.add(self.trainable.counts)
     if self.on_select is not None:
       self.on_select(self._step, state.params, self.trainable, recompiles)
-    return state.replace(opt_state=set_trainable(state.opt_state, state.params, self.trainable))
+    opt_state = set_trainable(state.opt_state, state.params, self.trainable)
+    # The new masks take the old ones' placement (e.g. replicated over a mesh): a step
+    # compiled for that placement is reused instead of compiled once more.
+    masks = jax.tree.map(
+      lambda new, old: jax.device_put(new, old.sharding), opt_state.masks, state.opt_state.masks
+    )
+    return state.replace(opt_state=opt_state._replace(masks=masks))

@@ -125,13 +125,13 @@ def test_bad_period_is_rejected(every):
 
 
 def test_reselecting_with_unchanged_counts_never_retraces_the_step():
-  """cwpl keeps every layer's count, so re-selecting at every step reuses one trace."""
+  """cwpl keeps every layer's count, so re-selecting (every other step) reuses one trace."""
   from efqat_jax.train import cross_entropy, make_mesh, make_train_step, replicate, shard_batch
 
   mesh = make_mesh()
   traced_once = chex.assert_max_traces(cross_entropy, n=1)  # the loss runs once per trace
   step = ReselectingStep(
-    make_train_step(MODEL, TX, mesh, loss_fn=traced_once), lambda p: select(p, "cwpl", 0.25), 1
+    make_train_step(MODEL, TX, mesh, loss_fn=traced_once), lambda p: select(p, "cwpl", 0.25), 2
   )
   x = jax.random.uniform(jax.random.key(1), (8, 12, 12, 1))
   batch = shard_batch({"inputs": x, "labels": jnp.arange(8) % 10}, mesh)
@@ -139,5 +139,6 @@ def test_reselecting_with_unchanged_counts_never_retraces_the_step():
   for i in range(4):
     state, _ = step(state, batch, jax.random.key(i))
   assert len(step.compiled_counts) == 1
+  assert step.step_fn._cache_size() == 1  # new masks keep the state's placement: no recompile
   with pytest.raises(AssertionError, match="traced"):  # new counts: the same step retraces
     step.step_fn(state, batch, jax.random.key(9), select(state.params, "lwpn", 0.5))
