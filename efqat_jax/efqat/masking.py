@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from efqat_jax.efqat.importance import quantized_kernels
+from efqat_jax.efqat.importance import output_axes, quantized_kernels
 from efqat_jax.efqat.selection import TrainableSet, select
 from efqat_jax.nn.export import params_at
 
@@ -46,7 +46,8 @@ def trainable_masks(params: Any, trainable: TrainableSet) -> Any:
     layer, name = "/".join(path[:-1]), path[-1]
     mask = jnp.ones((), bool)
     if layer in counts and name in ("kernel", "kernel_scale"):
-      channel_shape = jnp.shape(params_at(params, layer)["kernel_scale"]) or (value.shape[-1],)
+      kernel = params_at(params, layer)["kernel"]
+      channel_shape = kernel.shape[kernel.ndim - output_axes(params, layer) :]
       channels = trainable.channel_mask(layer).reshape(channel_shape)
       if name == "kernel":
         mask = channels.reshape((1,) * (value.ndim - len(channel_shape)) + channel_shape)

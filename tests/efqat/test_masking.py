@@ -139,3 +139,24 @@ def test_selected_state_has_the_shapes_of_a_fresh_state(tmp_path):
     ckpt.save(1, selected, wait=True)
     restored = ckpt.restore_latest(fresh)
   jax.tree.map(np.testing.assert_array_equal, restored.masks, selected.masks)
+
+
+def test_per_tensor_weight_scales_freeze_channels_and_train_the_scale_if_any_channel_trains():
+  per_tensor = QuantRule(
+    ".*", weight=QuantSpec.for_weights(4, granularity="tensor"), input=QuantSpec.for_activations(4)
+  )
+  model = quantize(SmallCNN(features=(8, 16)), per_tensor)
+  params = model.init(jax.random.key(0), X)["params"]
+  tx = freeze_unselected(optax.adam(1e-2))
+  tset = select(params, "lwpn", 0.3)  # one of three layers, trained whole
+  state = set_trainable(tx.init(params), params, tset)
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+    model.apply({"params": p}, X), Y
+  ).mean()
+  updates, _ = tx.update(jax.grad(loss)(params), state, params)
+  after = optax.apply_updates(params, updates)
+  for path, k in tset.counts:
+    assert np.shape(params[path]["kernel_scale"]) == ()
+    for name in ("kernel", "kernel_scale"):
+      moved = not np.array_equal(after[path][name], params[path][name])
+      assert moved == (k > 0), (path, name)
