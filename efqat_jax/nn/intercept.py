@@ -1,9 +1,12 @@
 """``quantize(model, rules)``: quantize an existing Linen model without editing its code.
 
-Every ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv`` the model calls is intercepted; the first
-rule whose regex fully matches the layer's module path (``/``-joined, relative to the model,
-e.g. ``"Block_0/Dense_1"``) decides its weight and input formats. Layers no rule matches, and
-layers whose rule has neither format, stay in float.
+Every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Einsum`` and ``nn.Embed`` (lookup and
+``attend``) the model calls is intercepted, also inside ``nn.scan``, ``nn.remat`` and ``nn.vmap``;
+the first rule whose regex fully matches the layer's module path (``/``-joined, relative to the
+model, e.g. ``"Block_0/Dense_1"``; the layers of a scanned stack share one path) decides its
+weight and input formats. Layers no rule matches, and layers whose rule has neither format, stay
+in float. A quantizing rule that meets a module it cannot quantize (a custom op, another kind of
+layer that owns a weight) warns with the module's path.
 
 Example:
   >>> rules = [
@@ -19,16 +22,28 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from efqat_jax.nn import layer_table
 from efqat_jax.nn.layers import QuantConv, QuantDense, QuantDenseGeneral
-from efqat_jax.nn.ops import Mode, call_quantized, is_quantized, op_field
+from efqat_jax.nn.ops import Mode
+from efqat_jax.nn.rewrite import (
+  METHODS,
+  OP_FIELDS,
+  call_quantized,
+  is_quantized,
+  quantizable_method,
+  why_not_rewritable,
+)
 from efqat_jax.quant.spec import QuantSpec
 
 _QUANT_LAYERS = (QuantDense, QuantDenseGeneral, QuantConv)
+_WEIGHT_NAME = re.compile(r"kernel|weight|embedding|^w$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,22 +101,30 @@ class QuantizedModel(nn.Module):
   def __call__(self, *args, **kwargs):
     root = len(self.scope.path)
     matched: set[int] = set()
+    seen: list[str] = []
+    initializing = self.is_initializing()
 
     def interceptor(next_fun, call_args, call_kwargs, context):
-      module = context.module
-      if (
-        context.method_name != "__call__"
-        or op_field(module) is None
-        or is_quantized(module)
-        or isinstance(module, _QUANT_LAYERS)
-      ):
-        return next_fun(*call_args, **call_kwargs)
+      module, method = context.module, context.method_name
       path = "/".join(module.scope.path[root:])
+      if is_quantized(module) or isinstance(module, _QUANT_LAYERS) or module is self:
+        return next_fun(*call_args, **call_kwargs)
+      if not quantizable_method(module, method):
+        out = next_fun(*call_args, **call_kwargs)
+        if initializing and method == "__call__":
+          self._warn_if_unquantized_weights(module, path)
+        return out
+      seen.append(path)
       rule = self._rule_for(path)
       if rule is None:
         return next_fun(*call_args, **call_kwargs)
       matched.add(self.rules.index(rule))
       if rule.weight is None and rule.input is None:
+        return next_fun(*call_args, **call_kwargs)
+      reason = why_not_rewritable(module, method)
+      if reason is not None:
+        if initializing:
+          warnings.warn(f"efqat_jax.quantize: {path} stays in float: {reason}", stacklevel=2)
         return next_fun(*call_args, **call_kwargs)
       fields = dict(
         weight_spec=rule.weight,
@@ -109,21 +132,71 @@ class QuantizedModel(nn.Module):
         mode=self.mode,
         weight_estimator=self.weight_estimator,
       )
-      return call_quantized(module, type(module), fields, *call_args, **call_kwargs)
+      return call_quantized(module, method, fields, *call_args, **call_kwargs)
 
-    with nn.intercept_methods(interceptor):
+    with layer_table.recording() as reported, nn.intercept_methods(interceptor):
       out = self.model(*args, **kwargs)
-    if self.is_initializing():
-      unmatched = [r.module_path for i, r in enumerate(self.rules) if i not in matched]
-      if unmatched:
-        raise ValueError(
-          f"QuantRule.module_path {unmatched} matched no Dense/DenseGeneral/Conv layer of"
-          f" {type(self.model).__name__}; paths look like 'Block_0/Dense_1'"
-        )
+    if initializing:
+      prefix = len("/".join(self.scope.path)) + 1 if root else 0
+      stacked = [p[prefix:] for p, layer in reported.items() if self._is_stacked(p[prefix:], layer)]
+      self._check_all_rules_matched(matched, list(dict.fromkeys(seen)), stacked)
     return out
+
+  def _is_stacked(self, path: str, layer: layer_table.QuantizedLayer) -> bool:
+    weight = layer_table.params_at(self.variables["params"], path)[layer.weight_name]
+    return jnp.ndim(weight) > len(layer.weight_shape)
 
   def _rule_for(self, path: str) -> QuantRule | None:
     return next((rule for rule in self.rules if rule.matches(path)), None)
+
+  def _warn_if_unquantized_weights(self, module: nn.Module, path: str) -> None:
+    """Warns when a quantizing rule matches a module of another kind that owns a weight
+    (a param of two or more axes named like one: kernel, weight, w, embedding): it stays in
+    float, and the user should know."""
+    rule = self._rule_for(path)
+    if rule is None or (rule.weight is None and rule.input is None):
+      return
+    own = module.variables.get("params", {})
+    weights = sorted(
+      k
+      for k, v in own.items()
+      if not isinstance(v, Mapping) and jnp.ndim(v) >= 2 and _WEIGHT_NAME.search(k)
+    )
+    if weights:
+      warnings.warn(
+        f"efqat_jax.quantize: {path or type(module).__name__} ({type(module).__name__}) stays in"
+        f" float: its weights {weights} belong to no quantizable layer kind"
+        " (Dense, DenseGeneral, Conv, Einsum, Embed)",
+        stacklevel=3,
+      )
+
+  def _check_all_rules_matched(self, matched: set[int], paths: list[str], stacked: list[str]):
+    """Raises for a rule that matched no layer, saying why when it names a layer of a stack."""
+    for i, rule in enumerate(self.rules):
+      if i in matched:
+        continue
+      stack = next((p for p in stacked if _addresses_stack_member(rule, p)), None)
+      if stack is not None:
+        raise ValueError(
+          f"QuantRule.module_path {rule.module_path!r} addresses one layer of {stack!r}, whose"
+          " layers are stacked by nn.scan/nn.vmap: the stack runs one program, so all its layers"
+          f" share one format. Give the whole stack one rule ({stack!r}), or build those"
+          " layers unstacked (a Python loop) to give them different formats"
+        )
+      raise ValueError(
+        f"QuantRule.module_path {rule.module_path!r} matched no Dense/DenseGeneral/Conv/Einsum/"
+        f"Embed layer of {type(self.model).__name__}; its layers are {paths}"
+      )
+
+
+def _addresses_stack_member(rule: QuantRule, path: str) -> bool:
+  """Whether ``rule`` names one layer of ``path`` as ``path[i]`` or ``<stack>_i/...``."""
+  head, _, tail = path.rpartition("/")
+  candidates = [f"{path}[{i}]" for i in range(64)]
+  if head:
+    candidates += [f"{head}_{i}/{tail}" for i in range(64)]
+    candidates += [f"{head}/{i}/{tail}" for i in range(64)]
+  return any(rule.matches(c) for c in candidates)
 
 
 def quantize(
@@ -151,19 +224,21 @@ def quantize(
   return QuantizedModel(model=model, rules=rules, mode=mode, weight_estimator=weight_estimator)
 
 
-def quantizable_paths(model: nn.Module, *args, **kwargs) -> list[str]:
-  """Module paths of the Dense/DenseGeneral/Conv layers ``model`` calls, in call order.
+def quantizable_paths(model: nn.Module, *args, **kwargs) -> dict[str, str]:
+  """The quantizable layers ``model`` calls (see ``rewrite``), in call order: ``{path: kind}``
+  with kind the Flax class name it is (``"Dense"``, ``"Conv"``, ``"Einsum"``, ``"Embed"``, ...).
 
   Traces ``model.init`` abstractly (``jax.eval_shape``): nothing is computed.
   """
-  paths: list[str] = []
+  paths: dict[str, str] = {}
 
   def record(next_fun, call_args, call_kwargs, context):
     module = context.module
-    if context.method_name == "__call__" and op_field(module) is not None:
-      paths.append("/".join(module.scope.path))
+    if quantizable_method(module, context.method_name):
+      kind = next(c for c in (*OP_FIELDS, *METHODS) if isinstance(module, c))
+      paths.setdefault("/".join(module.scope.path), kind.__name__)
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(record):
     jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
-  return list(dict.fromkeys(paths))
+  return paths

@@ -3,8 +3,8 @@
 Each is its Flax original (same fields, same params, same behaviour) plus three fields:
 ``weight_spec`` and ``input_spec`` (None leaves that operand in float) and ``mode``. The
 quantization params sit next to the kernel: ``kernel_scale`` and, with an input spec,
-``input_scale`` and ``input_zero_point`` (asymmetric only). The running input range used by
-calibration lives in the ``quant_stats`` collection.
+``input_scale`` and ``input_zero_point`` (asymmetric only). Calibration keeps its running input
+range in ``params`` while it runs (see ``Mode.CALIBRATE``) and returns it in ``quant_stats``.
 
 Example:
   >>> layer = QuantDense(16, weight_spec=QuantSpec.for_weights(4))
@@ -18,15 +18,17 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from efqat_jax.nn.ops import Mode, call_quantized
+from efqat_jax.nn.ops import Mode, QuantizedOps
+from efqat_jax.nn.rewrite import run_with_ops
 from efqat_jax.quant.spec import QuantSpec
 
 DEFAULT_WEIGHT_SPEC = QuantSpec.for_weights(8)
 DEFAULT_INPUT_SPEC = QuantSpec.for_activations(8)
 
 
-def _ops_fields(layer) -> dict:
-  return dict(
+def _ops(layer) -> QuantizedOps:
+  return QuantizedOps(
+    scope=layer.scope,
     weight_spec=layer.weight_spec,
     input_spec=layer.input_spec,
     mode=layer.mode,
@@ -43,7 +45,7 @@ class QuantDense(nn.Dense):
   weight_estimator: str = "minmax"
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    return call_quantized(self, nn.Dense, _ops_fields(self), inputs)
+    return run_with_ops(self, nn.Dense, _ops(self), inputs)
 
 
 class QuantDenseGeneral(nn.DenseGeneral):
@@ -55,7 +57,7 @@ class QuantDenseGeneral(nn.DenseGeneral):
   weight_estimator: str = "minmax"
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    return call_quantized(self, nn.DenseGeneral, _ops_fields(self), inputs)
+    return run_with_ops(self, nn.DenseGeneral, _ops(self), inputs)
 
 
 class QuantConv(nn.Conv):
@@ -67,4 +69,4 @@ class QuantConv(nn.Conv):
   weight_estimator: str = "minmax"
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    return call_quantized(self, nn.Conv, _ops_fields(self), inputs)
+    return run_with_ops(self, nn.Conv, _ops(self), inputs)

@@ -1,4 +1,5 @@
-"""Quantizing stand-ins for ``lax.dot_general`` and ``lax.conv_general_dilated``.
+"""Quantizing stand-ins for ``lax.dot_general``, ``lax.conv_general_dilated``, a two-operand
+``einsum`` and an embedding lookup.
 
 Flax's ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv`` accept the op they compute with
 (``dot_general=`` / ``conv_general_dilated=``). ``QuantizedOps`` provides those ops, bound to
@@ -9,39 +10,44 @@ of its Flax original (dtypes, padding modes, masks, initialisers).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import enum
 import functools
-import types
-from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.core.scope import Scope
 from jax import lax
 
+from efqat_jax.nn import layer_table
+from efqat_jax.nn.einsum import einsum_plan
 from efqat_jax.nn.partial_grad import channel_subset_grad
 from efqat_jax.quant import granularity, integer, ranges
-from efqat_jax.quant.fake_quant import fake_quant, lsq_grad_scale
+from efqat_jax.quant.fake_quant import fake_quant, lsq_grad_scale, valid_scale, valid_zero_point
 from efqat_jax.quant.spec import QuantSpec
 
-QUANT_STATS = "quant_stats"
-ACCUMULATOR = "accumulator"
-QUANT_PARAM_NAMES = ("kernel_scale", "input_scale", "input_zero_point")
+QUANT_STATS = "quant_stats"  # where efqat_jax.ptq.calibrate returns the running input ranges
+# Mode.INTEGER's largest accumulator magnitude, kept in ``params`` when that is mutable.
+ACCUMULATOR_MAX = "accumulator_max_abs"
+QUANT_PARAM_NAMES = ("kernel_scale", "embedding_scale", "input_scale", "input_zero_point")
+# Running input ranges of Mode.CALIBRATE, kept in ``params`` while calibrating (see Mode).
+CALIBRATION_STATS = ("input_min", "input_max", "input_count")
 
 
 class Mode(enum.Enum):
   """What a quantized layer computes.
 
   FLOAT: the float op (quantization parameters are kept but unused).
-  CALIBRATE: the float op, folding the input range into the ``quant_stats`` collection.
+  CALIBRATE: the float op, folding the input range into running statistics and writing the
+    calibrated scales and zero points over the quantization params. Both live in the
+    ``params`` collection, which must be mutable: ``params`` is the collection every lifted
+    transform (``nn.scan``, ``nn.vmap``) maps, so calibration works through them unedited.
+    ``efqat_jax.ptq.calibrate`` runs this and moves the statistics out of the params.
   QUANTIZE: fake-quantized input and kernel (training and evaluation).
   INTEGER: the integer reference path (int32 accumulation); records the largest accumulator
-    magnitude in the ``accumulator`` collection when it is mutable.
+    magnitude as ``accumulator_max_abs`` in ``params`` when that is mutable (see
+    ``efqat_jax.nn.integer_apply``).
   """
 
   FLOAT = "float"
@@ -50,59 +56,26 @@ class Mode(enum.Enum):
   INTEGER = "integer"
 
 
-_RECORDER: contextvars.ContextVar[dict[str, integer.IntegerLayer] | None] = contextvars.ContextVar(
-  "efqat_jax_integer_recorder", default=None
-)
-
-
-@contextlib.contextmanager
-def record_integer_layers():
-  """Collects, by module path, the IntegerLayer of every layer run in Mode.INTEGER."""
-  layers: dict[str, integer.IntegerLayer] = {}
-  token = _RECORDER.set(layers)
-  try:
-    yield layers
-  finally:
-    _RECORDER.reset(token)
-
-
-_WEIGHT_GRAD_CHANNELS: contextvars.ContextVar[Mapping[str, jax.Array]] = contextvars.ContextVar(
-  "efqat_jax_weight_grad_channels", default=types.MappingProxyType({})
-)
-
-
-@contextlib.contextmanager
-def weight_grad_channels(channels: Mapping[str, jax.Array]):
-  """Within: the layer at path ``p`` (in Mode.QUANTIZE) computes its kernel's gradient only for
-  the output channels ``channels[p]`` (int32[k]); the other channels get a zero gradient.
-
-  Use it around the forward pass that ``jax.grad`` differentiates (as ``make_train_step`` does
-  for an EfQAT TrainableSet). Output channels are flattened in C order over the kernel's
-  output axes, which must be its trailing axes (true of Flax's Dense, DenseGeneral and Conv).
-  """
-  token = _WEIGHT_GRAD_CHANNELS.set(channels)
-  try:
-    yield
-  finally:
-    _WEIGHT_GRAD_CHANNELS.reset(token)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedOps:
   """Quantizing ops bound to one layer's scope.
 
   Attributes:
     scope: the Flax scope of the layer (its params and collections).
-    weight_spec: format of the kernel, or None to leave it in float. For kernels,
-      ``granularity="channel"`` always means per output channel (every non-contracted axis).
+    weight_spec: format of the weight, or None to leave it in float. For weights,
+      ``granularity="channel"`` always means per output channel (every axis the op does not
+      contract: one axis for Dense and Conv, heads x features for an attention projection,
+      the rows of an embedding table).
     input_spec: format of the input activations, or None to leave them in float.
     mode: see ``Mode``.
     ema_momentum: momentum of the running input range in Mode.CALIBRATE.
-    weight_estimator: how Mode.CALIBRATE ranges the kernel, ``"minmax"`` or ``"mse"``.
+    weight_estimator: how Mode.CALIBRATE ranges the weight, ``"minmax"`` or ``"mse"``.
+    weight_name: the weight param's name (``"kernel"``; ``"embedding"`` for ``nn.Embed``); its
+      scale is ``<weight_name>_scale``.
 
-  In Mode.CALIBRATE the ranges a PTQ step should install are written to ``quant_stats`` under
-  the param names they replace (``kernel_scale``, ``input_scale``, ``input_zero_point``); see
-  ``efqat_jax.ptq.calibrated_params``.
+  A partly trained layer (EfQAT) finds its trainable output channels as an int32 leaf
+  ``weight_grad_channels`` next to its weight in the params it runs with, and computes the
+  weight gradient of those channels only (``efqat_jax.efqat.restrict_backward`` adds it).
   """
 
   scope: Scope
@@ -111,6 +84,7 @@ class QuantizedOps:
   mode: Mode = Mode.QUANTIZE
   ema_momentum: float = 0.9
   weight_estimator: str = "minmax"
+  weight_name: str = "kernel"
   calls: list[str] = dataclasses.field(default_factory=list, repr=False)
 
   def __post_init__(self):
@@ -124,6 +98,10 @@ class QuantizedOps:
       raise ValueError(
         f"weight_estimator must be one of {tuple(WEIGHT_ESTIMATORS)}, got {self.weight_estimator!r}"
       )
+
+  @property
+  def scale_name(self) -> str:
+    return f"{self.weight_name}_scale"
 
   def dot_general(
     self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None
@@ -139,6 +117,20 @@ class QuantizedOps:
       preferred_element_type=preferred_element_type,
     )
     return self._run(lhs, rhs, out_axes, float_op, dict(op="dot_general", dimension_numbers=dims))
+
+  def einsum(self, equation, lhs, rhs, precision=None, preferred_element_type=None) -> jax.Array:
+    """``jnp.einsum(equation, lhs, rhs)`` with ``rhs`` the kernel, as one quantized dot_general."""
+    plan = einsum_plan(equation, lhs.ndim, rhs.ndim)
+    y = self.dot_general(lhs, rhs, plan.dimension_numbers, precision, preferred_element_type)
+    return jnp.transpose(y, plan.output_perm)
+
+  def take(self, table, ids) -> jax.Array:
+    """``jnp.take(table, ids, axis=0)`` (an embedding lookup) with the table quantized per row.
+
+    The ids are not quantized (``input_spec`` does not apply).
+    """
+    float_op = lambda ids_, table_: jnp.take(table_, ids_, axis=0)
+    return self._run(ids, table, (0,), float_op, dict(op="take", dimension_numbers=None))
 
   def conv_general_dilated(
     self,
@@ -201,33 +193,32 @@ class QuantizedOps:
   def _run(self, lhs, rhs, out_axes, float_op, settings: dict[str, Any]) -> jax.Array:
     self.calls.append(settings["op"])
     kernel_spec = self._kernel_spec(out_axes)
-    params = self._params(lhs, rhs, kernel_spec)
-    calibrating = self.mode is Mode.CALIBRATE and not self.scope.get_flag("initializing", False)
-    if calibrating and not self.scope.is_mutable_collection(QUANT_STATS):
-      raise ValueError(
-        f"{self.path}: Mode.CALIBRATE updates the '{QUANT_STATS}' collection; call"
-        f" apply(..., mutable=['{QUANT_STATS}'])"
-      )
-    if self.input_spec is not None and self.scope.is_mutable_collection(QUANT_STATS):
-      self._observe(lhs, update=calibrating)
-    if calibrating and kernel_spec is not None:
-      scale = WEIGHT_ESTIMATORS[self.weight_estimator](rhs, kernel_spec)
-      self.scope.put_variable(QUANT_STATS, "kernel_scale", scale)
+    input_spec = None if settings["op"] == "take" else self.input_spec
+    if kernel_spec is not None:
+      layer_table.report(
+        layer_table.QuantizedLayer(
+          self.path, self.weight_name, kernel_spec, input_spec, tuple(rhs.shape), out_axes,
+          tuple(settings.items()),
+        )
+      )  # fmt: skip
+    params = self._params(lhs, rhs, kernel_spec, input_spec)
+    if self.mode is Mode.CALIBRATE and not self.scope.get_flag("initializing", False):
+      self._calibrate(lhs, rhs, kernel_spec, input_spec)
     if self.mode in (Mode.FLOAT, Mode.CALIBRATE):
       return float_op(lhs, rhs)
     if self.mode is Mode.INTEGER:
-      return self._integer(lhs, rhs, params, kernel_spec, settings)
-    if self.input_spec is not None:
+      return self._integer(lhs, rhs, params, kernel_spec, input_spec, settings)
+    if input_spec is not None:
       lhs = fake_quant(
         lhs,
         params["input_scale"],
         params.get("input_zero_point"),
-        spec=self.input_spec,
-        grad_scale=_input_grad_scale(lhs, self.input_spec),
+        spec=input_spec,
+        grad_scale=_input_grad_scale(lhs, input_spec),
       )
     if kernel_spec is not None:
-      rhs = fake_quant(rhs, params["kernel_scale"], spec=kernel_spec)
-    channels = _WEIGHT_GRAD_CHANNELS.get().get(self.path)
+      rhs = fake_quant(rhs, params[self.scale_name], spec=kernel_spec)
+    channels = self.scope.get_variable("params", layer_table.GRAD_CHANNELS)
     if channels is not None:
       return self._channel_subset_op(float_op, lhs, rhs, channels, out_axes, settings)
     return float_op(lhs, rhs)
@@ -235,9 +226,22 @@ class QuantizedOps:
   def _channel_subset_op(self, float_op, lhs, rhs, channels, out_axes, settings) -> jax.Array:
     """``float_op(lhs, rhs)`` with the weight gradient of ``channels`` only.
 
-    Grouped convolutions other than depthwise ones compute their full weight gradient.
+    A dot_general whose output axes are not the kernel's trailing axes runs on the kernel
+    transposed so that they are (its output is the same). Grouped convolutions other than
+    depthwise ones compute their full weight gradient.
     """
-    if out_axes != tuple(range(rhs.ndim - len(out_axes), rhs.ndim)):
+    op = settings["op"]
+    if op == "take":
+      return float_op(lhs, rhs)  # a lookup's weight gradient is a scatter of the rows it read
+    trailing = tuple(range(rhs.ndim - len(out_axes), rhs.ndim))
+    if op == "dot_general" and out_axes != trailing:
+      (lc, rc), (lb, rb) = settings["dimension_numbers"]
+      perm = [d for d in range(rhs.ndim) if d not in out_axes] + list(out_axes)
+      position = {d: i for i, d in enumerate(perm)}
+      dims = ((lc, tuple(position[d] for d in rc)), (lb, tuple(position[d] for d in rb)))
+      float_op = functools.partial(float_op, dimension_numbers=dims)
+      rhs, out_axes = jnp.transpose(rhs, perm), trailing
+    elif out_axes != trailing:
       raise ValueError(
         f"{self.path}: a channel-subset weight gradient needs the kernel's output axes last,"
         f" got output axes {out_axes} of a {rhs.ndim}-D kernel"
@@ -250,63 +254,71 @@ class QuantizedOps:
         return float_op(lhs, rhs)
     return channel_subset_grad(float_op, lhs, rhs, channels, len(out_axes), depthwise)
 
-  def _params(self, lhs, rhs, kernel_spec) -> dict[str, jax.Array]:
-    """Creates (at init) or reads the quantization params; initial values from min-max."""
+  def _params(self, lhs, rhs, kernel_spec, input_spec) -> dict[str, jax.Array]:
+    """Creates (at init) or reads the quantization params, as the valid values they stand
+    for (``valid_scale``, ``valid_zero_point``); initial values from min-max."""
     params = {}
     if kernel_spec is not None:
-      init = lambda: _minmax_scale(rhs, kernel_spec)
-      params["kernel_scale"] = self.scope.variable("params", "kernel_scale", init).value
-    spec = self.input_spec
-    if spec is not None:
-      input_range = lambda: ranges.scale_and_zero_point(*ranges.minmax(lhs, spec), spec)
-      params["input_scale"] = self.scope.variable(
-        "params", "input_scale", lambda: input_range()[0]
-      ).value
-      if not spec.symmetric:
-        params["input_zero_point"] = self.scope.variable(
-          "params", "input_zero_point", lambda: input_range()[1]
-        ).value
+      scale = self._param(self.scale_name, lambda: _minmax_scale(rhs, kernel_spec))
+      params[self.scale_name] = valid_scale(scale)
+    if input_spec is not None:
+      input_range = lambda: ranges.scale_and_zero_point(*ranges.minmax(lhs, input_spec), input_spec)
+      params["input_scale"] = valid_scale(self._param("input_scale", lambda: input_range()[0]))
+      if not input_spec.symmetric:
+        zero_point = self._param("input_zero_point", lambda: input_range()[1])
+        params["input_zero_point"] = valid_zero_point(zero_point, input_spec)
     return params
 
-  def _observe(self, lhs, update: bool) -> None:
-    """Creates the running input range and, if ``update``, folds ``lhs`` into it."""
-    shape = granularity.param_shape(self.input_spec, lhs.shape)
-    empty = ranges.ema_init(shape)
-    names = ("input_min", "input_max", "input_count")
-    stats = [
-      self.scope.variable(QUANT_STATS, name, lambda v=v: v)
-      for name, v in zip(names, empty, strict=True)
-    ]
-    if update:
-      state = ranges.EmaRange(*(v.value for v in stats))
-      new = ranges.ema_update(state, lhs, self.input_spec, self.ema_momentum)
-      for var, value in zip(stats, new, strict=True):
-        var.value = value
-      scale, zero_point = ranges.scale_and_zero_point(new.lo, new.hi, self.input_spec)
-      self.scope.put_variable(QUANT_STATS, "input_scale", scale)
-      if zero_point is not None:
-        self.scope.put_variable(QUANT_STATS, "input_zero_point", zero_point)
+  def _param(self, name: str, init) -> jax.Array:
+    """The param ``name`` of this layer, created with ``init()`` if it does not exist yet (a
+    layer whose scope sees several calls, e.g. a tied embedding's lookup and attend)."""
+    if self.scope.has_variable("params", name):
+      return self.scope.get_variable("params", name)
+    return self.scope.variable("params", name, init).value
 
-  def _integer(self, lhs, rhs, params, kernel_spec, settings) -> jax.Array:
+  def _calibrate(self, lhs, rhs, kernel_spec, input_spec) -> None:
+    """Folds ``lhs`` into the running input range and writes the calibrated quantization
+    params, all in the ``params`` collection."""
+    if not self.scope.is_mutable_collection("params"):
+      raise ValueError(
+        f"{self.path}: Mode.CALIBRATE writes the calibrated scales and running ranges into"
+        " 'params'; call apply(..., mutable=['params']) (or use efqat_jax.ptq.calibrate)"
+      )
+    if kernel_spec is not None:
+      scale = WEIGHT_ESTIMATORS[self.weight_estimator](rhs, kernel_spec)
+      self.scope.put_variable("params", self.scale_name, scale)
+    if input_spec is None:
+      return
+    empty = ranges.ema_init(granularity.param_shape(input_spec, lhs.shape))
+    stats = [
+      self.scope.get_variable("params", name, default)
+      for name, default in zip(CALIBRATION_STATS, empty, strict=True)
+    ]
+    new = ranges.ema_update(ranges.EmaRange(*stats), lhs, input_spec, self.ema_momentum)
+    for name, value in zip(CALIBRATION_STATS, new, strict=True):
+      self.scope.put_variable("params", name, value)
+    scale, zero_point = ranges.scale_and_zero_point(new.lo, new.hi, input_spec)
+    self.scope.put_variable("params", "input_scale", scale)
+    if zero_point is not None:
+      self.scope.put_variable("params", "input_zero_point", zero_point)
+
+  def _integer(self, lhs, rhs, params, kernel_spec, input_spec, settings) -> jax.Array:
     if kernel_spec is None:
       raise ValueError(f"{self.path}: Mode.INTEGER needs a quantized kernel (weight spec is None)")
     layer = integer.export_layer(
       rhs,
-      params["kernel_scale"],
+      params[self.scale_name],
       kernel_spec,
       params.get("input_scale"),
       params.get("input_zero_point"),
-      self.input_spec,
+      input_spec,
       **settings,
     )
-    recorder = _RECORDER.get()
-    if recorder is not None:
-      recorder[self.path] = layer
     y, acc_max = integer.apply_integer(layer, lhs)
-    if self.scope.is_mutable_collection(ACCUMULATOR):
-      seen = self.scope.variable(ACCUMULATOR, "max_abs", lambda: jnp.zeros((), jnp.int32))
-      seen.value = jnp.maximum(seen.value, acc_max)
-    return y.astype(jnp.result_type(lhs, rhs))
+    if settings["op"] != "take" and self.scope.is_mutable_collection("params"):
+      seen = self.scope.get_variable("params", ACCUMULATOR_MAX, jnp.zeros((), jnp.int32))
+      self.scope.put_variable("params", ACCUMULATOR_MAX, jnp.maximum(seen, acc_max))
+    return y.astype(rhs.dtype if settings["op"] == "take" else jnp.result_type(lhs, rhs))
 
 
 def _minmax_scale(kernel: jax.Array, spec: QuantSpec) -> jax.Array:
@@ -325,61 +337,3 @@ def _input_grad_scale(x: jax.Array, spec: QuantSpec) -> float:
   per_scale = granularity.elements_per_param(spec, x.shape)
   batch = x.shape[0] if x.ndim > 1 else 1
   return lsq_grad_scale(spec, per_scale // batch)
-
-
-OP_FIELDS = {
-  nn.Dense: "dot_general",
-  nn.DenseGeneral: "dot_general",
-  nn.Conv: "conv_general_dilated",
-}
-
-
-def op_field(module: nn.Module) -> str | None:
-  """Name of the op field of a quantizable Flax layer, or None for other modules."""
-  for cls, field in OP_FIELDS.items():
-    if isinstance(module, cls):
-      return field
-  return None
-
-
-def is_quantized(module: nn.Module) -> bool:
-  """Whether the layer already computes with QuantizedOps."""
-  field = op_field(module)
-  return field is not None and isinstance(
-    getattr(getattr(module, field), "__self__", None), QuantizedOps
-  )
-
-
-def call_quantized(
-  module: nn.Module, float_cls: type[nn.Module], ops_fields: dict, *args, **kwargs
-):
-  """Calls ``module`` as an instance of ``float_cls`` computing with QuantizedOps.
-
-  The twin is bound to ``module``'s own scope, so it reads and creates the same params.
-
-  Args:
-    module: a bound Dense, DenseGeneral or Conv (or a subclass).
-    float_cls: the Flax class whose ``__call__`` runs (``type(module)`` or its Flax base).
-    ops_fields: keyword arguments of QuantizedOps besides ``scope``.
-    *args: the layer's call arguments.
-    **kwargs: the layer's call keyword arguments.
-  """
-  field = op_field(module)
-  if getattr(module, field) is not None or getattr(module, f"{field}_cls", None) is not None:
-    raise ValueError(
-      f"cannot quantize {'/'.join(module.scope.path)}: it already sets a custom {field}"
-    )
-  ops = QuantizedOps(scope=module.scope, **ops_fields)
-  fields = {
-    f.name: getattr(module, f.name)
-    for f in dataclasses.fields(float_cls)
-    if f.init and f.name not in ("parent", "name")
-  }
-  fields[field] = getattr(ops, field)
-  out = float_cls(**fields, parent=module.scope)(*args, **kwargs)
-  if not ops.calls:
-    raise ValueError(
-      f"cannot quantize {'/'.join(module.scope.path)}: {float_cls.__name__}.__call__ never called"
-      f" its {field}, so it would silently stay in float"
-    )
-  return out

@@ -41,7 +41,9 @@ def channel_subset_grad(
       kernel whose output axes are merged into one of any size.
     x: input.
     w: kernel; its trailing ``num_out_axes`` axes are the output channels (flattened in C order).
-    channels: int32[k], distinct output channels that get a weight gradient.
+    channels: int32[k], distinct output channels that get a weight gradient; entries equal to
+      the number of channels C are padding (no channel), so that the layers of a stack, which
+      share one program, can train different numbers of channels.
     num_out_axes: how many trailing axes of ``w`` are output channels (static).
     depthwise: ``op`` is a depthwise convolution (``feature_group_count`` = input channels =
       output channels), whose output channel c reads input channel c only.
@@ -62,13 +64,16 @@ def _bwd(op, num_out_axes, depthwise, residuals, g):
   if channels.shape[0] == 0:
     return dx, jnp.zeros_like(w), None
   size = math.prod(w.shape[w.ndim - num_out_axes :])
-  w_sel = jnp.take(w.reshape(*w.shape[: w.ndim - num_out_axes], size), channels, axis=-1)
-  g_sel = jnp.take(g.reshape(*g.shape[: g.ndim - num_out_axes], size), channels, axis=-1)
+  take = functools.partial(jnp.take, indices=channels, axis=-1, mode="fill", fill_value=0)
+  w_sel = take(w.reshape(*w.shape[: w.ndim - num_out_axes], size))
+  g_sel = take(g.reshape(*g.shape[: g.ndim - num_out_axes], size))
   if depthwise:
     op = functools.partial(op, feature_group_count=channels.shape[0])
-    x = jnp.take(x, channels, axis=-1)
+    x = take(x)
   (dw_sel,) = jax.vjp(lambda w_: op(x, w_), w_sel)[1](g_sel)
-  dw = jnp.zeros((*dw_sel.shape[:-1], size), dw_sel.dtype).at[..., channels].set(dw_sel)
+  dw = (
+    jnp.zeros((*dw_sel.shape[:-1], size), dw_sel.dtype).at[..., channels].set(dw_sel, mode="drop")
+  )
   return dx, dw.reshape(w.shape), None
 
 

@@ -1,5 +1,5 @@
 """Post-training quantization."""
 
-from efqat_jax.ptq.calibrate import calibrate, calibrated_params
+from efqat_jax.ptq.calibrate import calibrate, split_calibration_stats
 
-__all__ = ["calibrate", "calibrated_params"]
+__all__ = ["calibrate", "split_calibration_stats"]

@@ -12,19 +12,19 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from efqat_jax.nn.export import with_mode
-from efqat_jax.nn.ops import QUANT_PARAM_NAMES, QUANT_STATS, Mode
+from efqat_jax.nn.ops import CALIBRATION_STATS, QUANT_STATS, Mode
 
 
-def calibrated_params(params: Any, quant_stats: Any) -> Any:
-  """``params`` with every scale and zero point replaced by its calibrated value."""
-  flat_params = flatten_dict(params)
-  for path, value in flatten_dict(quant_stats).items():
-    if path[-1] in QUANT_PARAM_NAMES and path in flat_params:
-      flat_params[path] = value.astype(flat_params[path].dtype)
-  return unflatten_dict(flat_params)
+def split_calibration_stats(params: Any) -> tuple[Any, Any]:
+  """``(params without the running ranges, the running ranges)`` after Mode.CALIBRATE."""
+  flat = flatten_dict(params)
+  stats = {k: v for k, v in flat.items() if k[-1] in CALIBRATION_STATS}
+  rest = {k: v for k, v in flat.items() if k[-1] not in CALIBRATION_STATS}
+  return unflatten_dict(rest), unflatten_dict(stats)
 
 
 def calibrate(
@@ -36,10 +36,13 @@ def calibrate(
 ) -> dict[str, Any]:
   """Folds ``num_batches`` input batches into the ranges and installs them in the params.
 
+  Works through ``nn.scan`` / ``nn.remat`` / ``nn.vmap`` without editing the model: the running
+  ranges ride in the ``params`` collection while calibrating (see ``Mode.CALIBRATE``).
+
   Args:
     model: a QuantizedModel (or any model with a ``mode`` field).
-    variables: its variables; the running ranges start empty (``quant_stats`` is reset).
-    batches: an iterable of model inputs.
+    variables: its variables; the running ranges start empty.
+    batches: an iterable of model inputs (a tuple is spread over the model's arguments).
     num_batches: how many to use (at least 1; fewer if the iterable ends first).
     **apply_kwargs: extra keyword arguments of ``model.apply`` (e.g. ``train=False``).
 
@@ -50,22 +53,31 @@ def calibrate(
     raise ValueError(f"num_batches must be >= 1, got {num_batches}")
   calibrating = with_mode(model, Mode.CALIBRATE)
 
-  @jax.jit
   def observe(variables, inputs):
-    _, state = calibrating.apply(variables, inputs, mutable=[QUANT_STATS], **apply_kwargs)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    _, state = calibrating.apply(variables, *inputs, mutable=["params"], **apply_kwargs)
     return {**variables, **state}
 
-  empty = jax.tree.map(lambda v: v * 0, variables.get(QUANT_STATS, {}))
-  variables = {**variables, QUANT_STATS: empty}
-  seen = 0
+  params, _ = split_calibration_stats(variables["params"])
+  variables = {k: v for k, v in variables.items() if k != QUANT_STATS} | {"params": params}
+  step, seen = None, 0
   for inputs in batches:
     if seen == num_batches:
       break
-    variables = observe(variables, inputs)
+    if step is None:  # the running ranges exist from here on: one trace for every batch
+      shapes = jax.eval_shape(observe, variables, inputs)["params"]
+      empty = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), split_calibration_stats(shapes)[1]
+      )
+      variables = {**variables, "params": _merge(variables["params"], empty)}
+      step = jax.jit(observe)
+    variables = step(variables, inputs)
     seen += 1
   if seen == 0:
     raise ValueError("calibrate got no batches")
-  stats = flatten_dict(variables[QUANT_STATS])
-  running = unflatten_dict({k: v for k, v in stats.items() if k[-1] not in QUANT_PARAM_NAMES})
-  params = calibrated_params(variables["params"], variables[QUANT_STATS])
-  return {**variables, "params": params, QUANT_STATS: running}
+  params, stats = split_calibration_stats(variables["params"])
+  return {**variables, "params": params, QUANT_STATS: stats}
+
+
+def _merge(a: Any, b: Any) -> Any:
+  return unflatten_dict({**flatten_dict(a), **flatten_dict(b)})

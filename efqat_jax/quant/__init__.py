@@ -1,7 +1,13 @@
 """Framework-free quantization numerics: pure functions on arrays and a frozen QuantSpec."""
 
 from efqat_jax.quant import granularity, ranges
-from efqat_jax.quant.fake_quant import check_scale_values, fake_quant, lsq_grad_scale
+from efqat_jax.quant.fake_quant import (
+  check_scale_values,
+  fake_quant,
+  lsq_grad_scale,
+  valid_scale,
+  valid_zero_point,
+)
 from efqat_jax.quant.integer import (
   IntegerLayer,
   apply_integer,
@@ -25,4 +31,6 @@ __all__ = [
   "lsq_grad_scale",
   "quantize_to_int",
   "ranges",
+  "valid_scale",
+  "valid_zero_point",
 ]

@@ -33,6 +33,24 @@ def lsq_grad_scale(spec: QuantSpec, elements_per_scale: int) -> float:
   return 1.0 / math.sqrt(max(1, elements_per_scale) * spec.qmax)
 
 
+MIN_SCALE = 1e-12
+
+
+def valid_scale(scale: jax.Array) -> jax.Array:
+  """The scale a stored scale parameter stands for: ``max(|scale|, MIN_SCALE)``.
+
+  Layers quantize with this, so that any optimizer step leaves a valid quantizer: a scale that
+  an update pushed through zero acts as its magnitude (with its gradient mirrored), never as a
+  negative or zero step size.
+  """
+  return jnp.maximum(jnp.abs(scale), jnp.asarray(MIN_SCALE, jnp.result_type(scale)))
+
+
+def valid_zero_point(zero_point: jax.Array, spec: QuantSpec) -> jax.Array:
+  """The zero point a stored one stands for: clipped into the grid ``[qmin, qmax]``."""
+  return jnp.clip(zero_point, spec.qmin, spec.qmax)
+
+
 def check_scale_values(scale: jax.Array) -> None:
   """Raises ValueError if a concrete (non-traced) scale has a non-finite or non-positive entry."""
   if isinstance(scale, jax.core.Tracer):

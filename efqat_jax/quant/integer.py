@@ -48,6 +48,9 @@ def dequantize(
   return ((blocks - z) * s).reshape(q.shape)
 
 
+OPS = ("dot_general", "conv", "take")
+
+
 @functools.partial(
   jax.tree_util.register_dataclass,
   data_fields=["weight", "weight_scale", "input_scale", "input_zero_point", "bias"],
@@ -73,7 +76,8 @@ class IntegerLayer:
     input_zero_point: integer zero point of the input (None if symmetric or weight-only).
     bias: float bias added after rescaling, or None.
     weight_spec, input_spec: the integer formats (input_spec None: weight-only).
-    op: ``"dot_general"`` or ``"conv"``.
+    op: ``"dot_general"``, ``"conv"`` or ``"take"`` (an embedding lookup: rows of the
+      dequantized table, no accumulation).
     dimension_numbers: of ``lax.dot_general`` or ``lax.conv_general_dilated``.
     window_strides, padding, rhs_dilation, feature_group_count: the convolution's settings.
   """
@@ -93,8 +97,8 @@ class IntegerLayer:
   feature_group_count: int = 1
 
   def __post_init__(self):
-    if self.op not in ("dot_general", "conv"):
-      raise ValueError(f"IntegerLayer.op must be 'dot_general' or 'conv', got {self.op!r}")
+    if self.op not in OPS:
+      raise ValueError(f"IntegerLayer.op must be one of {OPS}, got {self.op!r}")
     if not self.weight_spec.symmetric:
       raise ValueError(
         "IntegerLayer.weight_spec must be symmetric: kernel zero points are not supported"
@@ -142,7 +146,7 @@ def apply_integer(layer: IntegerLayer, x: jax.Array) -> tuple[jax.Array, jax.Arr
 
   Args:
     layer: an exported layer.
-    x: float input, as the fake-quantized layer receives it.
+    x: float input, as the fake-quantized layer receives it (integer ids for ``take``).
 
   Returns:
     ``(y, max_abs_accumulator)``: the float output (with bias) and the largest ``|acc|``
@@ -150,6 +154,9 @@ def apply_integer(layer: IntegerLayer, x: jax.Array) -> tuple[jax.Array, jax.Arr
   """
   if layer.op == "conv":
     y, acc_max = _conv(layer, x)
+  elif layer.op == "take":
+    table = dequantize(layer.weight, layer.weight_scale, None, layer.weight_spec)
+    y, acc_max = jnp.take(table, x, axis=0), jnp.zeros((), jnp.int32)
   else:
     y, acc_max = _dot_general(layer, x)
   if layer.bias is not None:

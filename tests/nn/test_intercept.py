@@ -17,6 +17,7 @@ W4, A4 = QuantSpec.for_weights(4), QuantSpec.for_activations(4)
 W8, A8 = QuantSpec.for_weights(8), QuantSpec.for_activations(8)
 KEY = jax.random.key(0)
 QUANT_PARAMS = {"kernel_scale", "input_scale", "input_zero_point"}
+EMBED_PARAMS = {"embedding_scale"}  # the Transformer's token embedding, quantized per row
 
 
 class MLPBlock(nn.Module):
@@ -63,7 +64,7 @@ def test_params_are_original_params_plus_quantization_params(name):
   float_params = flatten_dict(model.init(KEY, x)["params"])
   quant_params = flatten_dict(quantize(model, ALL_W4A4).init(KEY, x)["params"])
   extra = {k for k in quant_params if k not in float_params}
-  assert {k[-1] for k in extra} == QUANT_PARAMS
+  assert {k[-1] for k in extra} == QUANT_PARAMS | (EMBED_PARAMS if name == "attention" else set())
   for k, v in float_params.items():
     np.testing.assert_array_equal(quant_params[k], v, err_msg=str(k))
 
@@ -177,3 +178,84 @@ def test_layer_that_bypasses_its_op_is_reported_instead_of_silently_left_in_floa
 
   with pytest.raises(ValueError, match="never called"):
     quantize(Model(), ALL_W4A4).init(KEY, FEATURES)
+
+
+class ScannedBlocks(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return h + nn.Dense(8)(h), None
+
+    stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return stack(name="blocks")(nn.Dense(8)(x), None)[0]
+
+
+@pytest.mark.parametrize(
+  "pattern", ["blocks/Dense_0\\[1\\]", "blocks_1/Dense_0", "blocks/1/Dense_0"]
+)
+def test_a_rule_for_one_layer_of_a_scanned_stack_raises_saying_why_and_what_to_do(pattern):
+  rules = [QuantRule(pattern, weight=W8, input=A8), ALL_W4A4]
+  with pytest.raises(ValueError, match="stacked by nn.scan.*one format.*unstacked"):
+    quantize(ScannedBlocks(), rules).init(KEY, FEATURES)
+
+
+def test_a_rule_for_the_whole_stack_gives_every_layer_of_it_that_format():
+  rules = [QuantRule("blocks/Dense_0", weight=W8, input=A8), ALL_W4A4]
+  variables = quantize(ScannedBlocks(), rules).init(KEY, FEATURES)
+  stacked = variables["params"]["blocks"]["Dense_0"]
+  assert stacked["kernel"].shape == (3, 8, 8) and stacked["kernel_scale"].shape == (3, 8)
+  layers = efqat_jax.nn.quantized_layers(quantize(ScannedBlocks(), rules), variables, FEATURES)
+  assert layers["blocks/Dense_0"].weight_spec.bits == 8 and layers["Dense_0"].weight_spec.bits == 4
+  assert layers["blocks/Dense_0"].units() == [f"blocks/Dense_0[{i}]" for i in range(3)]
+
+
+def test_a_catch_all_rule_warns_for_a_layer_it_cannot_quantize():
+  class WithTransposedConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.ConvTranspose(4, (3, 3))(x).mean(axis=(1, 2)))
+
+  with pytest.warns(UserWarning, match="ConvTranspose_0.*stays in float"):
+    params = quantize(WithTransposedConv(), ALL_W4A4).init(KEY, IMAGES)["params"]
+  assert "kernel_scale" in params["Dense_0"] and "kernel_scale" not in params["ConvTranspose_0"]
+
+
+def test_a_layer_with_its_own_dot_general_warns_and_stays_float():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, dot_general=jax.lax.dot_general)(x)
+
+  with pytest.warns(UserWarning, match="Dense_0 stays in float: it already sets a custom"):
+    params = quantize(Model(), ALL_W4A4).init(KEY, FEATURES)["params"]
+  assert set(params["Dense_0"]) == {"kernel", "bias"}
+
+
+def test_einsum_and_tied_embedding_are_quantized_by_a_rule_that_names_them():
+  class TiedEinsum(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      embed = nn.Embed(32, 8)
+      h = nn.Einsum((8, 2, 4), "btd,dhk->bthk")(embed(tokens)).reshape(*tokens.shape, 8)
+      return embed.attend(h)
+
+  model = quantize(TiedEinsum(), [QuantRule("Embed_0|Einsum_0", weight=W4, input=A8)])
+  variables = model.init(KEY, TOKENS)
+  p = variables["params"]
+  assert p["Embed_0"]["embedding_scale"].shape == (32,)  # one scale per row
+  assert p["Einsum_0"]["kernel_scale"].shape == (2, 4)  # per output channel (heads x features)
+  out = model.apply(variables, TOKENS)
+  float_out = model.clone(mode=Mode.FLOAT).apply(variables, TOKENS)
+  assert out.shape == float_out.shape == (*TOKENS.shape, 32)
+  assert not np.allclose(out, float_out, atol=1e-4)
+  w_hat = efqat_jax.fake_quant(
+    p["Embed_0"]["embedding"],
+    p["Embed_0"]["embedding_scale"],
+    spec=QuantSpec.for_weights(4, axis=0),
+  )
+  lookup = nn.Embed(32, 8).apply({"params": {"embedding": w_hat}}, TOKENS)
+  embed = {k: p["Embed_0"][k] for k in ("embedding", "embedding_scale")}
+  quantized_lookup = quantize(nn.Embed(32, 8), QuantRule(".*", weight=W4, input=None))
+  chex.assert_trees_all_close(quantized_lookup.apply({"params": embed}, TOKENS), lookup)

@@ -5,9 +5,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from efqat_jax.nn import Mode, QuantConv, QuantDense, QuantDenseGeneral
+from efqat_jax.nn import (
+  Mode,
+  QuantConv,
+  QuantDense,
+  QuantDenseGeneral,
+  export_integer,
+  integer_apply,
+)
 from efqat_jax.quant import QuantSpec, fake_quant, ranges
 
 W4 = QuantSpec.for_weights(4)
@@ -35,7 +43,7 @@ def test_params_are_float_params_plus_quantization_params(quant_cls, float_cls, 
   chex.assert_trees_all_equal(
     {k: q_vars["params"][k] for k in f_vars["params"]}, dict(f_vars["params"])
   )
-  assert set(q_vars["quant_stats"]) == {"input_min", "input_max", "input_count"}
+  assert set(q_vars) == {"params"}  # running ranges exist only while calibrating
 
 
 @pytest.mark.parametrize("quant_cls, float_cls, kwargs, x", LAYERS)
@@ -85,9 +93,9 @@ def test_calibrate_mode_tracks_ema_of_input_range_and_computes_in_float():
   layer = QuantDense(5, input_spec=A4, mode=Mode.CALIBRATE)
   variables = layer.init(KEY, X_DENSE)
   second = 3.0 * X_DENSE + 1.0
-  out1, state = layer.apply(variables, X_DENSE, mutable=["quant_stats"])
-  _, state = layer.apply({**variables, **state}, second, mutable=["quant_stats"])
-  stats = state["quant_stats"]
+  out1, state = layer.apply(variables, X_DENSE, mutable=["params"])
+  _, state = layer.apply(state, second, mutable=["params"])
+  stats = state["params"]  # the running range rides in params (so nn.scan maps it)
   assert int(stats["input_count"]) == 2
   np.testing.assert_allclose(
     stats["input_min"], 0.9 * X_DENSE.min() + 0.1 * second.min(), rtol=1e-6
@@ -95,14 +103,18 @@ def test_calibrate_mode_tracks_ema_of_input_range_and_computes_in_float():
   np.testing.assert_allclose(
     stats["input_max"], 0.9 * X_DENSE.max() + 0.1 * second.max(), rtol=1e-6
   )
+  lo, hi = stats["input_min"], stats["input_max"]
+  chex.assert_trees_all_close(
+    (stats["input_scale"], stats["input_zero_point"]), ranges.scale_and_zero_point(lo, hi, A4)
+  )
   p = variables["params"]
   chex.assert_trees_all_close(out1, X_DENSE @ p["kernel"] + p["bias"], rtol=1e-6)
 
 
-def test_calibrate_mode_without_mutable_stats_raises():
+def test_calibrate_mode_without_mutable_params_raises():
   layer = QuantDense(5, mode=Mode.CALIBRATE)
   variables = layer.init(KEY, X_DENSE)
-  with pytest.raises(ValueError, match="quant_stats"):
+  with pytest.raises(ValueError, match="mutable=\\['params'\\]"):
     layer.apply(variables, X_DENSE)
 
 
@@ -110,7 +122,6 @@ def test_weight_only_and_input_only_layers_create_only_their_params():
   weight_only = QuantDense(5, weight_spec=W4, input_spec=None).init(KEY, X_DENSE)
   input_only = QuantDense(5, weight_spec=None, input_spec=A4).init(KEY, X_DENSE)
   assert set(weight_only["params"]) == {"kernel", "bias", "kernel_scale"}
-  assert "quant_stats" not in weight_only
   assert set(input_only["params"]) == {"kernel", "bias", "input_scale", "input_zero_point"}
 
 
@@ -157,3 +168,46 @@ def test_asymmetric_weight_spec_is_rejected_naming_the_field():
   layer = QuantDense(5, weight_spec=QuantSpec(bits=4, signed=False, symmetric=False))
   with pytest.raises(ValueError, match="weight_spec must be symmetric"):
     layer.init(KEY, X_DENSE)
+
+
+def test_a_scale_pushed_through_zero_acts_as_its_magnitude_and_exports():
+  """Any optimizer may push a stored scale through zero; the layer then quantizes with |scale|
+  (never a negative or zero step), and export and the integer path still work."""
+  layer = QuantDense(5, weight_spec=W4, input_spec=A4)
+  variables = layer.init(KEY, X_DENSE)
+  p = dict(variables["params"])
+  flipped = {
+    **p,
+    "kernel_scale": -p["kernel_scale"],
+    "input_scale": -p["input_scale"],
+    "input_zero_point": p["input_zero_point"] + 100.0,  # off the grid: clipped to qmax
+  }
+  expected = {**p, "input_zero_point": jnp.clip(p["input_zero_point"] + 100.0, 0, 15)}
+  out = layer.apply({"params": flipped}, X_DENSE)
+  chex.assert_trees_all_close(out, layer.apply({"params": expected}, X_DENSE))
+  zero = layer.apply({"params": {**p, "kernel_scale": jnp.zeros_like(p["kernel_scale"])}}, X_DENSE)
+  assert np.all(np.isfinite(zero))
+  (exported,) = export_integer(layer, {"params": flipped}, X_DENSE).values()
+  assert np.all(exported.weight_scale > 0)
+  y, _ = integer_apply(layer, {"params": flipped}, X_DENSE)
+  chex.assert_trees_all_close(y, out, atol=1e-5)
+
+
+def test_plain_adamw_on_small_calibrated_scales_keeps_a_valid_quantizer():
+  """The README's optimizer without a quant learning-rate multiplier: Adam moves each scale by
+  about the learning rate per step, far more than a 4-bit weight scale of ~0.002."""
+  layer = QuantDense(5, weight_spec=W4, input_spec=A4)
+  variables = layer.init(KEY, X_DENSE)
+  params = {**variables["params"], "kernel": variables["params"]["kernel"] * 0.01}
+  params["kernel_scale"] = jnp.max(jnp.abs(params["kernel"]), axis=0) / W4.qmax
+  tx = optax.adamw(1e-3)
+  loss = lambda p: jnp.mean(layer.apply({"params": p}, X_DENSE) ** 2)  # pulls the scales down
+  opt_state = tx.init(params)
+  for _ in range(20):
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    params = optax.apply_updates(params, updates)
+  assert np.any(params["kernel_scale"] < 0)  # the stored scales did cross zero
+  assert np.isfinite(float(loss(params)))
+  (exported,) = export_integer(layer, {"params": params}, X_DENSE).values()
+  y, _ = integer_apply(layer, {"params": params}, X_DENSE)
+  chex.assert_trees_all_close(y, layer.apply({"params": params}, X_DENSE), atol=1e-5)

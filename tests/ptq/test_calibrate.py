@@ -8,7 +8,7 @@ import pytest
 
 from efqat_jax.nn import QuantRule, quantize
 from efqat_jax.ptq import calibrate
-from efqat_jax.quant import QuantSpec, fake_quant, ranges
+from efqat_jax.quant import QuantSpec, ranges
 
 W4, A4 = QuantSpec.for_weights(4), QuantSpec.for_activations(4)
 
@@ -25,14 +25,20 @@ def _batches():
   return [2.0 * jax.random.normal(k, (8, 6)) + i for i, k in enumerate(keys)]
 
 
+def _ema_scale_and_zero_point(batches):
+  """Momentum-0.9 EMA of the batch minima and maxima (the first batch sets them), as A4 params."""
+  lo, hi = float(np.min(batches[0])), float(np.max(batches[0]))
+  for b in batches[1:]:
+    lo, hi = 0.9 * lo + 0.1 * float(np.min(b)), 0.9 * hi + 0.1 * float(np.max(b))
+  return ranges.scale_and_zero_point(jnp.float32(lo), jnp.float32(hi), A4)
+
+
 def test_input_ranges_are_the_ema_of_calibration_batches():
   model = quantize(TwoDense(), QuantRule(".*", weight=W4, input=A4))
   variables = model.init(jax.random.key(0), jnp.ones((8, 6)))
   batches = _batches()
   calibrated = calibrate(model, variables, batches, num_batches=2)
-  lo = 0.9 * batches[0].min() + 0.1 * batches[1].min()
-  hi = 0.9 * batches[0].max() + 0.1 * batches[1].max()
-  scale, zero_point = ranges.scale_and_zero_point(lo, hi, A4)
+  scale, zero_point = _ema_scale_and_zero_point(batches[:2])  # the third batch is not used
   first = calibrated["params"]["Dense_0"]
   np.testing.assert_allclose(first["input_scale"], scale, rtol=1e-5)
   np.testing.assert_allclose(first["input_zero_point"], zero_point)
@@ -40,20 +46,46 @@ def test_input_ranges_are_the_ema_of_calibration_batches():
   assert float(first["input_scale"]) != pytest.approx(
     float(variables["params"]["Dense_0"]["input_scale"])
   )
+  # Dense_1 sees relu(Dense_0(x)) computed in float (calibration runs the float ops), by hand.
+  d0 = variables["params"]["Dense_0"]
+  kernel, bias = np.asarray(d0["kernel"], np.float64), np.asarray(d0["bias"], np.float64)
+  hidden = [np.maximum(np.asarray(b, np.float64) @ kernel + bias, 0.0) for b in batches[:2]]
+  scale, zero_point = _ema_scale_and_zero_point(hidden)
+  second = calibrated["params"]["Dense_1"]
+  np.testing.assert_allclose(second["input_scale"], scale, rtol=1e-5)
+  np.testing.assert_allclose(second["input_zero_point"], zero_point)
+  assert int(calibrated["quant_stats"]["Dense_1"]["input_count"]) == 2
 
 
-def test_mse_weight_estimator_lowers_weight_error_at_low_bits():
-  w2 = QuantSpec.for_weights(2)
-  errors = {}
+def _np_fake_quant_columns(w, s, qmax):
+  """Symmetric fake quantization of ``w`` with one scale per column, in float64."""
+  return s * np.clip(np.round(w / s), -qmax, qmax)
+
+
+def test_weight_estimators_give_the_minmax_and_the_least_squared_error_kernel_scales():
+  w2 = QuantSpec.for_weights(2)  # per output channel, grid [-1, 1]
+  scales, errors = {}, {}
   for estimator in ("minmax", "mse"):
     model = quantize(TwoDense(), QuantRule(".*", weight=w2, input=None), weight_estimator=estimator)
     variables = model.init(jax.random.key(0), jnp.ones((8, 6)))
     params = calibrate(model, variables, _batches(), num_batches=1)["params"]["Dense_0"]
-    w_hat = fake_quant(
-      params["kernel"], params["kernel_scale"], spec=QuantSpec.for_weights(2, axis=1)
-    )
-    errors[estimator] = float(jnp.sum((w_hat - params["kernel"]) ** 2))
-  assert errors["mse"] < 0.9 * errors["minmax"]
+    kernel = np.asarray(params["kernel"], np.float64)  # (6, 16): output channels are columns
+    scales[estimator] = np.asarray(params["kernel_scale"], np.float64)
+    w_hat = _np_fake_quant_columns(kernel, scales[estimator], w2.qmax)
+    errors[estimator] = np.sum((w_hat - kernel) ** 2, axis=0)
+  max_abs = np.abs(kernel).max(axis=0)
+  np.testing.assert_allclose(scales["minmax"], max_abs / w2.qmax, rtol=1e-6)
+  # mse, brute force per output channel: of the min-max extents shrunk by the default 100
+  # ratios in [0.2, 1], the one with the smallest squared error.
+  ratios = np.linspace(1.0, 0.2, 100)[:, None]
+  candidates = [
+    np.sum((_np_fake_quant_columns(kernel, s, w2.qmax) - kernel) ** 2, axis=0)
+    for s in ratios * max_abs / w2.qmax
+  ]
+  np.testing.assert_allclose(errors["mse"], np.min(candidates, axis=0), rtol=1e-5)
+  chosen = scales["mse"] * w2.qmax / max_abs
+  assert np.all(np.isclose(chosen, ratios, rtol=1e-5).any(axis=0))
+  assert errors["mse"].sum() < 0.9 * errors["minmax"].sum()
 
 
 def test_calibrate_needs_batches():

@@ -1,0 +1,133 @@
+"""The quantized layers of a model: what each computes and where its params sit.
+
+Params alone do not say which kernel axes are output channels, nor which leading axes
+``nn.scan`` / ``nn.vmap`` stacked onto a layer's params. ``quantized_layers`` traces the model
+once, abstractly, and every quantized op reports its layer: weight name, formats, the shape and
+output-channel axes of one layer's weight, and the op's settings (for integer export). The
+stack shape is what the stored weight has in front of one layer's shape.
+
+A *unit* is one layer of a stack: ``"path"`` for an unstacked layer, ``"path[i]"`` (or
+``"path[i,j]"`` for nested stacks) for layer i of a stack. EfQAT selects, and export writes, units.
+
+Example:
+  >>> layers = quantized_layers(qmodel, variables, images)
+  >>> layers["blocks/Dense_0"].stack_shape, layers["blocks/Dense_0"].units()
+  ((3,), ['blocks/Dense_0[0]', 'blocks/Dense_0[1]', 'blocks/Dense_0[2]'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+
+from efqat_jax.quant.spec import QuantSpec
+
+# The leaf ``restrict_backward`` adds next to a partly trained weight: its trainable channels.
+GRAD_CHANNELS = "weight_grad_channels"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedLayer:
+  """One quantized layer (static: hashable, no arrays).
+
+  Attributes:
+    path: module path, ``/``-joined, relative to the model.
+    weight_name: the weight param: ``"kernel"``, or ``"embedding"`` for ``nn.Embed``.
+    weight_spec: the weight's format with its axes resolved for one layer's weight.
+    input_spec: the input format, or None.
+    weight_shape: one layer's weight shape.
+    out_axes: the axes of ``weight_shape`` that are output channels (ascending; channels are
+      flattened over them in C order).
+    op: ``(name, value)`` pairs of the op's settings (``op``, ``dimension_numbers``, ...).
+    stack_shape: the leading axes that ``nn.scan`` / ``nn.vmap`` add to the stored weight.
+  """
+
+  path: str
+  weight_name: str
+  weight_spec: QuantSpec
+  input_spec: QuantSpec | None
+  weight_shape: tuple[int, ...]
+  out_axes: tuple[int, ...]
+  op: tuple[tuple[str, Any], ...]
+  stack_shape: tuple[int, ...] = ()
+
+  @property
+  def scale_name(self) -> str:
+    return f"{self.weight_name}_scale"
+
+  @property
+  def num_channels(self) -> int:
+    return math.prod(self.weight_shape[a] for a in self.out_axes)
+
+  def indices(self) -> list[tuple[int, ...]]:
+    """The stack index of every unit, in C order (``[()]`` for an unstacked layer)."""
+    return list(itertools.product(*map(range, self.stack_shape)))
+
+  def unit(self, index: tuple[int, ...]) -> str:
+    return self.path if not index else f"{self.path}[{','.join(map(str, index))}]"
+
+  def units(self) -> list[str]:
+    return [self.unit(index) for index in self.indices()]
+
+
+_RECORDERS: contextvars.ContextVar[tuple[dict[str, QuantizedLayer], ...]] = contextvars.ContextVar(
+  "efqat_jax_layer_recorders", default=()
+)
+
+
+def report(layer: QuantizedLayer) -> None:
+  """Called by a quantized op while it runs: records its layer. The first call of a path wins,
+  except that a tied embedding is recorded by its output projection (``attend``, which also
+  quantizes its input) rather than by its lookup."""
+  for recorder in _RECORDERS.get():
+    seen = recorder.get(layer.path)
+    if seen is None or (dict(seen.op)["op"] == "take" and dict(layer.op)["op"] != "take"):
+      recorder[layer.path] = layer
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, QuantizedLayer]]:
+  """Collects the layers every quantized op reports within (by absolute module path)."""
+  layers: dict[str, QuantizedLayer] = {}
+  token = _RECORDERS.set((*_RECORDERS.get(), layers))
+  try:
+    yield layers
+  finally:
+    _RECORDERS.reset(token)
+
+
+def params_at(params: Any, path: str) -> Any:
+  """The subtree of ``params`` at a ``/``-joined module path (``""``: the whole tree)."""
+  for name in path.split("/") if path else ():
+    params = params[name]
+  return params
+
+
+def quantized_layers(model: Any, variables: Any, *args, **kwargs) -> dict[str, QuantizedLayer]:
+  """Every quantized layer ``model.apply(variables, *args, **kwargs)`` runs, by path.
+
+  Traces abstractly (``jax.eval_shape``): nothing is computed. Pass the arguments of an
+  evaluation call (e.g. ``train=False``), so that no rng is needed.
+
+  Raises:
+    ValueError: if the model runs no quantized layer.
+  """
+  root = "/".join(model.scope.path) if model.scope is not None else ""
+  with recording() as layers:
+    jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), variables)
+  if not layers:
+    raise ValueError(f"{type(model).__name__} runs no quantized layer (with a quantized weight)")
+  table = {}
+  for path, layer in layers.items():
+    path = path[len(root) + 1 :] if root and path.startswith(root + "/") else path
+    weight = params_at(variables["params"], path)[layer.weight_name]
+    stack = tuple(weight.shape[: weight.ndim - len(layer.weight_shape)])
+    table[path] = dataclasses.replace(layer, path=path, stack_shape=stack)
+  return table
