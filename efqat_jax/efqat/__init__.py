@@ -6,7 +6,7 @@ from efqat_jax.efqat.backward import (
   restrict_backward,
   stop_frozen_layers,
 )
-from efqat_jax.efqat.importance import channel_importance, layer_importance, quantized_kernels
+from efqat_jax.efqat.importance import channel_importance, layer_importance, unit_weights
 from efqat_jax.efqat.masking import (
   FreezeState,
   freeze_unselected,
@@ -27,11 +27,11 @@ __all__ = [
   "frozen_layers",
   "layer_importance",
   "partial_layers",
-  "quantized_kernels",
   "restrict_backward",
   "select",
   "set_trainable",
   "stop_frozen_layers",
   "trainable_from_state",
   "trainable_masks",
+  "unit_weights",
 ]

@@ -2,10 +2,14 @@
 
 ``freeze_unselected`` zeroes updates with runtime masks, which cannot tell XLA what to skip.
 Inside the step, ``restrict_backward`` turns the static counts of a TrainableSet into less work:
-  - a layer with no trainable channel has its kernel (and, unless ``train_frozen_scales``, its
-    kernel scale) behind ``stop_gradient``: the compiled step has no weight-gradient op for it;
-  - a layer with k of C channels trainable computes its weight gradient for those k only
-    (``efqat_jax.nn.weight_grad_channels``);
+  - a layer none of whose units trains a channel has its weight (and, unless
+    ``train_frozen_scales``, its weight scale) behind ``stop_gradient``: the compiled step has no
+    weight-gradient op for it;
+  - a layer that trains some but not all of its channels computes its weight gradient for
+    those only: its trainable channels ride next to its weight as an int32 leaf
+    (``efqat_jax.nn.GRAD_CHANNELS``), which ``nn.scan`` / ``nn.vmap`` slice per layer like any
+    param. The layers of a stack run one program, so they share the largest count of the
+    stack; units with fewer pad with an index past the last channel (no gradient);
   - a fully trainable layer is left alone.
 Input gradients still flow through every layer wherever a param below it trains (biases and
 activation-quantizer params always do). The step is retraced only when the counts change.
@@ -18,51 +22,76 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from efqat_jax.efqat.selection import TrainableSet
-from efqat_jax.nn.ops import weight_grad_channels
+from efqat_jax.nn.layer_table import GRAD_CHANNELS
+
+
+def _max_counts(trainable: TrainableSet) -> dict[str, int]:
+  """Per layer path, the largest count of its units."""
+  return {
+    layer.path: max(trainable.count(unit) for unit in layer.units()) for layer in trainable.layers
+  }
 
 
 def frozen_layers(trainable: TrainableSet) -> frozenset[str]:
-  """Paths of the layers with no trainable channel."""
-  return frozenset(path for path, k in trainable.counts if k == 0)
+  """Paths of the layers none of whose units trains a channel."""
+  return frozenset(path for path, k in _max_counts(trainable).items() if k == 0)
 
 
 def partial_layers(trainable: TrainableSet) -> dict[str, jax.Array]:
-  """The trainable channels of the layers that train some but not all of their channels.
+  """The trainable channels of the layers that train some but not all of their channels:
+  int32 ``[*stack_shape, k]``, padded with C (no channel) where a unit trains fewer than k.
 
   Empty with ``train_frozen_scales``: the frozen channels' scale gradients need the full
   weight gradient.
   """
   if trainable.train_frozen_scales:
     return {}
-  return {
-    path: trainable.channels[path] for path, k in trainable.counts if 0 < k < trainable.size(path)
-  }
+  out, counts = {}, _max_counts(trainable)
+  for layer in trainable.layers:
+    k, size = counts[layer.path], layer.num_channels
+    if not 0 < k < size:
+      continue
+    padded = [
+      jnp.concatenate([trainable.channels[u], jnp.full(k - trainable.count(u), size, jnp.int32)])
+      for u in layer.units()
+    ]
+    out[layer.path] = jnp.stack(padded).reshape(*layer.stack_shape, k)
+  return out
 
 
 def stop_frozen_layers(params: Any, trainable: TrainableSet) -> Any:
-  """``params`` with the kernels (and, unless ``trainable.train_frozen_scales``, the kernel
+  """``params`` with the weights (and, unless ``trainable.train_frozen_scales``, the weight
   scales) of fully frozen layers made constant."""
-  frozen = frozen_layers(trainable)
-  names = ("kernel",) if trainable.train_frozen_scales else ("kernel", "kernel_scale")
   flat = flatten_dict(params)
-  for path, value in flat.items():
-    if path[-1] in names and "/".join(path[:-1]) in frozen:
-      flat[path] = jax.lax.stop_gradient(value)
+  frozen = frozen_layers(trainable)
+  for layer in trainable.layers:
+    if layer.path not in frozen:
+      continue
+    names = (layer.weight_name,) if trainable.train_frozen_scales else (
+      layer.weight_name, layer.scale_name,
+    )  # fmt: skip
+    for name in names:
+      key = (*layer.path.split("/"), name)
+      flat[key] = jax.lax.stop_gradient(flat[key])
   return unflatten_dict(flat)
 
 
 @contextlib.contextmanager
 def restrict_backward(params: Any, trainable: TrainableSet | None) -> Iterator[Any]:
-  """Yields ``params`` to run the differentiated forward pass with, inside a context where the
-  partially trained layers compute their weight gradient for their trainable channels only.
+  """Yields the params to run the differentiated forward pass with: fully frozen layers'
+  weights made constant, and partly trained layers carrying their trainable channels.
 
-  With ``trainable=None`` (plain QAT) it yields ``params`` unchanged.
+  A ``param_context`` for ``efqat_jax.train.make_train_step``. With ``trainable=None`` (plain
+  QAT) it yields ``params`` unchanged.
   """
   if trainable is None:
     yield params
     return
-  with weight_grad_channels(partial_layers(trainable)):
-    yield stop_frozen_layers(params, trainable)
+  flat = flatten_dict(stop_frozen_layers(params, trainable))
+  for path, channels in partial_layers(trainable).items():
+    flat[(*path.split("/"), GRAD_CHANNELS)] = channels
+  yield unflatten_dict(flat)

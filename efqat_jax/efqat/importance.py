@@ -1,42 +1,39 @@
 """Importance of output channels and layers: the mean absolute weight (EfQAT).
 
-A layer is a quantized kernel, recognised by its ``kernel_scale`` sibling. Its output channels
-are the axes its per-channel ``kernel_scale`` spans (the trailing axes of the kernel: one for
-Dense and Conv, e.g. heads x head_dim for an attention projection), flattened in C order.
+A unit is one quantized layer, or one layer of an ``nn.scan`` / ``nn.vmap`` stack (see
+``efqat_jax.nn.quantized_layers``). Its output channels are the weight's ``out_axes`` (one for
+Dense and Conv, heads x features for an attention projection, the rows of an embedding table),
+flattened in C order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax.traverse_util import flatten_dict
 
-from efqat_jax.nn.export import params_at
-
-
-def quantized_kernels(params: Any) -> dict[str, jax.Array]:
-  """The kernels of the quantized layers (those with a ``kernel_scale``), by ``/``-joined path."""
-  flat = flatten_dict(params)
-  return {
-    "/".join(path[:-1]): value
-    for path, value in flat.items()
-    if path[-1] == "kernel" and path[:-1] + ("kernel_scale",) in flat
-  }
+from efqat_jax.nn.layer_table import QuantizedLayer, params_at
 
 
-def output_axes(params: Any, path: str) -> int:
-  """How many trailing kernel axes are output channels (at least 1)."""
-  return max(1, jnp.ndim(params_at(params, path)["kernel_scale"]))
+def unit_weights(params: Any, layers: Mapping[str, QuantizedLayer]) -> dict[str, jax.Array]:
+  """One weight per unit (a stacked weight split into its layers), by unit name."""
+  weights = {}
+  for layer in layers.values():
+    stacked = params_at(params, layer.path)[layer.weight_name]
+    for index in layer.indices():
+      weights[layer.unit(index)] = stacked[index]
+  return weights
 
 
-def channel_importance(kernel: jax.Array, num_output_axes: int = 1) -> jax.Array:
-  """Mean |w| of every output channel, as a flat vector of length C."""
-  channels = kernel.reshape(-1, *kernel.shape[kernel.ndim - num_output_axes :])
-  return jnp.mean(jnp.abs(channels), axis=0).reshape(-1)
+def channel_importance(weight: jax.Array, out_axes: tuple[int, ...]) -> jax.Array:
+  """Mean |w| of every output channel of one layer's weight, as a flat vector of length C."""
+  channels = jnp.moveaxis(weight, out_axes, tuple(range(-len(out_axes), 0)))
+  size = channels.shape[channels.ndim - len(out_axes) :]
+  return jnp.mean(jnp.abs(channels.reshape(-1, *size)), axis=0).reshape(-1)
 
 
-def layer_importance(kernel: jax.Array) -> jax.Array:
+def layer_importance(weight: jax.Array) -> jax.Array:
   """Mean |w| of the whole layer."""
-  return jnp.mean(jnp.abs(kernel))
+  return jnp.mean(jnp.abs(weight))

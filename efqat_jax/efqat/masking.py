@@ -6,10 +6,11 @@ becomes trainable again resumes with the moments it had (research/methods.md 2.7
 The state therefore keeps its full size; what the frozen entries cost is its memory, not
 optimizer arithmetic that changes anything.
 
-What trains besides the selected kernel channels: every param that is not a quantized kernel
+What trains besides the selected weight channels: every param that is not a quantized weight
 (biases, normalisation params, activation quantizer params) and, unless the TrainableSet says
-``train_frozen_scales``, only the kernel scales of the selected channels (a frozen channel's
-scale gradient would need that channel's full weight gradient).
+``train_frozen_scales``, the weight scales all of whose entries lie in selected channels (a
+scale that covers a frozen channel, e.g. a per-tensor scale of a partly trained layer, would
+need that channel's full weight gradient).
 
 The masks are data in the optimizer state, so re-selecting never recompiles the step. This
 wrapper fixes the semantics; the train step removes the frozen weight-gradient work
@@ -18,6 +19,7 @@ wrapper fixes the semantics; the train step removes the frozen weight-gradient w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -26,37 +28,52 @@ import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from efqat_jax.efqat.importance import output_axes, quantized_kernels
-from efqat_jax.efqat.selection import TrainableSet, select
-from efqat_jax.nn.export import params_at
+from efqat_jax.efqat.selection import TrainableSet
+from efqat_jax.nn.layer_table import QuantizedLayer, params_at
+from efqat_jax.quant import granularity
 
 
 class FreezeState(NamedTuple):
-  """The wrapped optimizer's state and, per param, a mask that broadcasts against it."""
+  """The wrapped optimizer's state and, per param, a bool mask of its shape (True = trains)."""
 
   inner: optax.OptState
   masks: Any
 
 
+def _weight_mask(layer: QuantizedLayer, channel_mask: jax.Array) -> jax.Array:
+  """One layer's bool weight mask from its channel mask ``[C]``."""
+  out_shape = [layer.weight_shape[a] for a in layer.out_axes]
+  shape = [n if a in layer.out_axes else 1 for a, n in enumerate(layer.weight_shape)]
+  mask = channel_mask.reshape(out_shape).reshape(shape)
+  return jnp.broadcast_to(mask, layer.weight_shape)
+
+
+def _scale_mask(layer: QuantizedLayer, weight_mask: jax.Array) -> jax.Array:
+  """True for each weight scale all of whose entries train (a scale that covers a frozen
+  channel would need that channel's weight gradient)."""
+  spec, shape = layer.weight_spec, layer.weight_shape
+  covered = granularity.reduce_blocks(
+    jnp.all, granularity.to_blocks(weight_mask, spec), spec, shape
+  )
+  return covered.reshape(granularity.param_shape(spec, shape))
+
+
 def trainable_masks(params: Any, trainable: TrainableSet) -> Any:
-  """A params-shaped tree of bool masks (broadcastable to each param; True = trains)."""
-  counts = dict(trainable.counts)
-  masks = {}
-  for path, value in flatten_dict(params).items():
-    layer, name = "/".join(path[:-1]), path[-1]
-    mask = jnp.ones((), bool)
-    if layer in counts and name in ("kernel", "kernel_scale"):
-      kernel = params_at(params, layer)["kernel"]
-      channel_shape = kernel.shape[kernel.ndim - output_axes(params, layer) :]
-      channels = trainable.channel_mask(layer).reshape(channel_shape)
-      if name == "kernel":
-        mask = channels.reshape((1,) * (value.ndim - len(channel_shape)) + channel_shape)
-      elif trainable.train_frozen_scales:
-        mask = jnp.ones(jnp.shape(value), bool)
-      else:
-        mask = channels.reshape(jnp.shape(value)) if jnp.ndim(value) else channels.any()
-    masks[path] = mask
-  return unflatten_dict(masks)
+  """A params-shaped tree of bool masks (True = trains)."""
+  flat = {path: jnp.ones(jnp.shape(v), bool) for path, v in flatten_dict(params).items()}
+  for layer in trainable.layers:
+    node = tuple(layer.path.split("/"))
+    weight_masks, scale_masks = [], []
+    for unit in layer.units():
+      weight_mask = _weight_mask(layer, trainable.channel_mask(unit))
+      weight_masks.append(weight_mask)
+      scale_masks.append(_scale_mask(layer, weight_mask))
+    stack = lambda masks, like: jnp.stack(masks).reshape(jnp.shape(like))
+    weight, scale = node + (layer.weight_name,), node + (layer.scale_name,)
+    flat[weight] = stack(weight_masks, flat[weight])
+    if not trainable.train_frozen_scales:
+      flat[scale] = stack(scale_masks, flat[scale])
+  return unflatten_dict(flat)
 
 
 def freeze_unselected(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -66,7 +83,8 @@ def freeze_unselected(inner: optax.GradientTransformation) -> optax.GradientTran
 
   Example:
     >>> tx = freeze_unselected(optax.adamw(1e-3))
-    >>> opt_state = set_trainable(tx.init(params), params, select(params, "cwpl", 0.1))
+    >>> layers = efqat_jax.nn.quantized_layers(qmodel, variables, inputs)
+    >>> opt_state = set_trainable(tx.init(params), params, select(params, layers, "cwpl", 0.1))
   """
 
   def init(params):
@@ -91,32 +109,43 @@ def set_trainable(state: FreezeState, params: Any, trainable: TrainableSet) -> F
   return state._replace(masks=trainable_masks(params, trainable))
 
 
-def trainable_from_state(state: FreezeState, params: Any) -> TrainableSet:
+def trainable_from_state(
+  state: FreezeState, params: Any, layers: Mapping[str, QuantizedLayer]
+) -> TrainableSet:
   """The selection installed in ``state`` (e.g. restored from a checkpoint).
 
   Its channels come in ascending order rather than by importance, which changes nothing that
-  trains; ``train_frozen_scales`` is read off the kernel-scale masks.
+  trains; ``train_frozen_scales`` is read off the weight-scale masks.
   """
-  counts, sizes, channels, scales_differ = {}, {}, {}, False
-  for path in quantized_kernels(params):
-    masks = params_at(state.masks, path)
-    kernel = np.asarray(masks["kernel"]).reshape(-1)
-    scale = np.asarray(masks["kernel_scale"]).reshape(-1)
-    scales_differ |= scale.size == kernel.size and bool(np.any(scale != kernel))
-    channels[path] = jnp.asarray(np.flatnonzero(kernel), jnp.int32)
-    counts[path], sizes[path] = int(kernel.sum()), kernel.size
-  return TrainableSet(
-    tuple(sorted(counts.items())), tuple(sorted(sizes.items())), channels, scales_differ
+  layers = dict(sorted(layers.items()))
+  counts, channels = {}, {}
+  for layer in layers.values():
+    masks = np.asarray(params_at(state.masks, layer.path)[layer.weight_name])
+    for index in layer.indices():
+      per_channel = np.moveaxis(masks[index], layer.out_axes, range(-len(layer.out_axes), 0))
+      trains = per_channel.reshape(-1, layer.num_channels).any(axis=0)
+      channels[layer.unit(index)] = jnp.asarray(np.flatnonzero(trains), jnp.int32)
+      counts[layer.unit(index)] = int(trains.sum())
+  selection = TrainableSet(tuple(sorted(counts.items())), tuple(layers.values()), channels)
+  frozen_scales_train = any(
+    bool(np.any(np.asarray(params_at(state.masks, layer.path)[layer.scale_name]) != expected))
+    for layer, expected in _scale_masks(params, selection)
   )
+  return TrainableSet(selection.counts, selection.layers, channels, frozen_scales_train)
+
+
+def _scale_masks(params: Any, trainable: TrainableSet):
+  """``(layer, its weight-scale mask)`` for every layer, scales of frozen channels frozen."""
+  masks = trainable_masks(params, trainable)
+  for layer in trainable.layers:
+    yield layer, np.asarray(params_at(masks, layer.path)[layer.scale_name])
 
 
 def _everything_trains(params: Any) -> Any:
-  """All-True masks with the shapes ``set_trainable`` installs (so a checkpointed state
-  restores into ``init``'s structure and re-selecting never changes shapes)."""
-  try:
-    return trainable_masks(params, select(params, "qat"))
-  except ValueError:  # no quantized layer: nothing is ever selected
-    return jax.tree.map(lambda _: jnp.ones((), bool), params)
+  """All-True masks of the params' shapes (what ``set_trainable`` installs has these shapes,
+  so a checkpointed state restores into ``init``'s structure and re-selecting never changes
+  shapes)."""
+  return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
 
 
 def _is_masked_node(x: Any) -> bool:

@@ -1,7 +1,7 @@
 """Re-selecting the TrainableSet during training, every ``every`` steps.
 
 ``ReselectingStep`` wraps a train step ``step(state, batch, rng, trainable)`` (see
-``efqat_jax.train.make_train_step``) into the ``step(state, batch, rng)`` a training loop calls.
+``efqat_jax.train.make_train_step(..., param_context=restrict_backward)``) into the ``step(state, batch, rng)`` a training loop calls.
 At step 0 and every ``every`` steps after it, it ranks the current params again and installs the
 new selection in the ``freeze_unselected`` optimizer state. On resuming from a checkpoint
 between two selections it reads the selection back from that state, so an interrupted run
@@ -52,8 +52,9 @@ class ReselectingStep:
   def __call__(self, state: Any, batch: Any, rng: Any) -> tuple[Any, dict]:
     if self._step is None:  # first call of this run: one host read of the step
       self._step = int(state.step)
-      if not self._due(self._step):
-        self.trainable = trainable_from_state(state.opt_state, state.params)
+      if not self._due(self._step):  # resumed between selections: read it from the state
+        layers = {layer.path: layer for layer in self.selector(state.params).layers}
+        self.trainable = trainable_from_state(state.opt_state, state.params, layers)
         self.compiled_counts.add(self.trainable.counts)
     if self._due(self._step):
       state = self._select(state)

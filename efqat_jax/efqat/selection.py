@@ -1,10 +1,10 @@
 """Which weights train: a TrainableSet chosen by importance (CWPL, CWPN, LWPN, or the ends).
 
-Modes (``rho`` is the unfrozen fraction):
-  cwpl  in every quantized layer, the ceil(rho * C) most important output channels;
+Modes (``rho`` is the unfrozen fraction; a unit is a layer, or one layer of a stack):
+  cwpl  in every unit, the ceil(rho * C) most important output channels;
   cwpn  the ceil(rho * N) most important of all N output channels of the network, ranked
-        together by raw mean |w|, so layers get different counts;
-  lwpn  the ceil(rho * L) most important of the L layers, each trained whole;
+        together by raw mean |w|, so units get different counts;
+  lwpn  the ceil(rho * L) most important of the L units, each trained whole;
   qat   everything (rho is ignored);  ptq  nothing.
 """
 
@@ -13,18 +13,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efqat_jax.efqat.importance import (
-  channel_importance,
-  layer_importance,
-  output_axes,
-  quantized_kernels,
-)
+from efqat_jax.efqat.importance import channel_importance, layer_importance, unit_weights
+from efqat_jax.nn.layer_table import QuantizedLayer
 
 MODES = ("cwpl", "cwpn", "lwpn", "qat", "ptq")
 
@@ -32,53 +29,58 @@ MODES = ("cwpl", "cwpn", "lwpn", "qat", "ptq")
 @functools.partial(
   jax.tree_util.register_dataclass,
   data_fields=["channels"],
-  meta_fields=["counts", "sizes", "train_frozen_scales"],
+  meta_fields=["counts", "layers", "train_frozen_scales"],
 )
 @dataclasses.dataclass(frozen=True)
 class TrainableSet:
-  """Per quantized layer: how many output channels train (static) and which (data).
+  """Per unit: how many output channels train (static) and which (data).
 
   Attributes:
-    counts: ``{path: k}``, the number of trainable output channels; static under jit, so a new
-      selection with the same counts reuses the compiled step.
-    sizes: ``{path: C}``, the layer's number of output channels.
-    channels: ``{path: int32[k]}``, the trainable channels, most important first.
-    train_frozen_scales: whether the kernel scales of frozen channels train anyway (their
+    counts: ``((unit, k), ...)``, the number of trainable output channels of every unit; static
+      under jit, so a new selection with the same counts reuses the compiled step.
+    layers: the quantized layers (``efqat_jax.nn.quantized_layers``), sorted by path.
+    channels: ``{unit: int32[k]}``, the trainable channels, most important first.
+    train_frozen_scales: whether the weight scales of frozen channels train anyway (their
       gradient then needs the layer's full weight gradient).
   """
 
   counts: tuple[tuple[str, int], ...]
-  sizes: tuple[tuple[str, int], ...]
+  layers: tuple[QuantizedLayer, ...]
   channels: dict[str, jax.Array]
   train_frozen_scales: bool = False
 
-  def count(self, path: str) -> int:
-    return dict(self.counts)[path]
+  def count(self, unit: str) -> int:
+    return dict(self.counts)[unit]
 
-  def size(self, path: str) -> int:
-    return dict(self.sizes)[path]
+  def size(self, unit: str) -> int:
+    """The unit's number of output channels C."""
+    return self._unit_layer()[unit].num_channels
 
-  def channel_mask(self, path: str) -> jax.Array:
-    """Bool ``[C]``: True for the trainable channels of ``path``."""
-    return jnp.zeros(self.size(path), bool).at[self.channels[path]].set(True)
+  def channel_mask(self, unit: str) -> jax.Array:
+    """Bool ``[C]``: True for the trainable channels of ``unit``."""
+    return jnp.zeros(self.size(unit), bool).at[self.channels[unit]].set(True)
 
   def fractions(self) -> dict[str, float]:
-    """Trainable share of output channels per layer (equal to the share of kernel params)."""
-    return {path: k / dict(self.sizes)[path] for path, k in self.counts}
+    """Trainable share of output channels per unit (equal to its share of weight params)."""
+    return {unit: k / self.size(unit) for unit, k in self.counts}
 
-  def summary(self, params: Any) -> dict[str, float]:
-    """What trains, for logging: per layer the share of channels and of kernel params (equal
-    within a layer), and over the network the share of channels and of kernel params."""
-    kernel_sizes = {path: np.size(w) for path, w in quantized_kernels(params).items()}
-    sizes = dict(self.sizes)
-    trained = sum(k / sizes[p] * kernel_sizes[p] for p, k in self.counts)
+  def summary(self) -> dict[str, float]:
+    """What trains, for logging: per unit the share of channels and of weight params (equal
+    within a unit), and over the network the share of channels and of weight params."""
+    unit_layer = self._unit_layer()
+    sizes = {unit: math.prod(unit_layer[unit].weight_shape) for unit, _ in self.counts}
+    channels = {unit: unit_layer[unit].num_channels for unit, _ in self.counts}
+    trained = sum(k / channels[u] * sizes[u] for u, k in self.counts)
     out = {
-      "channel_fraction": sum(k for _, k in self.counts) / sum(sizes.values()),
-      "param_fraction": trained / sum(kernel_sizes.values()),
+      "channel_fraction": sum(k for _, k in self.counts) / sum(channels.values()),
+      "param_fraction": trained / sum(sizes.values()),
     }
-    for path, share in self.fractions().items():
-      out[f"{path}/channel_fraction"] = out[f"{path}/param_fraction"] = share
+    for unit, share in self.fractions().items():
+      out[f"{unit}/channel_fraction"] = out[f"{unit}/param_fraction"] = share
     return out
+
+  def _unit_layer(self) -> dict[str, QuantizedLayer]:
+    return {unit: layer for layer in self.layers for unit in layer.units()}
 
 
 def _validate(mode: str, rho: float, bucket: int) -> None:
@@ -95,50 +97,55 @@ def _bucketed(k: int, size: int, bucket: int) -> int:
 
 
 def select(
-  params: Any, mode: str, rho: float = 0.1, bucket: int = 1, train_frozen_scales: bool = False
+  params: Any,
+  layers: Mapping[str, QuantizedLayer],
+  mode: str,
+  rho: float = 0.1,
+  bucket: int = 1,
+  train_frozen_scales: bool = False,
 ) -> TrainableSet:
-  """Chooses the trainable output channels of every quantized layer.
+  """Chooses the trainable output channels of every unit.
 
   Args:
-    params: the model's params (quantized layers have a ``kernel_scale``).
+    params: the model's params.
+    layers: its quantized layers, ``efqat_jax.nn.quantized_layers(qmodel, variables, *inputs)``.
     mode: one of ``MODES``.
-    rho: fraction of channels (cwpl, cwpn) or layers (lwpn) that train.
-    bucket: for cwpn, per-layer counts are rounded up to a multiple of ``bucket`` (capped at
+    rho: fraction of channels (cwpl, cwpn) or units (lwpn) that train.
+    bucket: for cwpn, per-unit counts are rounded up to a multiple of ``bucket`` (capped at
       C), so that re-selections change the static counts, and recompile the step, less often.
-    train_frozen_scales: let the kernel scales of frozen channels train.
+    train_frozen_scales: let the weight scales of frozen channels train.
 
   Returns:
     The TrainableSet.
   """
   _validate(mode, rho, bucket)
-  kernels = quantized_kernels(params)
-  if not kernels:
-    raise ValueError("params have no quantized layer (no 'kernel_scale'): nothing to select")
-  scores = {
-    path: np.asarray(channel_importance(w, output_axes(params, path)))
-    for path, w in kernels.items()
-  }
-  sizes = {path: s.size for path, s in scores.items()}
+  if not layers:
+    raise ValueError("layers is empty: the model has no quantized layer, nothing to select")
+  layers = dict(sorted(layers.items()))
+  weights = unit_weights(params, layers)
+  out_axes = {layer.unit(i): layer.out_axes for layer in layers.values() for i in layer.indices()}
+  scores = {u: np.asarray(channel_importance(w, out_axes[u])) for u, w in weights.items()}
+  sizes = {unit: s.size for unit, s in scores.items()}
   if mode == "qat":
     counts = dict(sizes)
   elif mode == "ptq":
     counts = dict.fromkeys(sizes, 0)
   elif mode == "cwpl":
-    counts = {path: math.ceil(rho * c) for path, c in sizes.items()}
+    counts = {unit: math.ceil(rho * c) for unit, c in sizes.items()}
   elif mode == "lwpn":
-    ranked = sorted(kernels, key=lambda p: -float(layer_importance(kernels[p])))
+    ranked = sorted(weights, key=lambda u: -float(layer_importance(weights[u])))
     chosen = set(ranked[: math.ceil(rho * len(ranked))])
-    counts = {path: sizes[path] if path in chosen else 0 for path in sizes}
+    counts = {unit: sizes[unit] if unit in chosen else 0 for unit in sizes}
   else:  # cwpn
     pooled = np.concatenate(list(scores.values()))
     k = math.ceil(rho * pooled.size)
     threshold = np.sort(pooled)[::-1][k - 1] if k else np.inf
-    counts = {path: int(np.sum(s >= threshold)) for path, s in scores.items()}
-    counts = {path: _bucketed(k, sizes[path], bucket) for path, k in counts.items()}
+    counts = {unit: int(np.sum(s >= threshold)) for unit, s in scores.items()}
+    counts = {unit: _bucketed(k, sizes[unit], bucket) for unit, k in counts.items()}
   channels = {
-    path: jnp.asarray(np.argsort(-scores[path], kind="stable")[: counts[path]], jnp.int32)
-    for path in sizes
+    unit: jnp.asarray(np.argsort(-scores[unit], kind="stable")[: counts[unit]], jnp.int32)
+    for unit in sizes
   }
   return TrainableSet(
-    tuple(sorted(counts.items())), tuple(sorted(sizes.items())), channels, train_frozen_scales
+    tuple(sorted(counts.items())), tuple(layers.values()), channels, train_frozen_scales
   )

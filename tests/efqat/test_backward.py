@@ -10,21 +10,27 @@ import optax
 import pytest
 
 from efqat_jax import QuantRule, QuantSpec, quantize
-from efqat_jax.efqat import freeze_unselected, select, set_trainable
+from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
 from efqat_jax.models import SmallCNN
+from efqat_jax.nn import quantized_layers
 from efqat_jax.train import create_train_state, make_mesh, make_train_step, replicate, shard_batch
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
 MODEL = quantize(SmallCNN(features=(8, 16, 16)), RULE)  # Conv_0..2, Dense_0
 X = jax.random.uniform(jax.random.key(0), (8, 12, 12, 1))
 Y = jnp.arange(8) % 10
+LAYERS = quantized_layers(MODEL, MODEL.init(jax.random.key(0), X), X)
+
+
+def _step(model, tx, mesh):
+  return make_train_step(model, tx, mesh, param_context=restrict_backward)
 
 
 @pytest.fixture(scope="module")
 def setup():
   mesh, tx = make_mesh(), freeze_unselected(optax.adam(1e-2))
   state = replicate(create_train_state(MODEL.init(jax.random.key(0), X), tx), mesh)
-  return state, make_train_step(MODEL, tx, mesh), shard_batch({"inputs": X, "labels": Y}, mesh)
+  return state, _step(MODEL, tx, mesh), shard_batch({"inputs": X, "labels": Y}, mesh)
 
 
 def _op_counts(step, state, batch, trainable):
@@ -47,7 +53,10 @@ def test_compiled_step_has_weight_gradients_only_for_layers_that_train(
   setup, mode, rho, convolutions, dots
 ):
   state, step, batch = setup
-  assert _op_counts(step, state, batch, select(state.params, mode, rho)) == (convolutions, dots)
+  assert _op_counts(step, state, batch, select(state.params, LAYERS, mode, rho)) == (
+    convolutions,
+    dots,
+  )
 
 
 def _backward_output_shapes(step, state, batch, trainable):
@@ -69,14 +78,14 @@ def _weight_gradient(kernel_shape, k):
 
 def test_partially_trained_layers_compute_weight_gradients_for_their_channels_only(setup):
   state, step, batch = setup
-  trainable = select(state.params, "cwpl", 0.25)  # 8, 16, 16, 10 channels -> 2, 4, 4, 3
+  trainable = select(state.params, LAYERS, "cwpl", 0.25)  # 8, 16, 16, 10 channels -> 2, 4, 4, 3
   shapes = _backward_output_shapes(step, state, batch, trainable)
   for path, k in trainable.counts:
     kernel = state.params[path]["kernel"].shape
     assert (k, kernel[-1]) in [(2, 8), (4, 16), (3, 10)], path
     assert _weight_gradient(kernel, k) in shapes, path
     assert _weight_gradient(kernel, kernel[-1]) not in shapes, path
-  full = _backward_output_shapes(step, state, batch, select(state.params, "qat"))
+  full = _backward_output_shapes(step, state, batch, select(state.params, LAYERS, "qat"))
   for path, value in state.params.items():
     assert _weight_gradient(value["kernel"].shape, value["kernel"].shape[-1]) in full, path
 
@@ -92,30 +101,91 @@ class GroupedConvs(nn.Module):
     return nn.Dense(10)(x.mean(axis=(1, 2)))
 
 
-@pytest.mark.parametrize(
-  "model, mode, rho",
-  [
-    (MODEL, "cwpl", 0.25),
-    (MODEL, "cwpn", 0.2),
-    (MODEL, "lwpn", 0.5),
-    (quantize(GroupedConvs(), RULE), "cwpl", 0.3),
-  ],
-)
-def test_restricted_backward_updates_params_like_the_full_backward_with_masks(model, mode, rho):
-  """The cheaper backward changes nothing but the work: one step with it equals a step with
-  the full weight gradients and the same freezing masks."""
+class Tied(nn.Module):
+  """Embedding lookup, a multi-axis DenseGeneral, an Einsum and a tied output projection."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    embed = nn.Embed(10, 12)
+    h = embed(jnp.argmax(x.reshape(x.shape[0], -1, 12), axis=-1) % 10)  # [batch, 12, 12]
+    h = nn.DenseGeneral((2, 6))(h).reshape(*h.shape[:-1], 12)
+    h = nn.relu(nn.Einsum((12, 3, 4), "btd,dhk->bthk")(h)).reshape(*h.shape[:-1], 12)
+    return embed.attend(h.mean(axis=1))
+
+
+class Scanned(nn.Module):
+  """Three residual Dense blocks stacked by nn.scan over nn.remat (one params tree per axis)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Dense(16)(x.reshape(x.shape[0], -1))
+
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return h + nn.Dense(16)(nn.relu(nn.Dense(24)(h))), None
+
+    stack = nn.scan(
+      nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+    )
+    h, _ = stack(name="blocks")(h, None)
+    return nn.Dense(10)(h)
+
+
+def _rule(granularity):
+  weights = {
+    "channel": QuantSpec.for_weights(4),
+    "tensor": QuantSpec.for_weights(4, granularity="tensor"),
+    "group": QuantSpec.for_weights(4, granularity="group", axis=-1, group_size=2),
+  }[granularity]
+  return QuantRule(".*", weight=weights, input=QuantSpec.for_activations(4))
+
+
+EQUALITY_CASES = {
+  "cnn-channel-cwpl": (SmallCNN(features=(8, 16, 16)), "channel", "cwpl", 0.25),
+  "cnn-channel-cwpn": (SmallCNN(features=(8, 16, 16)), "channel", "cwpn", 0.2),
+  "cnn-channel-lwpn": (SmallCNN(features=(8, 16, 16)), "channel", "lwpn", 0.5),
+  "cnn-tensor-cwpl": (SmallCNN(features=(8, 16, 16)), "tensor", "cwpl", 0.25),
+  "cnn-group-cwpl": (SmallCNN(features=(8, 16, 16)), "group", "cwpl", 0.3),
+  "grouped-convs-cwpl": (GroupedConvs(), "channel", "cwpl", 0.3),
+  "tied-einsum-cwpl": (Tied(), "channel", "cwpl", 0.3),
+  "tied-einsum-tensor-cwpn": (Tied(), "tensor", "cwpn", 0.3),
+  "scan-remat-cwpl": (Scanned(), "channel", "cwpl", 0.25),
+  "scan-remat-cwpn": (Scanned(), "channel", "cwpn", 0.2),
+  "scan-remat-group-lwpn": (Scanned(), "group", "lwpn", 0.4),
+}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("case", EQUALITY_CASES)
+def test_restricted_backward_updates_params_like_the_full_backward_with_masks(case, optimizer):
+  """The cheaper backward changes nothing but the work: SGD (whose update is the gradient
+  itself) and several Adam steps with it equal those with the full weight gradients and the
+  same freezing masks, for every weight granularity and layer kind."""
+  model, granularity, mode, rho = EQUALITY_CASES[case]
+  model = quantize(model, _rule(granularity))
   mesh = make_mesh()
-  tx = freeze_unselected(optax.adam(1e-2))
-  state = replicate(create_train_state(model.init(jax.random.key(0), X), tx), mesh)
-  trainable = select(state.params, mode, rho)
+  inner = optax.sgd(0.5) if optimizer == "sgd" else optax.adam(1e-2)
+  tx = freeze_unselected(inner)
+  variables = model.init(jax.random.key(0), X)
+  state = replicate(create_train_state(variables, tx), mesh)
+  trainable = select(state.params, quantized_layers(model, variables, X), mode, rho)
+  assert (
+    0 < sum(k for _, k in trainable.counts) < sum(trainable.size(u) for u, _ in trainable.counts)
+  )
   state = state.replace(opt_state=set_trainable(state.opt_state, state.params, trainable))
   batch = shard_batch({"inputs": X, "labels": Y}, mesh)
-  copy = lambda s: jax.tree.map(jnp.copy, s)
-  step = make_train_step(model, tx, mesh)
-  restricted, _ = step(copy(state), batch, jax.random.key(1), trainable)
-  full, _ = step(copy(state), batch, jax.random.key(1), None)
+  step = _step(model, tx, mesh)
+  restricted, full = state, jax.tree.map(jnp.copy, state)
+  for i in range(1 if optimizer == "sgd" else 3):
+    restricted, _ = step(restricted, batch, jax.random.key(i), trainable)
+    full, _ = step(full, batch, jax.random.key(i), None)
+  moved = jax.tree.map(
+    lambda a, b: bool(np.any(a != b)), jax.device_get(full.params), variables["params"]
+  )
+  assert sum(jax.tree.leaves(moved)) > 1
   jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7),
     restricted.params,
     full.params,
   )
@@ -123,7 +193,7 @@ def test_restricted_backward_updates_params_like_the_full_backward_with_masks(mo
 
 def test_lwpn_drops_the_weight_gradients_of_the_frozen_layers(setup):
   state, step, batch = setup
-  trainable = select(state.params, "lwpn", 0.5)
+  trainable = select(state.params, LAYERS, "lwpn", 0.5)
   trained = {p for p, k in trainable.counts if k}
   conv_dw = sum(p.startswith("Conv") for p in trained)
   dense_dw = int("Dense_0" in trained)
@@ -135,13 +205,13 @@ def test_reselection_retraces_only_when_counts_change(setup):
   tx = freeze_unselected(optax.adam(1e-2))
   mesh = make_mesh()
   state = replicate(create_train_state(MODEL.init(jax.random.key(0), X), tx), mesh)
-  fresh = make_train_step(MODEL, tx, mesh)
+  fresh = _step(MODEL, tx, mesh)
   for i in range(3):
-    trainable = select(state.params, "cwpl", 0.25)
+    trainable = select(state.params, LAYERS, "cwpl", 0.25)
     state = state.replace(opt_state=set_trainable(state.opt_state, state.params, trainable))
     state, _ = fresh(state, batch, jax.random.key(i), trainable)
   assert fresh._cache_size() == 1
-  state, _ = fresh(state, batch, jax.random.key(9), select(state.params, "lwpn", 0.5))
+  state, _ = fresh(state, batch, jax.random.key(9), select(state.params, LAYERS, "lwpn", 0.5))
   assert fresh._cache_size() == 2
 
 
@@ -150,10 +220,10 @@ def test_frozen_layer_params_do_not_move_through_the_full_step(setup):
   tx = freeze_unselected(optax.adam(1e-2))
   mesh = make_mesh()
   state = replicate(create_train_state(MODEL.init(jax.random.key(0), X), tx), mesh)
-  trainable = select(state.params, "lwpn", 0.5)
+  trainable = select(state.params, LAYERS, "lwpn", 0.5)
   state = state.replace(opt_state=set_trainable(state.opt_state, state.params, trainable))
   before = jax.device_get(state.params)
-  state, _ = make_train_step(MODEL, tx, mesh)(state, batch, jax.random.key(0), trainable)
+  state, _ = _step(MODEL, tx, mesh)(state, batch, jax.random.key(0), trainable)
   for path, k in trainable.counts:
     moved = not np.array_equal(before[path]["kernel"], state.params[path]["kernel"])
     assert moved == (k > 0), path

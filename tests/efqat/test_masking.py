@@ -9,12 +9,15 @@ import pytest
 from efqat_jax import QuantRule, QuantSpec, quantize
 from efqat_jax.efqat import freeze_unselected, select, set_trainable
 from efqat_jax.models import SmallCNN
+from efqat_jax.nn import quantized_layers
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
 MODEL = quantize(SmallCNN(features=(8, 16)), RULE)
 X = jax.random.uniform(jax.random.key(0), (8, 12, 12, 1))
 Y = jnp.arange(8) % 10
-PARAMS = MODEL.init(jax.random.key(0), X)["params"]
+VARIABLES = MODEL.init(jax.random.key(0), X)
+PARAMS = VARIABLES["params"]
+LAYERS = quantized_layers(MODEL, VARIABLES, X)
 OPTIMIZERS = {
   "sgd_momentum": optax.sgd(0.05, momentum=0.9),
   "adam": optax.adam(1e-2),
@@ -46,7 +49,7 @@ def _frozen_and_trained(tset, path):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_frozen_channels_do_not_move_and_selected_ones_do(name):
   tx = freeze_unselected(OPTIMIZERS[name])
-  tset = select(PARAMS, "cwpl", 0.25)
+  tset = select(PARAMS, LAYERS, "cwpl", 0.25)
   state = set_trainable(tx.init(PARAMS), PARAMS, tset)
   params, _, _ = _run(tx, PARAMS, state, 3)
   for path in ("Conv_0", "Conv_1", "Dense_0"):
@@ -67,9 +70,9 @@ def test_frozen_channels_do_not_move_and_selected_ones_do(name):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_channel_frozen_at_reselection_stops_at_once_and_keeps_its_moments(name):
   tx = freeze_unselected(OPTIMIZERS[name])
-  everything = select(PARAMS, "qat")
+  everything = select(PARAMS, LAYERS, "qat")
   params, state, step = _run(tx, PARAMS, set_trainable(tx.init(PARAMS), PARAMS, everything), 3)
-  nothing = select(params, "ptq")
+  nothing = select(params, LAYERS, "ptq")
   state = set_trainable(state, params, nothing)
   params2, state2 = step(params, state)
   for path in ("Conv_0", "Dense_0"):
@@ -93,7 +96,7 @@ def test_default_trains_everything_like_the_inner_optimizer():
 
 def test_train_frozen_scales_lets_every_kernel_scale_move():
   tx = freeze_unselected(optax.adam(1e-2))
-  tset = select(PARAMS, "ptq", train_frozen_scales=True)
+  tset = select(PARAMS, LAYERS, "ptq", train_frozen_scales=True)
   state = set_trainable(tx.init(PARAMS), PARAMS, tset)
   params, _, _ = _run(tx, PARAMS, state, 2)
   np.testing.assert_array_equal(params["Conv_1"]["kernel"], PARAMS["Conv_1"]["kernel"])
@@ -102,7 +105,7 @@ def test_train_frozen_scales_lets_every_kernel_scale_move():
 
 def test_set_trainable_rejects_a_foreign_state():
   with pytest.raises(ValueError, match="freeze_unselected"):
-    set_trainable(optax.adam(1e-2).init(PARAMS), PARAMS, select(PARAMS, "qat"))
+    set_trainable(optax.adam(1e-2).init(PARAMS), PARAMS, select(PARAMS, LAYERS, "qat"))
 
 
 def test_frozen_state_is_kept_inside_multi_transform_with_decay_before_momentum():
@@ -117,7 +120,7 @@ def test_frozen_state_is_kept_inside_multi_transform_with_decay_before_momentum(
     ),
   )
   tx = freeze_unselected(inner)
-  tset = select(PARAMS, "cwpl", 0.25)
+  tset = select(PARAMS, LAYERS, "cwpl", 0.25)
   params, state, _ = _run(tx, PARAMS, set_trainable(tx.init(PARAMS), PARAMS, tset), 3)
   momentum = state.inner.inner_states["weights"].inner_state[1][0].trace
   frozen = ~np.asarray(tset.channel_mask("Conv_1"))
@@ -133,7 +136,9 @@ def test_selected_state_has_the_shapes_of_a_fresh_state(tmp_path):
 
   tx = freeze_unselected(optax.adam(1e-2))
   fresh = tx.init(PARAMS)
-  selected = set_trainable(fresh, PARAMS, select(PARAMS, "cwpl", 0.25, train_frozen_scales=True))
+  selected = set_trainable(
+    fresh, PARAMS, select(PARAMS, LAYERS, "cwpl", 0.25, train_frozen_scales=True)
+  )
   assert jax.tree.map(np.shape, selected) == jax.tree.map(np.shape, fresh)
   with Checkpointer(tmp_path / "c") as ckpt:
     ckpt.save(1, selected, wait=True)
@@ -141,14 +146,16 @@ def test_selected_state_has_the_shapes_of_a_fresh_state(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, restored.masks, selected.masks)
 
 
-def test_per_tensor_weight_scales_freeze_channels_and_train_the_scale_if_any_channel_trains():
+@pytest.mark.parametrize("mode, rho", [("lwpn", 0.3), ("cwpl", 0.25)])
+def test_a_per_tensor_weight_scale_trains_only_with_its_whole_layer(mode, rho):
   per_tensor = QuantRule(
     ".*", weight=QuantSpec.for_weights(4, granularity="tensor"), input=QuantSpec.for_activations(4)
   )
   model = quantize(SmallCNN(features=(8, 16)), per_tensor)
-  params = model.init(jax.random.key(0), X)["params"]
+  variables = model.init(jax.random.key(0), X)
+  params, layers = variables["params"], quantized_layers(model, variables, X)
   tx = freeze_unselected(optax.adam(1e-2))
-  tset = select(params, "lwpn", 0.3)  # one of three layers, trained whole
+  tset = select(params, layers, mode, rho)  # lwpn: one layer whole; cwpl: part of each
   state = set_trainable(tx.init(params), params, tset)
   loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
     model.apply({"params": p}, X), Y
@@ -157,6 +164,7 @@ def test_per_tensor_weight_scales_freeze_channels_and_train_the_scale_if_any_cha
   after = optax.apply_updates(params, updates)
   for path, k in tset.counts:
     assert np.shape(params[path]["kernel_scale"]) == ()
-    for name in ("kernel", "kernel_scale"):
-      moved = not np.array_equal(after[path][name], params[path][name])
-      assert moved == (k > 0), (path, name)
+    kernel_moved = not np.array_equal(after[path]["kernel"], params[path]["kernel"])
+    scale_moved = not np.array_equal(after[path]["kernel_scale"], params[path]["kernel_scale"])
+    assert kernel_moved == (k > 0), path
+    assert scale_moved == (k == tset.size(path)), path  # it also scales frozen channels

@@ -16,11 +16,13 @@ from efqat_jax.efqat import (
   trainable_from_state,
 )
 from efqat_jax.models import SmallCNN
+from efqat_jax.nn import quantized_layers
 from efqat_jax.train import create_train_state
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
 MODEL = quantize(SmallCNN(features=(8, 16)), RULE)  # Conv_0 (8), Conv_1 (16), Dense_0 (10)
 VARIABLES = MODEL.init(jax.random.key(0), jnp.ones((2, 12, 12, 1)))
+LAYERS = quantized_layers(MODEL, VARIABLES, jnp.ones((2, 12, 12, 1)))
 TX = freeze_unselected(optax.adam(1e-2))
 
 
@@ -54,7 +56,7 @@ def test_selects_at_step_zero_and_every_so_many_steps(every, selections):
   calls = []
   recorder = Recorder()
   step = ReselectingStep(
-    recorder, lambda p: select(p, "cwpl", 0.25), every, lambda *a: calls.append(a[0])
+    recorder, lambda p: select(p, LAYERS, "cwpl", 0.25), every, lambda *a: calls.append(a[0])
   )
   _run(step, _state(), 5)
   assert calls == selections
@@ -62,16 +64,17 @@ def test_selects_at_step_zero_and_every_so_many_steps(every, selections):
 
 
 def test_selection_is_installed_in_the_optimizer_state():
-  step = ReselectingStep(Recorder(), lambda p: select(p, "cwpl", 0.25), None)
+  step = ReselectingStep(Recorder(), lambda p: select(p, LAYERS, "cwpl", 0.25), None)
   state = _run(step, _state(), 1)
   masks = state.opt_state.masks["Conv_1"]["kernel"]
-  assert masks.shape == (1, 1, 1, 16) and int(masks.sum()) == 4
+  assert masks.shape == (3, 3, 8, 16) and int(masks[0, 0, 0].sum()) == 4
+  np.testing.assert_array_equal(masks, np.broadcast_to(masks[0, 0, 0], masks.shape))
 
 
 def test_recompiles_are_flagged_only_for_counts_not_seen_before():
   flags = []
   step = ReselectingStep(
-    Recorder(), lambda p: select(p, "cwpn", 0.3), 1, lambda *a: flags.append(a[3])
+    Recorder(), lambda p: select(p, LAYERS, "cwpn", 0.3), 1, lambda *a: flags.append(a[3])
   )
   _run(step, _state(), 4)
   assert flags[0] is True
@@ -82,11 +85,11 @@ def test_recompiles_are_flagged_only_for_counts_not_seen_before():
 @pytest.mark.parametrize("train_frozen_scales", [False, True])
 def test_selection_reads_back_from_the_optimizer_state(mode, rho, train_frozen_scales):
   state = _state()
-  chosen = select(state.params, mode, rho, train_frozen_scales=train_frozen_scales)
+  chosen = select(state.params, LAYERS, mode, rho, train_frozen_scales=train_frozen_scales)
   opt_state = set_trainable(state.opt_state, state.params, chosen)
-  back = trainable_from_state(opt_state, state.params)
-  assert back.counts == chosen.counts and back.sizes == chosen.sizes
-  partial = any(k < c for (_, k), (_, c) in zip(chosen.counts, chosen.sizes, strict=True))
+  back = trainable_from_state(opt_state, state.params, LAYERS)
+  assert back.counts == chosen.counts and back.layers == chosen.layers
+  partial = any(k < chosen.size(unit) for unit, k in chosen.counts)
   expect_flag = train_frozen_scales and partial
   assert back.train_frozen_scales == expect_flag
   for path in chosen.channels:
@@ -95,11 +98,11 @@ def test_selection_reads_back_from_the_optimizer_state(mode, rho, train_frozen_s
 
 def test_a_resumed_run_between_selections_continues_with_the_installed_selection():
   straight = Recorder()
-  _run(ReselectingStep(straight, lambda p: select(p, "cwpn", 0.3), 3), _state(), 5)
+  _run(ReselectingStep(straight, lambda p: select(p, LAYERS, "cwpn", 0.3), 3), _state(), 5)
   first = Recorder()
-  state = _run(ReselectingStep(first, lambda p: select(p, "cwpn", 0.3), 3), _state(), 2)
+  state = _run(ReselectingStep(first, lambda p: select(p, LAYERS, "cwpn", 0.3), 3), _state(), 2)
   resumed = Recorder()  # a new process: resumes at step 2 (no selection due until step 3)
-  _run(ReselectingStep(resumed, lambda p: select(p, "cwpn", 0.3), 3), state, 3)
+  _run(ReselectingStep(resumed, lambda p: select(p, LAYERS, "cwpn", 0.3), 3), state, 3)
   for a, b in zip(straight.seen, first.seen + resumed.seen, strict=True):
     assert a.counts == b.counts
     for path in a.channels:
@@ -108,8 +111,8 @@ def test_a_resumed_run_between_selections_continues_with_the_installed_selection
 
 def test_summary_counts_channel_and_parameter_shares():
   params = _state().params
-  chosen = select(params, "lwpn", 0.3)  # one of three layers, trained whole
-  summary = chosen.summary(params)
+  chosen = select(params, LAYERS, "lwpn", 0.3)  # one of three layers, trained whole
+  summary = chosen.summary()
   (trained,) = [p for p, k in chosen.counts if k]
   sizes = {p: np.size(params[p]["kernel"]) for p in ("Conv_0", "Conv_1", "Dense_0")}
   channels = {"Conv_0": 8, "Conv_1": 16, "Dense_0": 10}
@@ -121,18 +124,24 @@ def test_summary_counts_channel_and_parameter_shares():
 @pytest.mark.parametrize("every", [0, -1, 1.5, True])
 def test_bad_period_is_rejected(every):
   with pytest.raises(ValueError, match="every must be"):
-    ReselectingStep(Recorder(), lambda p: select(p, "cwpl"), every)
+    ReselectingStep(Recorder(), lambda p: select(p, LAYERS, "cwpl"), every)
 
 
 def test_reselecting_with_unchanged_counts_never_retraces_the_step():
   """cwpl keeps every layer's count, so re-selecting (every other step) reuses one trace."""
-  from efqat_jax.train import cross_entropy, make_mesh, make_train_step, replicate, shard_batch
+  from efqat_jax.efqat import restrict_backward
+  from efqat_jax.train import (
+    classification_loss,
+    make_mesh,
+    make_train_step,
+    replicate,
+    shard_batch,
+  )
 
   mesh = make_mesh()
-  traced_once = chex.assert_max_traces(cross_entropy, n=1)  # the loss runs once per trace
-  step = ReselectingStep(
-    make_train_step(MODEL, TX, mesh, loss_fn=traced_once), lambda p: select(p, "cwpl", 0.25), 2
-  )
+  traced_once = chex.assert_max_traces(classification_loss, n=1)  # runs once per trace
+  train_step = make_train_step(MODEL, TX, mesh, traced_once, param_context=restrict_backward)
+  step = ReselectingStep(train_step, lambda p: select(p, LAYERS, "cwpl", 0.25), 2)
   x = jax.random.uniform(jax.random.key(1), (8, 12, 12, 1))
   batch = shard_batch({"inputs": x, "labels": jnp.arange(8) % 10}, mesh)
   state = replicate(_state(), mesh)
@@ -141,4 +150,46 @@ def test_reselecting_with_unchanged_counts_never_retraces_the_step():
   assert len(step.compiled_counts) == 1
   assert step.step_fn._cache_size() == 1  # new masks keep the state's placement: no recompile
   with pytest.raises(AssertionError, match="traced"):  # new counts: the same step retraces
-    step.step_fn(state, batch, jax.random.key(9), select(state.params, "lwpn", 0.5))
+    step.step_fn(state, batch, jax.random.key(9), select(state.params, LAYERS, "lwpn", 0.5))
+
+
+def test_a_real_reselection_stops_newly_frozen_channels_and_trains_newly_selected_ones():
+  """A real train step over a selection change: channels frozen at step 2 stop at once and keep
+  their Adam moments; channels selected at step 2 (frozen before) start to move."""
+  from efqat_jax.efqat import TrainableSet, restrict_backward
+  from efqat_jax.train import make_mesh, make_train_step, replicate, shard_batch
+
+  mesh = make_mesh()
+  ranked = select(VARIABLES["params"], LAYERS, "cwpl", 1.0)  # every channel, by importance
+  k = {unit: c // 4 for unit, c in ((u, ranked.size(u)) for u, _ in ranked.counts)}
+  top = {unit: ranked.channels[unit][: k[unit]] for unit in k}
+  bottom = {unit: ranked.channels[unit][-k[unit] :] for unit in k}
+  counts = tuple(sorted(k.items()))
+  selections = iter(
+    [TrainableSet(counts, ranked.layers, top), TrainableSet(counts, ranked.layers, bottom)]
+  )
+  step = ReselectingStep(
+    make_train_step(MODEL, TX, mesh, param_context=restrict_backward), lambda p: next(selections), 2
+  )
+  x = jax.random.uniform(jax.random.key(1), (8, 12, 12, 1))
+  batch = shard_batch({"inputs": x, "labels": jnp.arange(8) % 10}, mesh)
+  state = replicate(_state(), mesh)
+  snapshots = [jax.device_get(state)]
+  for i in range(4):
+    state, _ = step(state, batch, jax.random.key(i))
+    snapshots.append(jax.device_get(state))
+  assert step.step_fn._cache_size() == 1  # same counts: the new selection is data
+  s0, s2, s4 = snapshots[0], snapshots[2], snapshots[4]
+  mu = lambda s, unit: optax.tree_utils.tree_get(s.opt_state.inner, "mu")[unit]["kernel"]
+  for unit in k:
+    newly_frozen = np.setdiff1d(np.asarray(top[unit]), np.asarray(bottom[unit]))
+    newly_trained = np.setdiff1d(np.asarray(bottom[unit]), np.asarray(top[unit]))
+    kernel = lambda s, unit=unit: np.asarray(s.params[unit]["kernel"])
+    np.testing.assert_array_equal(kernel(s4)[..., newly_frozen], kernel(s2)[..., newly_frozen])
+    np.testing.assert_array_equal(
+      np.asarray(mu(s4, unit))[..., newly_frozen], np.asarray(mu(s2, unit))[..., newly_frozen]
+    )
+    assert np.any(np.asarray(mu(s2, unit))[..., newly_frozen] != 0)  # moments exist and stay
+    np.testing.assert_array_equal(kernel(s2)[..., newly_trained], kernel(s0)[..., newly_trained])
+    moved = kernel(s4)[..., newly_trained] != kernel(s2)[..., newly_trained]
+    assert np.all(np.any(moved.reshape(-1, len(newly_trained)), axis=0)), unit

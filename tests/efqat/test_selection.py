@@ -8,52 +8,53 @@ import numpy as np
 import pytest
 
 from efqat_jax import QuantRule, QuantSpec, quantize
-from efqat_jax.efqat import channel_importance, layer_importance, quantized_kernels, select
+from efqat_jax.efqat import channel_importance, layer_importance, select, unit_weights
 from efqat_jax.models import SmallCNN, Transformer
+from efqat_jax.nn import quantized_layers
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
 CNN = quantize(SmallCNN(features=(8, 16)), RULE)
-CNN_PARAMS = CNN.init(jax.random.key(0), jnp.ones((2, 12, 12, 1)))["params"]
+CNN_VARIABLES = CNN.init(jax.random.key(0), jnp.ones((2, 12, 12, 1)))
+CNN_PARAMS = CNN_VARIABLES["params"]
+CNN_LAYERS = quantized_layers(CNN, CNN_VARIABLES, jnp.ones((2, 12, 12, 1)))
 TFM = quantize(Transformer(vocab_size=16, d_model=8, num_heads=2, mlp_dim=16, max_len=8), RULE)
-TFM_PARAMS = TFM.init(jax.random.key(0), jnp.ones((2, 8), jnp.int32))["params"]
+TFM_VARIABLES = TFM.init(jax.random.key(0), jnp.ones((2, 8), jnp.int32))
+TFM_PARAMS = TFM_VARIABLES["params"]
+TFM_LAYERS = quantized_layers(TFM, TFM_VARIABLES, jnp.ones((2, 8), jnp.int32))
 
 
-def _brute_force_channel_scores(params):
+def _brute_force_channel_scores(params, layers):
   scores = {}
-  for path, w in quantized_kernels(params).items():
-    out_axes = max(1, np.ndim(_node(params, path)["kernel_scale"]))
-    w = np.asarray(w).reshape(-1, int(np.prod(w.shape[w.ndim - out_axes :])))
+  for path, w in unit_weights(params, layers).items():
+    out_axes = layers[path].out_axes
+    w = np.moveaxis(np.asarray(w), out_axes, range(-len(out_axes), 0))
+    w = w.reshape(-1, int(np.prod(w.shape[w.ndim - len(out_axes) :])))
     scores[path] = [float(np.mean(np.abs(w[:, c]))) for c in range(w.shape[1])]
   return scores
 
 
-def _node(params, path):
-  for name in path.split("/"):
-    params = params[name]
-  return params
-
-
 def test_channel_importance_is_mean_abs_weight_per_output_channel():
   w = jnp.arange(24.0).reshape(2, 3, 4) - 12.0
-  np.testing.assert_allclose(channel_importance(w), np.abs(np.asarray(w)).mean(axis=(0, 1)))
+  np.testing.assert_allclose(channel_importance(w, (2,)), np.abs(np.asarray(w)).mean(axis=(0, 1)))
   np.testing.assert_allclose(
-    channel_importance(w, num_output_axes=2), np.abs(np.asarray(w)).mean(axis=0).reshape(-1)
+    channel_importance(w, (1, 2)), np.abs(np.asarray(w)).mean(axis=0).reshape(-1)
   )
+  np.testing.assert_allclose(channel_importance(w, (0,)), np.abs(np.asarray(w)).mean(axis=(1, 2)))
   assert float(layer_importance(w)) == pytest.approx(float(np.abs(np.asarray(w)).mean()))
 
 
-def test_quantized_kernels_are_found_with_their_output_channels():
-  assert set(quantized_kernels(CNN_PARAMS)) == {"Conv_0", "Conv_1", "Dense_0"}
-  tset = select(TFM_PARAMS, "qat")
+def test_quantized_layers_are_found_with_their_output_channels():
+  assert set(CNN_LAYERS) == {"Conv_0", "Conv_1", "Dense_0"}
+  tset = select(TFM_PARAMS, TFM_LAYERS, "qat")
   query = "TransformerBlock_0/MultiHeadDotProductAttention_0/query"
   assert tset.size(query) == 8  # heads x head_dim
-  assert "Embed_0" not in dict(tset.sizes)
+  assert tset.size("Embed_0") == 16  # an embedding table's channels are its rows
 
 
 @pytest.mark.parametrize("rho", [0.05, 0.25, 0.5, 1.0])
 def test_cwpl_takes_the_top_ceil_rho_channels_of_every_layer(rho):
-  tset = select(TFM_PARAMS, "cwpl", rho)
-  for path, scores in _brute_force_channel_scores(TFM_PARAMS).items():
+  tset = select(TFM_PARAMS, TFM_LAYERS, "cwpl", rho)
+  for path, scores in _brute_force_channel_scores(TFM_PARAMS, TFM_LAYERS).items():
     k = math.ceil(rho * len(scores))
     assert tset.count(path) == k
     chosen = set(np.asarray(tset.channels[path]).tolist())
@@ -62,8 +63,8 @@ def test_cwpl_takes_the_top_ceil_rho_channels_of_every_layer(rho):
 
 @pytest.mark.parametrize("rho", [0.1, 0.3])
 def test_cwpn_takes_the_global_top_channels(rho):
-  tset = select(TFM_PARAMS, "cwpn", rho)
-  scores = _brute_force_channel_scores(TFM_PARAMS)
+  tset = select(TFM_PARAMS, TFM_LAYERS, "cwpn", rho)
+  scores = _brute_force_channel_scores(TFM_PARAMS, TFM_LAYERS)
   pooled = sorted(((s, p, c) for p, ss in scores.items() for c, s in enumerate(ss)), reverse=True)
   k = math.ceil(rho * len(pooled))
   expected = {(p, c) for _, p, c in pooled[:k]}
@@ -73,29 +74,33 @@ def test_cwpn_takes_the_global_top_channels(rho):
 
 
 def test_cwpn_bucket_rounds_counts_up():
-  tset = select(TFM_PARAMS, "cwpn", 0.2, bucket=4)
-  plain = select(TFM_PARAMS, "cwpn", 0.2)
+  tset = select(TFM_PARAMS, TFM_LAYERS, "cwpn", 0.2, bucket=4)
+  plain = select(TFM_PARAMS, TFM_LAYERS, "cwpn", 0.2)
   for path, k in plain.counts:
     assert tset.count(path) == min(tset.size(path), -(-k // 4) * 4)
 
 
 def test_lwpn_trains_the_top_layers_whole():
-  tset = select(CNN_PARAMS, "lwpn", 0.3)  # ceil(0.3 * 3 layers) = 1
-  means = {p: float(np.abs(np.asarray(w)).mean()) for p, w in quantized_kernels(CNN_PARAMS).items()}
+  tset = select(CNN_PARAMS, CNN_LAYERS, "lwpn", 0.3)  # ceil(0.3 * 3 layers) = 1
+  weights = unit_weights(CNN_PARAMS, CNN_LAYERS)
+  means = {p: float(np.abs(np.asarray(w)).mean()) for p, w in weights.items()}
   top = max(means, key=means.get)
   assert {p for p, k in tset.counts if k} == {top}
   assert tset.count(top) == tset.size(top)
 
 
 def test_qat_and_ptq_are_the_two_ends():
-  assert all(k == select(CNN_PARAMS, "qat").size(p) for p, k in select(CNN_PARAMS, "qat").counts)
-  assert all(k == 0 for _, k in select(CNN_PARAMS, "ptq").counts)
-  assert all(k == 0 for _, k in select(CNN_PARAMS, "cwpl", 0.0).counts)
+  assert all(
+    k == select(CNN_PARAMS, CNN_LAYERS, "qat").size(p)
+    for p, k in select(CNN_PARAMS, CNN_LAYERS, "qat").counts
+  )
+  assert all(k == 0 for _, k in select(CNN_PARAMS, CNN_LAYERS, "ptq").counts)
+  assert all(k == 0 for _, k in select(CNN_PARAMS, CNN_LAYERS, "cwpl", 0.0).counts)
 
 
 def test_reselection_after_training_keeps_cwpl_counts_static():
   moved = jax.tree.map(lambda w: w * jax.random.uniform(jax.random.key(1), w.shape), CNN_PARAMS)
-  a, b = select(CNN_PARAMS, "cwpl", 0.25), select(moved, "cwpl", 0.25)
+  a, b = select(CNN_PARAMS, CNN_LAYERS, "cwpl", 0.25), select(moved, CNN_LAYERS, "cwpl", 0.25)
   assert jax.tree.structure(a) == jax.tree.structure(b)  # same static counts: no recompile
   assert any(not np.array_equal(a.channels[p], b.channels[p]) for p in a.channels)
 
@@ -110,9 +115,9 @@ def test_reselection_after_training_keeps_cwpl_counts_static():
 )
 def test_bad_selection_arguments_raise(kwargs, field):
   with pytest.raises(ValueError, match=field):
-    select(CNN_PARAMS, **kwargs)
+    select(CNN_PARAMS, CNN_LAYERS, **kwargs)
 
 
-def test_params_without_quantized_layers_raise():
-  with pytest.raises(ValueError, match="kernel_scale"):
-    select({"Dense_0": {"kernel": jnp.ones((2, 2))}}, "cwpl", 0.5)
+def test_a_model_without_quantized_layers_raises():
+  with pytest.raises(ValueError, match="no quantized layer"):
+    select({"Dense_0": {"kernel": jnp.ones((2, 2))}}, {}, "cwpl", 0.5)
