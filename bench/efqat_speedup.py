@@ -29,8 +29,9 @@ import optax
 import timing
 
 from efqat_jax import QuantRule, QuantSpec, quantize
-from efqat_jax.efqat import freeze_unselected, select, set_trainable
+from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
 from efqat_jax.models import MobileNetV2, ResNet, Transformer
+from efqat_jax.nn import quantized_layers
 from efqat_jax.train import (
   create_train_state,
   cross_entropy,
@@ -91,8 +92,9 @@ MODELS = {
 
 
 def _w4a4(model):
+  """Every Dense, DenseGeneral and Conv at W4A4; token embeddings stay float (as measured)."""
   rule = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
-  return quantize(model, rule)
+  return quantize(model, [QuantRule.keep_float("Embed_0"), rule])
 
 
 def _forward(qmodel):
@@ -140,10 +142,10 @@ def _variants(rhos) -> list[tuple[str, float]]:
   ]
 
 
-def _efqat_state(base, mode: str, rho: float, bucket: int, mesh):
+def _efqat_state(base, layers, mode: str, rho: float, bucket: int, mesh):
   """A copy of ``base`` with the selection of ``mode`` at ``rho`` installed, and that selection."""
   state = jax.tree.map(jnp.copy, base)
-  trainable = replicate(select(state.params, mode, rho, bucket=bucket), mesh)
+  trainable = replicate(select(state.params, layers, mode, rho, bucket=bucket), mesh)
   opt_state = set_trainable(state.opt_state, state.params, trainable)
   return replicate(state.replace(opt_state=opt_state), mesh), trainable
 
@@ -157,10 +159,11 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
   mesh = make_mesh()
   tx = freeze_unselected(optax.adamw(1e-4))
   variables = qmodel.init(jax.random.key(0), inputs, train=False)
+  layers = quantized_layers(qmodel, variables, inputs, train=False)
   base = replicate(create_train_state(variables, tx), mesh)
   batch = shard_batch({"inputs": inputs, "labels": labels}, mesh)
   rng = replicate(jax.random.key(2), mesh)
-  jitted = make_train_step(qmodel, tx, mesh)
+  jitted = make_train_step(qmodel, tx, mesh, param_context=restrict_backward)
 
   forward = _compiled("forward", _forward(qmodel), base, batch, rng)
   runs = {"forward": lambda: forward(base, batch, rng).block_until_ready()}
@@ -168,13 +171,13 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
   for mode, rho in _variants(rhos):
     if mode == "qat":
       state, args = jax.tree.map(jnp.copy, base), (batch, rng)
-      trainable = select(base.params, "qat")
+      trainable = select(base.params, layers, "qat")
     else:
-      state, trainable = _efqat_state(base, mode, rho, bucket, mesh)
+      state, trainable = _efqat_state(base, layers, mode, rho, bucket, mesh)
       args = (batch, rng, trainable)
     step = _compiled(f"{mode} {rho:.2f}", jitted, state, *args)
     runs[mode, rho] = _runner(step, state, *args)
-    fractions[mode, rho] = trainable.summary(base.params)
+    fractions[mode, rho] = trainable.summary()
 
   times = {k: timing.median(v) for k, v in timing.interleaved_ms(runs, rounds).items()}
   forward_ms, qat_ms = times["forward"], times["qat", 1.0]

@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
       high_precision_bits=8,
       high_precision_layers="auto",  # "auto": first and last layer; "": none; or a regex
       weight_estimator="mse",  # kernel ranges at calibration: "mse" or "minmax"
+      quantize_embeddings=False,  # True: nn.Embed tables per row at weight_bits (else float)
     )
   )
   config.ptq = ml_collections.ConfigDict(dict(calibration_batches=8))

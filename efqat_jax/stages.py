@@ -39,12 +39,21 @@ from efqat_jax.efqat import (
   MODES,
   ReselectingStep,
   freeze_unselected,
+  restrict_backward,
   select,
   trainable_from_state,
 )
-from efqat_jax.nn import QuantRule, export_integer, integer_apply, quantize
+from efqat_jax.nn import (
+  QUANT_STATS,
+  QuantizedLayer,
+  QuantRule,
+  export_integer,
+  integer_apply,
+  quantize,
+  quantized_layers,
+)
 from efqat_jax.nn.intercept import quantizable_paths
-from efqat_jax.nn.ops import QUANT_PARAM_NAMES, WEIGHT_ESTIMATORS
+from efqat_jax.nn.ops import WEIGHT_ESTIMATORS
 from efqat_jax.ptq import calibrate
 from efqat_jax.quant import QuantSpec
 from efqat_jax.train import (
@@ -54,6 +63,7 @@ from efqat_jax.train import (
   create_train_state,
   make_eval_step,
   make_mesh,
+  make_optimizer,
   make_train_step,
   replicate,
   shard_batch,
@@ -209,19 +219,26 @@ class Run:
 
   def quant_rules(self) -> list[QuantRule]:
     """All layers at the configured bits; ``high_precision_layers`` (default: the first and
-    the last layer in call order) at ``high_precision_bits``."""
+    the last layer in call order) at ``high_precision_bits``; embedding tables in float unless
+    ``quantize_embeddings`` (a lookup does no multiply-accumulate)."""
     q = self.config.quant
+    kinds = quantizable_paths(self.model, self.sample_inputs, train=False)
+    embeddings = [p for p, kind in kinds.items() if kind == "Embed"]
+    float_rules = []
+    if embeddings and not q.quantize_embeddings:
+      float_rules = [QuantRule.keep_float("|".join(re.escape(p) for p in embeddings))]
     rules = [
+      *float_rules,
       QuantRule(
         ".*",
         weight=QuantSpec.for_weights(q.weight_bits),
         input=QuantSpec.for_activations(q.act_bits),
-      )
+      ),
     ]
     pattern = q.high_precision_layers
     if not pattern:
       return rules
-    paths = quantizable_paths(self.model, self.sample_inputs, train=False)
+    paths = [p for p in kinds if q.quantize_embeddings or p not in embeddings]
     if pattern == "auto":
       pattern = "|".join(re.escape(p) for p in dict.fromkeys([paths[0], paths[-1]]))
     high = [p for p in paths if re.fullmatch(pattern, p)]
@@ -233,7 +250,7 @@ class Run:
     bits = q.high_precision_bits
     spec = dict(weight=QuantSpec.for_weights(bits), input=QuantSpec.for_activations(bits))
     high_rule = QuantRule(pattern, **spec)
-    return [high_rule] if len(high) == len(paths) else [high_rule, *rules]
+    return [*float_rules, high_rule] if len(high) == len(paths) else [high_rule, *rules]
 
   @functools.cached_property
   def quantized_model(self):
@@ -241,6 +258,13 @@ class Run:
     return quantize(
       self.model, self.quant_rules(), weight_estimator=self.config.quant.weight_estimator
     )
+
+  @functools.cached_property
+  def quantized_layers(self) -> dict[str, QuantizedLayer]:
+    """The quantized model's layers (traced abstractly: nothing is computed)."""
+    qmodel, sample = self.quantized_model, self.sample_inputs
+    variables = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), sample, train=False))
+    return quantized_layers(qmodel, variables, sample, train=False)
 
 
 def _changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -255,41 +279,24 @@ def _changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
   return changed
 
 
-def _optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-  """AdamW (or SGD with momentum) with linear warm-up and cosine decay; returns (tx, schedule).
-
-  Quantization params (scales, zero points) get the learning rate times
-  ``quant_lr_multiplier`` and no weight decay: Adam moves every param by about the learning
-  rate per step, which for a scale of 0.01 would flip its sign within a few steps.
-  """
-  warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-    0.0, cfg.learning_rate, warmup_steps=warmup, decay_steps=max(cfg.steps, warmup + 1)
-  )
-
-  def make(lr, weight_decay):
-    if cfg.optimizer == "sgd":
-      return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, 0.9))
-    return optax.adamw(lr, weight_decay=weight_decay)
-
-  quant_schedule = lambda step: schedule(step) * cfg.quant_lr_multiplier
-  tx = optax.multi_transform(
-    {"weights": make(schedule, cfg.weight_decay), "quant": make(quant_schedule, 0.0)},
-    lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: "quant" if path[-1].key in QUANT_PARAM_NAMES else "weights", params
-    ),
-  )
-  return tx, schedule
-
-
 def _train(run: Run, stage: str, model, variables: dict, cfg, reselect=None) -> TrainState:
   """Trains ``model`` from ``variables`` with the optimizer of ``cfg``; with ``reselect``
-  (``step_fn -> step``, EfQAT) the optimizer freezes what the selection leaves out."""
-  tx, schedule = _optimizer(cfg)
-  if reselect is not None:
+  (``step_fn -> step``, EfQAT) the optimizer freezes what the selection leaves out and the
+  backward pass skips its weight gradients (``restrict_backward``)."""
+  tx, schedule = make_optimizer(
+    cfg.optimizer,
+    learning_rate=cfg.learning_rate,
+    steps=cfg.steps,
+    warmup_steps=cfg.warmup_steps,
+    weight_decay=cfg.weight_decay,
+    quant_lr_multiplier=cfg.quant_lr_multiplier,
+  )
+  if reselect is None:
+    step_fn = make_train_step(model, tx, run.mesh)
+  else:
     tx = freeze_unselected(tx)
+    step_fn = make_train_step(model, tx, run.mesh, param_context=restrict_backward)
   state = replicate(create_train_state(variables, tx), run.mesh)
-  step_fn = make_train_step(model, tx, run.mesh)
   with run.checkpointer(stage) as ckpt, run.writer(stage) as writer:
     return train_loop(
       state,
@@ -339,9 +346,11 @@ def run_ptq(run: Run, fp_state: TrainState) -> dict:
     )
     if ckpt.latest_step() is None:
       inputs = (b["inputs"] for b in run.train_batches(0))
-      variables = calibrate(
+      calibrated = calibrate(
         qmodel, variables, inputs, run.config.ptq.calibration_batches, train=False
       )
+      # The running ranges are a by-product: the checkpoint holds what the model runs with.
+      variables = {k: v for k, v in calibrated.items() if k != QUANT_STATS}
       ckpt.save(0, variables, wait=True)
     variables = ckpt.restore_latest(variables)
   if "ptq" not in run.results:
@@ -370,13 +379,15 @@ def run_efqat(run: Run, ptq_variables: dict) -> TrainState:
   every = None if cfg.reselect_every in ("never", 0) else cfg.reselect_every
   log = {"recompiles": 0}
 
+  layers = run.quantized_layers
+
   def selector(params):
-    return select(params, cfg.mode, cfg.rho, cfg.bucket, cfg.train_frozen_scales)
+    return select(params, layers, cfg.mode, cfg.rho, cfg.bucket, cfg.train_frozen_scales)
 
   def reselect(step_fn, writer):
     def on_select(step, params, trainable, recompiles):
       log["recompiles"] += recompiles
-      scalars = {f"selection/{k}": v for k, v in trainable.summary(params).items()}
+      scalars = {f"selection/{k}": v for k, v in trainable.summary().items()}
       writer.write(step, {**scalars, "selection/recompiles": log["recompiles"]})
       if recompiles and step:
         tqdm.tqdm.write(f"efqat step {step}: new per-layer counts, the step compiles again")
@@ -387,8 +398,8 @@ def run_efqat(run: Run, ptq_variables: dict) -> TrainState:
   state = _train(run, "efqat", qmodel, ptq_variables, cfg, reselect)
   if "efqat" not in run.results:
     params = jax.device_get(state.params)
-    last = trainable_from_state(jax.device_get(state.opt_state), params)  # survives a resume
-    summary = last.summary(params)
+    last = trainable_from_state(jax.device_get(state.opt_state), params, layers)  # after a resume
+    summary = last.summary()
     result = run.evaluate(qmodel, state, "efqat")
     run.record(
       "efqat",
@@ -485,6 +496,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("weight_bits", "act_bits", "high_precision_bits"):
     if isinstance(q[field], bool) or not isinstance(q[field], int) or not 2 <= q[field] <= 16:
       fail(f"quant.{field}", q[field], "an integer in 2..16")
+  if not isinstance(q.quantize_embeddings, bool):
+    fail("quant.quantize_embeddings", q.quantize_embeddings, "True or False")
   if q.weight_estimator not in WEIGHT_ESTIMATORS:
     fail("quant.weight_estimator", q.weight_estimator, f"one of {tuple(WEIGHT_ESTIMATORS)}")
   try:

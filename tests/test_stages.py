@@ -1,5 +1,6 @@
 """The pipeline end to end: stages on every bundled dataset, resume, config validation, CLI."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -78,10 +79,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
   config.efqat.reselect_every = 3  # selections at 0 and 3; the run resumes from step 2
   stages.run_pipeline(config, tmp_path / "straight")
 
-  make_step = stages.make_train_step
+  make_step, contexts = stages.make_train_step, []
 
-  def dying_make_train_step(model, tx, mesh):
-    step_fn, calls = make_step(model, tx, mesh), []
+  def dying_make_train_step(model, tx, mesh, **kwargs):
+    contexts.append(kwargs.get("param_context"))
+    step_fn, calls = make_step(model, tx, mesh, **kwargs), []
 
     def step(state, *args):
       calls.append(1)
@@ -94,6 +96,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
   monkeypatch.setattr(stages, "make_train_step", dying_make_train_step)
   with pytest.raises(KeyboardInterrupt):
     stages.run_pipeline(config, tmp_path / "resumed")
+  # fp, then the quantized stage: only efqat restricts its backward pass
+  assert contexts == [None, stages.restrict_backward if stage == "efqat" else None]
   assert stage not in json.loads((tmp_path / "resumed" / "results.json").read_text())
   monkeypatch.setattr(stages, "make_train_step", make_step)
   results = stages.run_pipeline(config, tmp_path / "resumed")
@@ -104,6 +108,16 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
   straight = json.loads((tmp_path / "straight" / "results.json").read_text())
   assert results[stage]["accuracy"] == straight[stage]["accuracy"]
+
+
+def test_train_batches_from_any_step_continue_the_run_across_epochs(data_dir, tmp_path):
+  run = stages.Run(tiny_config("digits", data_dir), tmp_path)
+  run.config.batch_size = len(run.train_source) // 3  # 3 steps per epoch
+  straight = [b["labels"] for b in itertools.islice(run.train_batches(0), 8)]
+  for start in (2, 3, 4):
+    resumed = [b["labels"] for b in itertools.islice(run.train_batches(start), 8 - start)]
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(straight[start:]))
+  assert not np.array_equal(straight[0], straight[3])  # epochs are reshuffled
 
 
 @pytest.mark.parametrize(

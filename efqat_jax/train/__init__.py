@@ -1,12 +1,21 @@
-"""Training: state, losses, jitted data-parallel steps."""
+"""Training: state, optimizer builder, losses, jitted data-parallel steps over a user loss."""
 
 from efqat_jax.train.checkpoint import Checkpointer
 from efqat_jax.train.loop import train_loop
-from efqat_jax.train.losses import accuracy, cross_entropy, masked_mean
+from efqat_jax.train.losses import (
+  Apply,
+  LossFn,
+  accuracy,
+  classification_loss,
+  cross_entropy,
+  masked_mean,
+)
 from efqat_jax.train.metrics import MetricWriter, read_scalars
+from efqat_jax.train.optimizer import OPTIMIZERS, make_optimizer, param_labels, quant_aware
 from efqat_jax.train.state import TrainState, create_train_state
 from efqat_jax.train.step import (
   DATA_AXIS,
+  ParamContext,
   make_eval_step,
   make_mesh,
   make_train_step,
@@ -15,17 +24,25 @@ from efqat_jax.train.step import (
 )
 
 __all__ = [
+  "Apply",
   "Checkpointer",
   "DATA_AXIS",
+  "LossFn",
   "MetricWriter",
+  "OPTIMIZERS",
+  "ParamContext",
   "TrainState",
   "accuracy",
+  "classification_loss",
   "create_train_state",
   "cross_entropy",
   "make_eval_step",
   "make_mesh",
+  "make_optimizer",
   "make_train_step",
   "masked_mean",
+  "param_labels",
+  "quant_aware",
   "read_scalars",
   "replicate",
   "shard_batch",

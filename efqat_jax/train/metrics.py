@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import struct
+import time
 from collections.abc import Mapping
 
 from tensorboardX import SummaryWriter
@@ -14,7 +15,9 @@ class MetricWriter:
   """Writes scalars to TensorBoard event files in ``directory``."""
 
   def __init__(self, directory: str | pathlib.Path):
-    self._writer = SummaryWriter(str(directory))
+    # Event files are named by the second they were opened in: without a unique suffix, a
+    # writer opened in the same second as an earlier one (a quickly resumed run) overwrites it.
+    self._writer = SummaryWriter(str(directory), filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     for name, value in scalars.items():

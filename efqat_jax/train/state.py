@@ -34,8 +34,19 @@ class TrainState:
 
 
 def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation) -> TrainState:
-  """A TrainState at step 0 from ``model.init(...)`` output and an optax optimizer."""
-  variables = dict(variables)
+  """A TrainState at step 0 from ``model.init(...)`` output and an optax optimizer.
+
+  Every array is copied: the state never aliases the caller's ``variables``, so a train step
+  that donates the state leaves them usable.
+
+  Args:
+    variables: ``{"params": ..., **collections}``, e.g. from ``model.init``.
+    tx: the optimizer whose state is initialised for ``variables["params"]``.
+
+  Returns:
+    The TrainState.
+  """
+  variables = jax.tree.map(lambda x: jnp.array(x, copy=True), dict(variables))
   params = variables.pop("params")
   return TrainState(
     step=jnp.zeros((), jnp.int32),

@@ -7,6 +7,7 @@ update on 1 or 8 devices (up to float reduction order).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,16 +15,17 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from efqat_jax.efqat.backward import restrict_backward
-from efqat_jax.efqat.selection import TrainableSet
-from efqat_jax.train.losses import accuracy, cross_entropy
+from efqat_jax.train.losses import Apply, LossFn, classification_loss
 from efqat_jax.train.state import TrainState
 
 DATA_AXIS = "data"
-Batch = dict[str, jax.Array]  # "inputs", "labels", optional "mask"
+Batch = dict[str, jax.Array]  # what the loss_fn reads, e.g. "inputs", "labels", "mask"
+# ``param_context(params, extra)``: a context manager yielding the params of the forward pass.
+ParamContext = Callable[[Any, Any], contextlib.AbstractContextManager[Any]]
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -52,41 +54,91 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def _apply(model, state, params, batch, train, rng, mutable):
-  variables = {**state.variables, "params": params}
-  kwargs = dict(train=train, rngs={"dropout": rng} if rng is not None else None)
-  if mutable:
-    return model.apply(variables, batch["inputs"], mutable=list(mutable), **kwargs)
-  return model.apply(variables, batch["inputs"], **kwargs), {}
+def _merge(old: dict, new: Any) -> dict:
+  """``old`` collections with every entry of ``new`` written over them (nested dicts merged)."""
+  merged = dict(old)
+  for name, tree in new.items():
+    if name not in merged:
+      merged[name] = tree
+      continue
+    flat = flatten_dict(merged[name])
+    flat.update(flatten_dict(tree))
+    merged[name] = unflatten_dict(flat)
+  return merged
+
+
+def _make_apply(model: nn.Module, variables: dict, mutable: Sequence[str]) -> tuple[Apply, dict]:
+  """An ``apply(*args, **kwargs)`` closure over ``variables`` and the dict it collects the
+  updates of the ``mutable`` collections in.
+
+  Each call sees the updates of the calls before it (a model applied twice in one loss, e.g.
+  two towers, updates its batch statistics twice), and its updates are merged into the dict.
+  """
+  updates: dict = {}
+
+  def apply(*args, **kwargs):
+    if not mutable:
+      return model.apply(variables, *args, **kwargs)
+    out, new = model.apply(_merge(variables, updates), *args, mutable=list(mutable), **kwargs)
+    updates.update(_merge(updates, new))
+    return out
+
+  return apply, updates
 
 
 def make_train_step(
   model: nn.Module,
   tx: optax.GradientTransformation,
   mesh: Mesh,
-  loss_fn: Callable[..., jax.Array] = cross_entropy,
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-  """A jitted ``step(state, batch, rng) -> (state, metrics)`` for ``model`` trained by ``tx``.
+  loss_fn: LossFn = classification_loss,
+  *,
+  param_context: ParamContext | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """A jitted ``step(state, batch, rng, extra=None) -> (state, metrics)`` training ``model``
+  with ``tx`` on the loss that ``loss_fn`` computes.
 
-  Collections present in the state other than ``quant_stats`` (e.g. ``batch_stats``) are
-  updated by the forward pass. The state is donated.
+  ``loss_fn(apply, batch, rng, train=True)`` runs the model through ``apply`` (params and every
+  collection of the state, those other than ``quant_stats`` mutable: their updates go into the
+  new state) with ``rng`` the step's key (``rng`` folded with the step number). The state is
+  donated. The step computes nothing that reads every gradient (no global gradient norm), so
+  XLA can drop the gradient work of params a ``param_context`` makes constant.
 
-  With a ``trainable`` TrainableSet (EfQAT), the backward pass computes weight gradients only
-  for the channels it selects (``efqat_jax.efqat.restrict_backward``); pair it with an optimizer from
-  ``efqat_jax.efqat.freeze_unselected`` so the rest of the selection is frozen too. The step is
-  retraced only when the TrainableSet's static counts change.
+  Args:
+    model: the Flax module.
+    tx: the optimizer.
+    mesh: the data-parallel mesh (``make_mesh``); the state is replicated, the batch sharded.
+    loss_fn: ``(apply, batch, rng, train) -> (loss, metrics)``; default ``classification_loss``.
+    param_context: optional ``(params, extra) -> ContextManager[params]``, entered inside the
+      differentiated function around ``loss_fn``; the params it yields are the ones the forward
+      pass runs with. ``extra`` is the step's fourth argument (a pytree, e.g. EfQAT's
+      TrainableSet with ``param_context=efqat_jax.efqat.restrict_backward``); the step retraces
+      when its static parts change.
+
+  Returns:
+    The jitted step; its metrics are ``{"loss": loss, **metrics}``.
+
+  Raises:
+    ValueError: (when called) if ``extra`` is given without a ``param_context``.
   """
 
-  def step(state: TrainState, batch: Batch, rng: jax.Array, trainable: TrainableSet | None = None):
+  def step(state: TrainState, batch: Batch, rng: jax.Array, extra: Any = None):
+    if extra is not None and param_context is None:
+      raise ValueError(
+        "step(state, batch, rng, extra) got an extra argument but make_train_step had no"
+        " param_context to pass it to"
+      )
     mutable = tuple(c for c in state.collections if c != "quant_stats")
     rng = jax.random.fold_in(rng, state.step)
 
     def loss(params):
-      with restrict_backward(params, trainable) as params:
-        logits, updates = _apply(model, state, params, batch, True, rng, mutable)
-      return loss_fn(logits, batch["labels"], batch.get("mask")), (logits, updates)
+      context = param_context(params, extra) if param_context else contextlib.nullcontext(params)
+      with context as forward_params:
+        variables = {**state.collections, "params": forward_params}
+        apply, updates = _make_apply(model, variables, mutable)
+        value, metrics = loss_fn(apply, batch, rng, True)
+      return value, (metrics, updates)
 
-    (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    (value, (metrics, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
       step=state.step + 1,
@@ -94,8 +146,7 @@ def make_train_step(
       opt_state=opt_state,
       collections={**state.collections, **updates},
     )
-    metrics = {"loss": value, "accuracy": accuracy(logits, batch["labels"], batch.get("mask"))}
-    return new_state, metrics
+    return new_state, {"loss": value, **metrics}
 
   # Inputs keep the shardings they were placed with (``replicate``, ``shard_batch``).
   replicated = NamedSharding(mesh, P())
@@ -103,19 +154,27 @@ def make_train_step(
 
 
 def make_eval_step(
-  model: nn.Module, mesh: Mesh, loss_fn: Callable[..., jax.Array] = cross_entropy
+  model: nn.Module, mesh: Mesh, loss_fn: LossFn = classification_loss
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-  """A jitted ``eval_step(state, batch) -> metrics`` (loss, accuracy, number of examples)."""
+  """A jitted ``eval_step(state, batch) -> {"loss", **metrics, "count"}``.
+
+  Args:
+    model: the Flax module.
+    mesh: the data-parallel mesh; the state is replicated, the batch sharded.
+    loss_fn: ``(apply, batch, rng=None, train=False) -> (loss, metrics)``; no collection is
+      mutable.
+
+  Returns:
+    The jitted eval step; ``count`` is ``batch["mask"].sum()`` when the batch has a mask, else
+    its leading size (weights for averaging over batches).
+  """
 
   def eval_step(state: TrainState, batch: Batch):
-    logits, _ = _apply(model, state, state.params, batch, False, None, ())
+    apply, _ = _make_apply(model, state.variables, ())
+    value, metrics = loss_fn(apply, batch, None, False)
     mask = batch.get("mask")
-    count = mask.sum() if mask is not None else batch["labels"].shape[0]
-    return {
-      "loss": loss_fn(logits, batch["labels"], mask),
-      "accuracy": accuracy(logits, batch["labels"], mask),
-      "count": count,
-    }
+    count = mask.sum() if mask is not None else jax.tree.leaves(batch)[0].shape[0]
+    return {"loss": value, **metrics, "count": count}
 
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   return jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)

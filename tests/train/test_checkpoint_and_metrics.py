@@ -79,3 +79,10 @@ def test_metric_writer_writes_event_files_that_read_back(tmp_path):
   scalars = read_scalars(tmp_path / "tb")
   assert scalars["loss"] == [(1, 2.5), (2, 1.5)]
   assert scalars["accuracy"] == [(1, 0.25)]
+
+
+def test_writers_opened_within_one_second_keep_each_others_events(tmp_path):
+  for step in (1, 2):  # e.g. a run interrupted and resumed at once
+    with MetricWriter(tmp_path / "tb") as writer:
+      writer.write(step, {"loss": float(step)})
+  assert read_scalars(tmp_path / "tb")["loss"] == [(1, 1.0), (2, 2.0)]
