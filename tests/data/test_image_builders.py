@@ -1,7 +1,9 @@
 """mnist5k and digits: split sizes, dtypes, shapes, label and pixel ranges, no TensorFlow."""
 
 import importlib.util
+import pathlib
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -39,20 +41,35 @@ def test_image_dataset_splits_shapes_and_ranges(
 
 @pytest.mark.parametrize("name", ["mnist5k", "digits"])
 def test_train_and_test_are_disjoint_and_cover_the_table(prepared, name):
-  builder = data.BUILDERS[name]()
-  images, _ = builder.load_arrays()
-  rows = {r.tobytes() for r in images}
-  train, _ = _arrays(prepared(name)["train"])
-  test, _ = _arrays(prepared(name)["test"])
-  seen = [r.tobytes() for r in np.concatenate([train, test])]
-  assert set(seen) == rows
+  # (image, label) rows counted with multiplicity (the table may repeat an image): train and test
+  # partition the table iff their counts add up to the table's. A set would miss an overlap.
+  def rows(imgs, lbls):
+    return Counter(i.tobytes() + bytes([int(y)]) for i, y in zip(imgs, lbls, strict=True))
+
+  train = rows(*_arrays(prepared(name)["train"]))
+  test = rows(*_arrays(prepared(name)["test"]))
+  assert train + test == rows(*data.BUILDERS[name]().load_arrays())
+
+
+def _files(folder):
+  """``{path: (inode, mtime)}`` of every file under ``folder``."""
+  return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
 def test_load_reuses_prepared_data_and_tfds_data_source_reads_it(prepared, data_dir):
-  prepared("digits")
+  test = prepared("digits")["test"]
+  before = _files(pathlib.Path(data_dir, "digits"))
+  assert any(p.name.startswith("digits-test.array_record") for p in before)
   source = data.load("digits", data_dir, "test")
+  assert _files(pathlib.Path(data_dir, "digits")) == before  # nothing rebuilt or rewritten
   assert len(source) == 360
-  assert len(tfds.data_source("digits", data_dir=data_dir, split="train[:100]")) == 100
+  images, labels = _arrays(source)
+  want_images, want_labels = _arrays(test)
+  np.testing.assert_array_equal(images, want_images)
+  np.testing.assert_array_equal(labels, want_labels)
+  head = tfds.data_source("digits", data_dir=data_dir, split="train[:100]")
+  assert len(head) == 100
+  np.testing.assert_array_equal(_arrays(head)[0], _arrays(prepared("digits")["train"])[0][:100])
 
 
 def test_unknown_bundled_builder_raises_naming_choices():

@@ -45,10 +45,13 @@ def test_empty_text_in_a_tarball_raises(tmp_path):
     text.validate_texts(text.read_texts(path))
 
 
-def test_encode_decode_round_trip():
+def test_encode_gives_the_bytes_and_decode_round_trips():
   tokens = text.encode(b"To be, or not to be\n")
   assert tokens.dtype == np.int32 and tokens.max() < text.VOCAB_SIZE
+  assert tokens.tolist() == list(b"To be, or not to be\n")  # the tokens are the bytes
   assert text.decode(tokens) == "To be, or not to be\n"
+  every_byte = bytes(range(256))
+  assert text.encode(every_byte).tolist() == list(range(256))
 
 
 def test_windows_are_non_overlapping_and_drop_the_tail():

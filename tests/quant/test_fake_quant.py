@@ -102,10 +102,15 @@ def test_per_channel_forward_uses_each_channels_scale():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_output_keeps_shape_and_dtype(dtype):
-  x = jnp.linspace(-2, 2, 12, dtype=dtype).reshape(3, 4)
+def test_output_keeps_shape_and_dtype_and_is_computed_in_float32(dtype):
+  x = jnp.linspace(-0.9, 0.8, 36, dtype=dtype).reshape(3, 4, 3)
   out = fake_quant(x, jnp.float32(0.1), spec=S4)
   assert out.shape == x.shape and out.dtype == dtype
+  # The grid is computed in float32 (x / s rounded, clipped to [-8, 7], times s) and only the
+  # result is cast back; rounding x / s in the input's dtype would move some levels.
+  s = np.float32(0.1)
+  want = (s * np.clip(np.round(np.asarray(x, np.float32) / s), -8, 7)).astype(dtype)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
 
 
 def test_lsq_grad_scale_values():

@@ -88,6 +88,7 @@ def test_percentile_ignores_an_outlier():
   x[500] = 100.0
   lo, hi = ranges.percentile(x, PER_TENSOR, q=99.0)
   assert -1.0 < float(lo) < -0.9 and 0.9 < float(hi) < 1.0
+  np.testing.assert_allclose([lo, hi], np.percentile(x, [1.0, 99.0]), rtol=1e-5)
   assert float(ranges.minmax(x, PER_TENSOR)[1]) == 100.0
 
 
@@ -226,16 +227,21 @@ def test_mse_error_is_much_smaller_than_minmax_error_with_a_heavy_outlier(spec):
   assert _sq_error(x, lo, hi, spec) < 0.8 * _sq_error(x, lo_mm, hi_mm, spec)
 
 
-def test_mse_range_is_the_minmax_range_shrunk_by_a_ratio_in_bounds():
-  spec = QuantSpec.for_activations(4)
-  x = _with_outlier(outlier=40.0)
-  lo, hi = ranges.mse(x, spec, num_candidates=20, min_ratio=0.5)
+@pytest.mark.parametrize("spec", [QuantSpec.for_activations(4), QuantSpec(bits=3)])
+def test_mse_range_is_the_minmax_range_shrunk_by_the_candidate_ratio_with_least_error(spec):
+  x = _with_outlier(outlier=6.0)
+  lo, hi = ranges.mse(x, spec, num_candidates=20, min_ratio=0.1)
   lo_mm, hi_mm = ranges.minmax(x, spec)
   ratio = float(hi) / float(hi_mm)
-  assert 0.5 - 1e-6 <= ratio <= 1.0
+  assert 0.1 - 1e-6 <= ratio <= 1.0
   np.testing.assert_allclose(float(lo) / float(lo_mm), ratio, rtol=1e-6)
-  # With 20 candidates the ratio is one of linspace(1, 0.5, 20).
-  assert np.isclose(np.linspace(1.0, 0.5, 20), ratio, rtol=1e-5).any()
+  # With 20 candidates the ratio is one of linspace(1, 0.1, 20) ...
+  candidates = np.linspace(1.0, 0.1, 20)
+  assert np.isclose(candidates, ratio, rtol=1e-5).any()
+  # ... and, by brute force over all of them, one with the smallest squared error.
+  errors = [_sq_error(x, lo_mm * r, hi_mm * r, spec) for r in candidates]
+  assert np.argmin(errors) not in (0, len(candidates) - 1)  # an interior optimum
+  np.testing.assert_allclose(_sq_error(x, lo, hi, spec), min(errors), rtol=1e-6)
 
 
 def test_mse_with_one_candidate_or_min_ratio_one_is_minmax():

@@ -1,0 +1,304 @@
+"""Quantize, calibrate, QAT, EfQAT and export Flax models written the way other codebases write
+them: nn.scan over nn.remat (the big_vision / MaxText layout), a loop of nn.remat blocks,
+nn.Einsum attention, tied embeddings, BatchNorm with dropout, a ``deterministic`` flag and two
+inputs. None of these models knows about quantization; each brings its own call signature,
+which its own loss function speaks."""
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.traverse_util import flatten_dict
+
+from efqat_jax import QuantRule, QuantSpec, export_integer, integer_apply, quantize
+from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
+from efqat_jax.efqat.masking import trainable_masks
+from efqat_jax.nn import quantized_layers
+from efqat_jax.ptq import calibrate
+from efqat_jax.train import (
+  create_train_state,
+  cross_entropy,
+  make_mesh,
+  make_optimizer,
+  make_train_step,
+  replicate,
+  shard_batch,
+)
+
+W8A8 = QuantRule(".*", weight=QuantSpec.for_weights(8), input=QuantSpec.for_activations(8))
+KEY = jax.random.key(0)
+
+
+class MLPBlock(nn.Module):
+  """Pre-norm residual MLP block written as a scan body: ``(carry, x) -> (carry, y)``."""
+
+  @nn.compact
+  def __call__(self, h, _):
+    y = nn.Dense(24)(nn.LayerNorm()(h))
+    return h + nn.Dense(16)(nn.gelu(y)), None
+
+
+class ScanOverRemat(nn.Module):
+  """Three blocks stacked by nn.scan over nn.remat: params carry a leading layer axis."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Dense(16, name="embed")(x)
+    blocks = nn.scan(
+      nn.remat(MLPBlock), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+    )
+    h, _ = blocks(name="blocks")(h, None)
+    return nn.Dense(5, name="head")(h)
+
+
+class RematLoop(nn.Module):
+  """A Python loop of nn.remat blocks, each with its own params."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Dense(16)(x)
+    for i in range(3):
+      h, _ = nn.remat(MLPBlock)(name=f"layer_{i}")(h, None)
+    return nn.Dense(5)(h)
+
+
+class EinsumAttention(nn.Module):
+  """Self-attention whose projections are nn.Einsum layers (heads as a kernel axis)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    q, k, v = (nn.Einsum((12, 2, 6), "btd,dhk->bthk", name=n)(x) for n in "qkv")
+    weights = jax.nn.softmax(jnp.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(6.0), axis=-1)
+    o = jnp.einsum("bhqt,bthk->bqhk", weights, v)
+    o = nn.Einsum((2, 6, 12), "bqhk,hkd->bqd", name="out")(o)
+    return nn.Dense(5)(nn.relu(o).mean(axis=1))
+
+
+class TiedLM(nn.Module):
+  """A token embedding whose table is also the output projection (``Embed.attend``)."""
+
+  @nn.compact
+  def __call__(self, tokens, train=False):
+    embed = nn.Embed(24, 16)
+    h = embed(tokens)
+    h = h + nn.Dense(16)(nn.relu(nn.Dense(32)(h)))
+    return embed.attend(nn.LayerNorm()(h))
+
+
+class BatchNormDropoutCNN(nn.Module):
+  """BatchNorm and Dropout, a depthwise and a grouped convolution."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3))(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+    x = nn.Dropout(0.2, deterministic=not train)(x)
+    x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=8)(x))
+    x = nn.relu(nn.Conv(16, (3, 3), feature_group_count=2)(x))
+    return nn.Dense(5)(x.mean(axis=(1, 2)))
+
+
+class DeterministicFlag(nn.Module):
+  """The ``deterministic`` convention of many Flax codebases instead of ``train``."""
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    h = nn.Dropout(0.1, deterministic=deterministic)(nn.relu(nn.Dense(32)(x)))
+    return nn.Dense(5)(h)
+
+
+class VmapEnsemble(nn.Module):
+  """Four Dense heads made by nn.vmap over params (an ensemble), averaged."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    heads = nn.vmap(
+      nn.Dense,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=None,
+      out_axes=0,
+      axis_size=4,
+    )
+    return heads(5, name="heads")(nn.relu(nn.Dense(16)(x))).mean(axis=0)
+
+
+class TwoTower(nn.Module):
+  """Two inputs, one tower each, joined before the head."""
+
+  @nn.compact
+  def __call__(self, a, b):
+    ha, hb = nn.relu(nn.Dense(16)(a)), nn.relu(nn.Dense(16)(b))
+    return nn.Dense(5)(jnp.concatenate([ha, hb], -1))
+
+
+def _classify(inputs: Callable, kwargs_for: Callable = lambda train: {}):
+  """A loss function for a classifier called as ``apply(*inputs(batch), **kwargs_for(train))``."""
+
+  def loss_fn(apply, batch, rng, train):
+    kwargs = kwargs_for(train)
+    logits = apply(*inputs(batch), **kwargs, rngs={"dropout": rng} if train else None)
+    return cross_entropy(logits, batch["labels"]), {}
+
+  return loss_fn
+
+
+def _next_token(apply, batch, rng, train):
+  logits = apply(batch["tokens"][:, :-1])
+  return cross_entropy(logits, batch["tokens"][:, 1:]), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  model: nn.Module
+  batch: dict
+  inputs: Callable  # batch -> positional model inputs
+  eval_kwargs: dict
+  loss_fn: Callable
+
+
+def _features(shape, classes=5):
+  x = jax.random.normal(jax.random.key(1), shape)
+  return {"x": x, "labels": jnp.argmax(x.reshape(shape[0], -1)[:, :classes], -1)}
+
+
+X_BATCH = _features((8, 10))
+CASES = {
+  "scan_over_remat": Case(ScanOverRemat(), X_BATCH, lambda b: (b["x"],), {}, None),
+  "remat_loop": Case(RematLoop(), X_BATCH, lambda b: (b["x"],), {}, None),
+  "vmap_ensemble": Case(VmapEnsemble(), X_BATCH, lambda b: (b["x"],), {}, None),
+  "einsum": Case(EinsumAttention(), _features((8, 6, 12)), lambda b: (b["x"],), {}, None),
+  "tied_embeddings": Case(
+    TiedLM(),
+    {"tokens": jax.random.randint(jax.random.key(2), (8, 9), 0, 24)},
+    lambda b: (b["tokens"][:, :-1],),
+    {},
+    _next_token,
+  ),
+  "batchnorm_dropout": Case(
+    BatchNormDropoutCNN(), _features((8, 8, 8, 3)), lambda b: (b["x"],), {"train": False}, None
+  ),
+  "deterministic_flag": Case(
+    DeterministicFlag(), X_BATCH, lambda b: (b["x"],), {"deterministic": True}, None
+  ),
+  "two_inputs": Case(
+    TwoTower(),
+    {**X_BATCH, "b": jax.random.normal(jax.random.key(3), (8, 7))},
+    lambda b: (b["x"], b["b"]),
+    {},
+    None,
+  ),
+}
+
+
+def _loss_fn(case: Case):
+  if case.loss_fn is not None:
+    return case.loss_fn
+  if "deterministic" in case.eval_kwargs:
+    return _classify(case.inputs, lambda train: {"deterministic": not train})
+  if "train" in case.eval_kwargs:
+    return _classify(case.inputs, lambda train: {"train": train})
+  return _classify(case.inputs)
+
+
+def _dot_and_conv_shapes(hlo: str) -> list[tuple[int, ...]]:
+  """Sorted output dims of every dot and convolution of a compiled step."""
+  found = re.findall(r"= f32\[([0-9,]*)\][^=\n]* (?:convolution|dot)\(", hlo)
+  return [tuple(sorted(int(d) for d in dims.split(",") if d)) for dims in found]
+
+
+def _count(shapes, layer, k):
+  """How many dots/convolutions could be ``layer``'s weight gradient over k output channels:
+  output size (input axes x k; times the stack for one batched nn.vmap op) with an axis of k.
+  XLA may permute or merge the contracted axes, so shapes are compared by size."""
+  rest = math.prod(n for a, n in enumerate(layer.weight_shape) if a not in layer.out_axes)
+  sizes = {rest * k, rest * k * math.prod(layer.stack_shape)}
+  return sum(math.prod(shape) in sizes and k in shape for shape in shapes)
+
+
+def _trained_units(params, layers, trainable):
+  """Per unit, (frozen entries equal?, trainable entries, whole-weight mask) helpers."""
+  masks = trainable_masks(params, trainable)
+  for layer in layers.values():
+    node = tuple(layer.path.split("/"))
+    yield layer, flatten_dict(masks)[(*node, layer.weight_name)]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_quantize_calibrate_qat_efqat_and_export(name):
+  case = CASES[name]
+  qmodel = quantize(case.model, W8A8)
+  inputs = case.inputs(case.batch)
+  variables = qmodel.init(KEY, *inputs, **case.eval_kwargs)
+  calibrated = calibrate(qmodel, variables, [inputs, inputs], 2, **case.eval_kwargs)
+  variables = {k: v for k, v in calibrated.items() if k != "quant_stats"}
+  assert not jax.tree.all(
+    jax.tree.map(
+      np.array_equal, calibrated["params"], qmodel.init(KEY, *inputs, **case.eval_kwargs)["params"]
+    )
+  )
+  layers = quantized_layers(qmodel, variables, *inputs, **case.eval_kwargs)
+  mesh = make_mesh()
+  batch = shard_batch(case.batch, mesh)
+  loss_fn = _loss_fn(case)
+
+  # QAT: every param trains; the loss falls.
+  tx, _ = make_optimizer("adamw", learning_rate=1e-2, steps=8, quant_lr_multiplier=0.1)
+  state = replicate(create_train_state(variables, tx), mesh)
+  qat_step = make_train_step(qmodel, tx, mesh, loss_fn)
+  losses = []
+  for i in range(8):
+    state, metrics = qat_step(state, batch, jax.random.key(i))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0], losses
+  assert all(np.isfinite(losses))
+
+  # EfQAT: frozen entries stay bit-identical, selected ones move, and the compiled step's
+  # weight-gradient ops are narrowed (cwpl) or gone (lwpn).
+  tx = freeze_unselected(optax.sgd(0.1))
+  step = make_train_step(qmodel, tx, mesh, loss_fn, param_context=restrict_backward)
+  fresh = replicate(create_train_state(variables, tx), mesh)
+  rng = jax.random.key(0)
+  full_hlo = step.lower(fresh, batch, rng, None).compile().as_text()
+  full_shapes = _dot_and_conv_shapes(full_hlo)
+  for mode, rho in (("cwpl", 0.25), ("lwpn", 0.3)):
+    trainable = select(variables["params"], layers, mode, rho)
+    state = fresh.replace(opt_state=set_trainable(fresh.opt_state, fresh.params, trainable))
+    compiled = step.lower(state, batch, rng, trainable).compile()
+    shapes = _dot_and_conv_shapes(compiled.as_text())
+    before = jax.device_get(state.params)
+    after, _ = compiled(jax.tree.map(jnp.copy, state), batch, rng, trainable)
+    after = jax.device_get(after.params)
+    for layer, mask in _trained_units(before, layers, trainable):
+      node = tuple(layer.path.split("/"))
+      w0 = np.asarray(flatten_dict(before)[(*node, layer.weight_name)])
+      w1 = np.asarray(flatten_dict(after)[(*node, layer.weight_name)])
+      mask = np.asarray(mask)
+      np.testing.assert_array_equal(w1[~mask], w0[~mask], err_msg=f"{mode} {layer.path}")
+      counts = [trainable.count(u) for u in layer.units()]
+      if max(counts):
+        assert np.any(w1[mask] != w0[mask]), f"{mode} {layer.path} did not train"
+      op = dict(layer.op)
+      if op["op"] == "take" or op.get("feature_group_count", 1) > 1:
+        continue  # a lookup's dW is a scatter; grouped convs: tests/efqat/test_backward.py
+      c, k = layer.num_channels, max(counts)
+      if k < c:  # the full weight gradient is gone, replaced by a k-channel one (if k > 0)
+        assert _count(shapes, layer, c) < _count(full_shapes, layer, c), f"{mode} {layer.path}"
+        assert k == 0 or _count(shapes, layer, k) > 0, f"{mode} {layer.path} not narrowed"
+
+  # Export: every unit (each layer of a stack too) as integers; the integer path agrees.
+  exported = export_integer(qmodel, variables, *inputs, **case.eval_kwargs)
+  assert set(exported) == {unit for layer in layers.values() for unit in layer.units()}
+  assert all(isinstance(e.weight, np.ndarray) for e in exported.values())
+  out_int, accumulators = integer_apply(qmodel, variables, *inputs, **case.eval_kwargs)
+  out = qmodel.apply(variables, *inputs, **case.eval_kwargs)
+  scale = float(jnp.max(jnp.abs(out))) + 1e-6
+  np.testing.assert_allclose(np.asarray(out_int) / scale, np.asarray(out) / scale, atol=2e-3)
+  assert accumulators and all(int(a["max_abs"]) > 0 for a in accumulators.values())
