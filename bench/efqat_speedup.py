@@ -20,6 +20,7 @@ It restarts itself under jemalloc when that is installed (``apt-get install libj
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable
 
@@ -32,6 +33,7 @@ from efqat_jax import QuantRule, QuantSpec, quantize
 from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
 from efqat_jax.models import MobileNetV2, ResNet, Transformer
 from efqat_jax.nn import quantized_layers
+from efqat_jax.nn.intercept import quantizable_paths
 from efqat_jax.train import (
   create_train_state,
   cross_entropy,
@@ -91,10 +93,12 @@ MODELS = {
 }
 
 
-def _w4a4(model):
+def _w4a4(model, inputs):
   """Every Dense, DenseGeneral and Conv at W4A4; token embeddings stay float (as measured)."""
   rule = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
-  return quantize(model, [QuantRule.keep_float("Embed_0"), rule])
+  kinds = quantizable_paths(model, inputs, train=False)
+  embeddings = [QuantRule.keep_float(re.escape(p)) for p, kind in kinds.items() if kind == "Embed"]
+  return quantize(model, [*embeddings, rule])
 
 
 def _forward(qmodel):
@@ -154,8 +158,8 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
   """Compiles every variant of model ``name``, times them interleaved, returns its rows."""
   print(f"{name}:", flush=True)
   build, data = MODELS[name]
-  qmodel = _w4a4(build())
   inputs, labels = data(jax.random.key(1))
+  qmodel = _w4a4(build(), inputs)
   mesh = make_mesh()
   tx = freeze_unselected(optax.adamw(1e-4))
   variables = qmodel.init(jax.random.key(0), inputs, train=False)
