@@ -23,6 +23,7 @@ class Digits(LabeledImageBuilder):
   PARTS = ("datasets", "data", "digits.csv.gz")
   IMAGE_SHAPE = (8, 8, 1)
   PIXEL_MAX = 16
+  NUM_EXAMPLES = 1797
   NUM_TEST = 360
   DESCRIPTION = "UCI optdigits 8x8 (scikit-learn's digits.csv.gz); stratified 1437/360 split."
   CITATION = "Alpaydin, Kaynak. Optical Recognition of Handwritten Digits. UCI ML Repository."

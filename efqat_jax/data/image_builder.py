@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 
 from efqat_jax.data import tables
 from efqat_jax.data.array_record_builder import ArrayRecordBuilder
+from efqat_jax.errors import DataError
 
 
 class LabeledImageBuilder(ArrayRecordBuilder, skip_registration=True):
@@ -23,21 +24,32 @@ class LabeledImageBuilder(ArrayRecordBuilder, skip_registration=True):
   IMAGE_SHAPE: tuple[int, ...]
   PIXEL_MAX: int
   NUM_CLASSES: int = 10
+  NUM_EXAMPLES: int  # rows of the table
   NUM_TEST: int
   SPLIT_SEED: int = 0
   DESCRIPTION: str = ""
   CITATION: str = ""
 
+  @classmethod
+  def declared_features(cls, config=None) -> tfds.features.FeaturesDict:
+    del config  # no configs
+    return tfds.features.FeaturesDict(
+      {
+        "image": tfds.features.Tensor(shape=cls.IMAGE_SHAPE, dtype=np.uint8),
+        "label": tfds.features.ClassLabel(num_classes=cls.NUM_CLASSES),
+      }
+    )
+
+  @classmethod
+  def declared_split_sizes(cls, config=None) -> dict[str, int]:
+    del config
+    return {"train": cls.NUM_EXAMPLES - cls.NUM_TEST, "test": cls.NUM_TEST}
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
       builder=self,
       description=self.DESCRIPTION,
-      features=tfds.features.FeaturesDict(
-        {
-          "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=np.uint8),
-          "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
-        }
-      ),
+      features=self.declared_features(self.builder_config),
       supervised_keys=("image", "label"),
       metadata=tfds.core.MetadataDict(pixel_max=self.PIXEL_MAX),
       citation=self.CITATION,
@@ -53,6 +65,10 @@ class LabeledImageBuilder(ArrayRecordBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager  # the data ships with a package: nothing to download
     images, labels = self.load_arrays()
+    if len(labels) != self.NUM_EXAMPLES:
+      raise DataError(
+        f"{self.PIP_NAME}'s table has {len(labels)} rows, {self.name} expects {self.NUM_EXAMPLES}"
+      )
     train, test = tables.stratified_split(labels, self.NUM_TEST, self.SPLIT_SEED)
     return {
       "train": self._generate_examples(images, labels, train),

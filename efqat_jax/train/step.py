@@ -15,12 +15,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from efqat_jax.train.losses import Apply, LossFn, classification_loss
 from efqat_jax.train.state import TrainState
+from efqat_jax.trees import merge_trees
 
 DATA_AXIS = "data"
 Batch = dict[str, jax.Array]  # what the loss_fn reads, e.g. "inputs", "labels", "mask"
@@ -54,19 +54,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def _merge(old: dict, new: Any) -> dict:
-  """``old`` collections with every entry of ``new`` written over them (nested dicts merged)."""
-  merged = dict(old)
-  for name, tree in new.items():
-    if name not in merged:
-      merged[name] = tree
-      continue
-    flat = flatten_dict(merged[name])
-    flat.update(flatten_dict(tree))
-    merged[name] = unflatten_dict(flat)
-  return merged
-
-
 def _make_apply(model: nn.Module, variables: dict, mutable: Sequence[str]) -> tuple[Apply, dict]:
   """An ``apply(*args, **kwargs)`` closure over ``variables`` and the dict it collects the
   updates of the ``mutable`` collections in.
@@ -79,8 +66,8 @@ def _make_apply(model: nn.Module, variables: dict, mutable: Sequence[str]) -> tu
   def apply(*args, **kwargs):
     if not mutable:
       return model.apply(variables, *args, **kwargs)
-    out, new = model.apply(_merge(variables, updates), *args, mutable=list(mutable), **kwargs)
-    updates.update(_merge(updates, new))
+    out, new = model.apply(merge_trees(variables, updates), *args, mutable=list(mutable), **kwargs)
+    updates.update(merge_trees(updates, new))
     return out
 
   return apply, updates

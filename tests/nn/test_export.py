@@ -17,7 +17,7 @@ from efqat_jax.nn import (
   with_mode,
 )
 from efqat_jax.nn.rewrite import is_quantized
-from efqat_jax.quant import QuantSpec, apply_integer, fake_quant
+from efqat_jax.quant import QuantSpec, apply_integer, fake_quant, integer_layer_arrays
 
 KEY = jax.random.key(0)
 IMAGES = jax.random.uniform(jax.random.key(1), (4, 12, 12, 1))
@@ -152,6 +152,56 @@ def test_integer_mode_matches_manual_fake_quant_for_depthwise_conv():
     {"params": {"kernel": w_hat, "bias": p["bias"]}}, x_hat
   )
   _close_to_float_rounding(out_int, ref)
+
+
+def _recorded_range(arrays, name):
+  """The integer range the recorded ``<name>_bits`` / ``_signed`` / ``_narrow`` allow."""
+  bits, signed, narrow = (int(arrays[f"{name}_{f}"]) for f in ("bits", "signed", "narrow"))
+  if not signed:
+    return 0, 2**bits - 1
+  return -(2 ** (bits - 1)) + narrow, 2 ** (bits - 1) - 1
+
+
+def test_saved_arrays_record_the_bits_and_the_integers_fit_them(tmp_path):
+  # 4-bit weights (stored in int8) and 4-bit inputs, 8-bit first and last layers, and one layer
+  # with float inputs (no input fields).
+  rules = [
+    QuantRule("Conv_0|Dense_0", QuantSpec.for_weights(8), QuantSpec.for_activations(8)),
+    QuantRule("Conv_2", QuantSpec.for_weights(4), None),
+    QuantRule(".*", QuantSpec.for_weights(4), QuantSpec.for_activations(4)),
+  ]
+  qmodel = quantize(SmallCNN(num_classes=10, features=(8, 16, 16)), rules)
+  variables = qmodel.init(KEY, IMAGES)
+  exported = export_integer(qmodel, variables, IMAGES)
+  saved = {
+    f"{path}/{k}": v
+    for path, layer in exported.items()
+    for k, v in integer_layer_arrays(layer).items()
+  }
+  np.savez(tmp_path / "layers.npz", **saved)
+  with np.load(tmp_path / "layers.npz") as f:
+    loaded = {k: f[k] for k in f.files}
+  assert loaded.keys() == saved.keys()
+  bits = {"Conv_0": 8, "Conv_1": 4, "Conv_2": 4, "Dense_0": 8}
+  for path, want_bits in bits.items():
+    arrays = {k.split("/", 1)[1]: v for k, v in loaded.items() if k.startswith(path + "/")}
+    np.testing.assert_array_equal(arrays["weight"], exported[path].weight)
+    format_keys = {"weight_bits", "weight_signed", "weight_narrow"}
+    if path != "Conv_2":
+      format_keys |= {"input_bits", "input_signed", "input_narrow"}
+    assert format_keys <= arrays.keys()
+    assert all(arrays[k].shape == () and arrays[k].dtype.kind == "i" for k in format_keys)
+    assert int(arrays["weight_bits"]) == want_bits and arrays["weight"].dtype == np.int8
+    lo, hi = _recorded_range(arrays, "weight")
+    assert lo <= arrays["weight"].min() and arrays["weight"].max() <= hi
+    assert np.abs(arrays["weight"]).max() == hi  # min-max scales reach the end of the grid
+    if path == "Conv_2":
+      assert not {"input_scale", "input_zero_point", "input_bits"} & arrays.keys()
+      continue
+    assert int(arrays["input_bits"]) == want_bits and not arrays["input_signed"]
+    lo, hi = _recorded_range(arrays, "input")
+    assert lo <= int(arrays["input_zero_point"]) <= hi
+    assert {"weight_scale", "input_scale", "bias"} <= arrays.keys()
 
 
 def test_export_of_model_without_mode_field_raises():

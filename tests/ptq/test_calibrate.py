@@ -1,10 +1,13 @@
 """Calibration: running ranges become the quantized model's scales."""
 
+import io
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tqdm
 
 from efqat_jax.nn import QuantRule, quantize
 from efqat_jax.ptq import calibrate
@@ -99,3 +102,24 @@ def test_calibrate_needs_batches():
     quantize(TwoDense(), QuantRule(".*", weight=W4, input=A4), weight_estimator="l1").init(
       jax.random.key(0), jnp.ones((8, 6))
     )
+
+
+@pytest.mark.parametrize(("num_batches", "available"), [(2, 3), (3, 3), (5, 3)])
+def test_progress_is_called_after_every_batch_with_the_count_done(num_batches, available):
+  model = quantize(TwoDense(), QuantRule(".*", weight=W4, input=A4))
+  variables = model.init(jax.random.key(0), jnp.ones((8, 6)))
+  done = []
+  calibrated = calibrate(
+    model, variables, _batches()[:available], num_batches, progress=done.append
+  )
+  assert done == list(range(1, min(num_batches, available) + 1))
+  assert int(calibrated["quant_stats"]["Dense_0"]["input_count"]) == len(done)
+
+
+def test_progress_drives_a_tqdm_bar():
+  model = quantize(TwoDense(), QuantRule(".*", weight=W4, input=A4))
+  variables = model.init(jax.random.key(0), jnp.ones((8, 6)))
+  out = io.StringIO()
+  with tqdm.tqdm(total=2, desc="ptq calibrate", file=out) as bar:
+    calibrate(model, variables, _batches(), 2, progress=lambda done: bar.update())
+  assert bar.n == 2 and "ptq calibrate" in out.getvalue() and "2/2" in out.getvalue()

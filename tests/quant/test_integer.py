@@ -18,6 +18,7 @@ from efqat_jax.quant import (
   fake_quant,
   granularity,
   int_dtype,
+  integer_layer_arrays,
   quantize_to_int,
   ranges,
 )
@@ -654,6 +655,33 @@ def test_integer_layer_is_a_pytree_with_static_settings():
   doubled = jax.tree.map(lambda t: t * 2, layer)
   assert doubled.op == "dot_general" and doubled.input_spec == A8
   np.testing.assert_array_equal(doubled.weight_scale, [2.0, 2.0])
+
+
+def test_formats_and_arrays_of_a_layer_with_quantized_inputs():
+  layer = IntegerLayer(**_layer_kwargs(bias=jnp.ones(2)))
+  assert layer.formats() == dict(
+    weight_bits=4, weight_signed=1, weight_narrow=1, input_bits=8, input_signed=0, input_narrow=0
+  )
+  arrays = integer_layer_arrays(layer)
+  assert set(arrays) == {"weight", "weight_scale", "input_scale", "input_zero_point", "bias"} | set(
+    layer.formats()
+  )
+  assert all(isinstance(v, np.ndarray) for v in arrays.values())
+  assert arrays["weight"].dtype == np.int8 and int(arrays["input_zero_point"]) == 3
+  assert arrays["weight_bits"].shape == () and arrays["weight_bits"].dtype == np.int32
+
+
+def test_arrays_of_an_unsigned_weight_only_layer_record_what_they_hold():
+  spec = QuantSpec(bits=4, signed=False, granularity="channel", axis=-1)
+  kernel = jnp.asarray(_rng(9).uniform(0, 3, (4, 2)), jnp.float32)
+  layer = _export(
+    kernel, jnp.full(2, 0.1), spec, None, None, None, op="dot_general", dimension_numbers=DENSE_DN
+  )
+  arrays = integer_layer_arrays(layer)
+  assert set(arrays) == {"weight", "weight_scale", "weight_bits", "weight_signed", "weight_narrow"}
+  assert (int(arrays["weight_bits"]), int(arrays["weight_signed"])) == (4, 0)
+  assert arrays["weight"].dtype == np.uint8
+  assert arrays["weight"].min() >= 0 and arrays["weight"].max() == 2**4 - 1  # clipped above 1.5
 
 
 def test_integer_layer_rejects_an_asymmetric_weight_spec():

@@ -1,11 +1,15 @@
 """train_loop: an interrupted run resumed from its checkpoint ends where an uninterrupted one does."""
 
+import itertools
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from efqat_jax.errors import NonFiniteError
 from efqat_jax.train import (
   Checkpointer,
   MetricWriter,
@@ -43,7 +47,7 @@ class Interrupted(Exception):
 
 
 def batches_from(start, fail_at=None):
-  """The batches from step ``start`` on, reshuffled every epoch (as ``stages.Run``'s are);
+  """The batches from step ``start`` on, reshuffled every epoch (as ``pipeline.Run``'s are);
   raises Interrupted instead of yielding the batch of step ``fail_at``."""
   epoch, skip = divmod(start, STEPS_PER_EPOCH)
   step = start
@@ -109,3 +113,63 @@ def test_dropout_makes_the_run_depend_on_its_rng(tmp_path):
   a = jax.device_get(STEP(fresh(), batch, jax.random.key(3))[0].params)
   b = jax.device_get(STEP(fresh(), batch, jax.random.key(4))[0].params)
   assert not np.allclose(a["Dense_0"]["kernel"], b["Dense_0"]["kernel"])
+
+
+def _toy_run(tmp_path, bad_from, *, loss_bad, num_steps=8, checkpoint_every=2, log_every=8):
+  """A scalar run whose step ``bad_from`` on (as logged) makes the loss NaN (``loss_bad``) or
+  the params inf with a finite loss; returns the checkpointer's steps after it stops."""
+
+  @jax.jit
+  def step_fn(state, batch, rng):
+    step = state.step + 1
+    bad = step >= bad_from
+    w = jnp.where(bad, jnp.nan if loss_bad else jnp.inf, state.params["w"] + batch)
+    loss = jnp.sum(w) if loss_bad else jnp.float32(1.0)
+    return state.replace(step=step, params={"w": w}), {"loss": loss}
+
+  state = create_train_state({"params": {"w": jnp.zeros(3)}}, optax.identity())
+  with (
+    Checkpointer(tmp_path / "ckpt") as ckpt,
+    MetricWriter(tmp_path / "tb") as writer,
+    pytest.raises(NonFiniteError) as error,
+  ):
+    train_loop(
+      state,
+      step_fn,
+      lambda start: itertools.repeat(jnp.float32(1.0)),
+      num_steps,
+      checkpointer=ckpt,
+      writer=writer,
+      rng=jax.random.key(0),
+      checkpoint_every=checkpoint_every,
+      log_every=log_every,
+      description="toy",
+      progress=False,
+    )
+  steps = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
+  with Checkpointer(tmp_path / "ckpt") as ckpt:
+    for step in steps:  # every checkpoint left is finite
+      assert np.isfinite(ckpt.read(step)["params"]["w"]).all()
+  return str(error.value), steps
+
+
+@pytest.mark.parametrize(
+  "bad_from, checkpoint_every, log_every",
+  [(4, 2, 8), (5, 2, 8), (3, 2, 1)],  # found at a save of that step, a later save, a log
+)
+def test_a_non_finite_loss_stops_naming_its_first_step_and_saves_nothing_from_it_on(
+  bad_from, checkpoint_every, log_every, tmp_path
+):
+  message, steps = _toy_run(
+    tmp_path, bad_from, loss_bad=True, checkpoint_every=checkpoint_every, log_every=log_every
+  )
+  assert "\n" not in message
+  assert f"stage 'toy': the loss is non-finite at step {bad_from};" in message
+  assert steps and max(steps) < bad_from
+  assert f"last good checkpoint, step {max(steps)} " in message
+
+
+def test_non_finite_params_with_a_finite_loss_are_never_saved(tmp_path):
+  message, steps = _toy_run(tmp_path, 3, loss_bad=False)
+  assert "stage 'toy': the parameters are non-finite at step 4" in message
+  assert steps == [2]
