@@ -34,11 +34,10 @@ import argparse
 import json
 import pathlib
 
-import jax
 import timing
 from reference_results import load_config
 
-from efqat_jax import stages
+from efqat_jax import fields, pipeline
 
 SETTINGS = (
   ("cnn_mnist5k", 4, 4),
@@ -95,14 +94,14 @@ def efqat_config(config, mode: str, rho: float):
   return cfg
 
 
-def efqat_result(cfg, workdir: pathlib.Path, ptq_variables: dict) -> dict:
+def efqat_result(cfg, workdir: pathlib.Path, ptq: pipeline.ModelState) -> dict:
   """``results["efqat"]`` of the run in ``workdir``, training (or resuming) it unless finished."""
   path = workdir / "results.json"
   finished = json.loads(path.read_text()) if path.exists() else {}
   if "efqat" in finished:
     return finished["efqat"]
-  run = stages.Run(cfg, workdir)
-  stages.run_efqat(run, ptq_variables)
+  run = pipeline.Run(cfg, workdir)
+  pipeline.STAGES.get("efqat").run(run, {"ptq": ptq})
   return run.results["efqat"]
 
 
@@ -112,17 +111,18 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
   rhos = QUICK_RHOS if quick else RHOS
   configs = {(mode, rho): efqat_config(config, mode, rho) for mode in MODES for rho in rhos}
   for cfg in (config, *configs.values()):
-    stages.validate(cfg)
+    fields.validate(cfg, pipeline.pipeline_schema())
   workdir = root / setting_name(*setting)
-  run = stages.Run(config, workdir)
-  ptq_variables = jax.device_get(stages.run_ptq(run, stages.run_fp(run)))
-  stages.run_qat(run, ptq_variables)
+  run = pipeline.Run(config, workdir)
+  fp = pipeline.STAGES.get("fp").run(run, {})
+  ptq = pipeline.STAGES.get("ptq").run(run, {"fp": fp})
+  pipeline.STAGES.get("qat").run(run, {"ptq": ptq})
   efqat = {}
   for (mode, rho), cfg in configs.items():
     if rho in (0.0, 1.0) and mode != MODES[0]:  # no channel or every channel: same run
       efqat[mode, rho] = efqat[MODES[0], rho]
       continue
-    efqat[mode, rho] = efqat_result(cfg, workdir / f"efqat_{mode}_{rho}", ptq_variables)
+    efqat[mode, rho] = efqat_result(cfg, workdir / f"efqat_{mode}_{rho}", ptq)
     seconds = efqat[mode, rho]["wall_time_s"]
     print(f"{workdir.name}: efqat {mode} rho={rho} done ({seconds:.0f} s)", flush=True)
   return setting_rows(setting, config, run.results, efqat)

@@ -20,7 +20,7 @@ import sys
 
 import timing
 
-from efqat_jax import stages
+from efqat_jax import pipeline
 
 CONFIGS = ("cnn_mnist5k", "resnet20_mnist5k", "transformer_shakespeare")
 BITS = (8, 4, 2)
@@ -59,7 +59,7 @@ def main():
         shutil.copy(first / "stage_configs" / "fp.json", workdir / "stage_configs")
         fp_result = json.loads((first / "results.json").read_text())["fp"]
         (workdir / "results.json").write_text(json.dumps({"fp": fp_result}))
-      results = stages.run_pipeline(config, workdir)
+      results = pipeline.run_pipeline(config, workdir)
       first = first or workdir
       metric = "bits_per_char" if config.task == "lm" else "accuracy"
       for stage in ("fp", "ptq", "qat"):

@@ -29,5 +29,5 @@ def test_notebook_runs_top_to_bottom_and_saves_its_plots(tmp_path):
     timeout=900,
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "qat  accuracy" in out.stdout and "lwpn rho=1.0" in out.stdout
+  assert "qat  accuracy" in out.stdout and "lwpn rho=0.1" in out.stdout
   assert (workdir / "efqat_plots.png").stat().st_size > 10_000

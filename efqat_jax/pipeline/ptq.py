@@ -1,0 +1,179 @@
+"""Stage ``ptq``: choose every layer's formats, calibrate, and quantize the weights with the
+registered PTQ method ``config.ptq.method``.
+
+Its checkpoint stores the calibrated, quantized variables and, with them, the per-layer formats;
+the stages after it rebuild the quantized model from those formats.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import jax
+import optax
+import tqdm
+
+from efqat_jax.errors import ConfigError, NonFiniteError
+from efqat_jax.fields import Field, boolean, integer, one_of, regex
+from efqat_jax.nn import QUANT_STATS, QuantRule, quantize, quantized_layers
+from efqat_jax.nn.formats import Formats, bits_summary, layer_formats
+from efqat_jax.nn.intercept import quantizable_paths
+from efqat_jax.nn.ops import WEIGHT_ESTIMATORS
+from efqat_jax.pipeline.context import Run
+from efqat_jax.pipeline.stage import STAGES, ModelState, Stage
+from efqat_jax.ptq import calibrate
+from efqat_jax.ptq.methods import PTQ_METHODS, quantize_weights
+from efqat_jax.quant import QuantSpec
+from efqat_jax.train import create_train_state, replicate
+from efqat_jax.trees import all_finite, merge_trees
+
+QUANT_FIELDS = {
+  "weight_bits": Field(4, "weight bits of every layer but the high-precision ones", integer(2, 16)),
+  "act_bits": Field(4, "input-activation bits of those layers", integer(2, 16)),
+  "high_precision_bits": Field(
+    8, "weight and input bits of the high-precision layers", integer(2, 16)
+  ),
+  "high_precision_layers": Field(
+    "auto",
+    "'auto': first and last layer; '': none; or a regex of layer paths",
+    regex("'auto', '' or "),
+  ),
+  "weight_estimator": Field(
+    "mse", "weight ranges at calibration: mse or minmax", one_of(*WEIGHT_ESTIMATORS)
+  ),
+  "quantize_embeddings": Field(
+    False, "True: nn.Embed tables per row at weight_bits (else float)", boolean()
+  ),
+}
+
+
+def ptq_schema() -> dict:
+  """``config.ptq``: calibration, the method, and each registered method's own block."""
+  schema = {
+    "calibration_batches": Field(8, "training batches the ranges are calibrated on", integer(1)),
+    "method": Field(
+      "rtn", f"PTQ method: one of {list(PTQ_METHODS.names())}", one_of(*PTQ_METHODS.names())
+    ),
+  }
+  return schema | {name: m.fields for name, m in PTQ_METHODS.items() if m.fields}
+
+
+def config_rules(run: Run, inputs) -> list[QuantRule]:
+  """All layers at the configured bits; ``high_precision_layers`` (default: the first and
+  the last layer in call order) at ``high_precision_bits``; embedding tables in float unless
+  ``quantize_embeddings`` (a lookup does no multiply-accumulate)."""
+  q = run.config.quant
+  kinds = quantizable_paths(run.model, inputs, train=False)
+  embeddings = [p for p, kind in kinds.items() if kind == "Embed"]
+  float_rules = []
+  if embeddings and not q.quantize_embeddings:
+    float_rules = [QuantRule.keep_float("|".join(re.escape(p) for p in embeddings))]
+  rules = [
+    *float_rules,
+    QuantRule(
+      ".*", weight=QuantSpec.for_weights(q.weight_bits), input=QuantSpec.for_activations(q.act_bits)
+    ),
+  ]
+  pattern = q.high_precision_layers
+  if not pattern:
+    return rules
+  paths = [p for p in kinds if q.quantize_embeddings or p not in embeddings]
+  if pattern == "auto":
+    pattern = "|".join(re.escape(p) for p in dict.fromkeys([paths[0], paths[-1]]))
+  high = [p for p in paths if re.fullmatch(pattern, p)]
+  if not high:
+    raise ConfigError(
+      f"config.quant.high_precision_layers = {q.high_precision_layers!r} matches no layer of"
+      f" {run.config.model!r}; its layers are {paths}"
+    )
+  bits = q.high_precision_bits
+  high_rule = QuantRule(
+    pattern, weight=QuantSpec.for_weights(bits), input=QuantSpec.for_activations(bits)
+  )
+  return [*float_rules, high_rule] if len(high) == len(paths) else [high_rule, *rules]
+
+
+def config_formats(run: Run, inputs) -> Formats:
+  """The per-layer formats the config's rules give the model (traced abstractly)."""
+  qmodel = quantize(run.model, config_rules(run, inputs))
+  variables = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), inputs, train=False))
+  return layer_formats(quantized_layers(qmodel, variables, inputs, train=False))
+
+
+def check_ptq(run: Run) -> None:
+  config_formats(run, run.placeholder_inputs())
+
+
+def quantize_model(run: Run, fp: ModelState) -> ModelState:
+  """Calibrates the quantized model on ``calibration_batches`` batches, then quantizes its
+  weights with the configured method."""
+  cfg = run.config.ptq
+  formats = config_formats(run, run.sample_inputs)
+  qmodel = run.quantized_model(formats)
+  variables = run.init(qmodel)
+  variables = merge_trees(variables, fp.variables)
+  inputs = (b["inputs"] for b in run.train_batches(0))
+  bar = tqdm.tqdm(
+    total=cfg.calibration_batches,
+    desc="ptq calibrate",
+    disable=not run.config.progress,
+    leave=False,
+  )
+  calibrated = calibrate(
+    qmodel,
+    variables,
+    inputs,
+    cfg.calibration_batches,
+    train=False,
+    progress=lambda done: bar.update(done - bar.n),
+  )
+  bar.close()
+  # The running ranges are a by-product: the checkpoint holds what the model runs with.
+  variables = {k: v for k, v in calibrated.items() if k != QUANT_STATS}
+  if not all_finite(variables["params"]):
+    raise NonFiniteError(
+      "ptq: calibration gave non-finite ranges (non-finite values in the training data?)"
+    )
+  method = PTQ_METHODS.get(cfg.method)
+  layers = quantized_layers(qmodel, variables, run.sample_inputs, train=False)
+  params = quantize_weights(method, variables["params"], layers, settings=cfg.get(cfg.method))
+  return ModelState(jax.device_get({**variables, "params": params}), formats)
+
+
+def run_ptq(run: Run, inputs: dict[str, ModelState]) -> ModelState:
+  start = time.perf_counter()
+  with run.checkpointer("ptq") as ckpt:
+    if ckpt.latest_step() is None:
+      out = quantize_model(run, inputs["fp"])
+      ckpt.save(0, out.variables, metadata={"formats": out.formats}, wait=True)
+    else:
+      variables, metadata = ckpt.restore_latest_with_metadata(None)
+      out = ModelState(variables, metadata["formats"])
+  if "ptq" not in run.results:
+    qmodel = run.quantized_model(out.formats)
+    state = replicate(create_train_state(out.variables, optax.identity()), run.mesh)
+    result = run.evaluate(qmodel, state, "ptq")
+    run.record(
+      "ptq",
+      {
+        **result,
+        "wall_time_s": time.perf_counter() - start,
+        "method": run.config.ptq.method,
+        "formats": bits_summary(out.formats),
+      },
+    )
+  return out
+
+
+PTQ = STAGES.register(
+  "ptq",
+  Stage(
+    run=run_ptq,
+    needs=lambda config, finished: ("fp",),
+    fields=lambda config: ("quant", "ptq"),
+    summary="calibrate the ranges and quantize the weights (config.ptq.method)",
+    blocks=lambda: {"quant": QUANT_FIELDS, "ptq": ptq_schema()},
+    check=check_ptq,
+  ),
+)

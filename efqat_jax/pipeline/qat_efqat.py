@@ -1,0 +1,93 @@
+"""QAT variant ``efqat``: train the channels or layers selected by importance (mean |w|),
+re-selected every ``reselect_every`` steps, plus every non-weight param; the optimizer freezes
+the rest and the backward pass skips their weight gradients."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import tqdm
+
+from efqat_jax.efqat import (
+  MODES,
+  ReselectingStep,
+  freeze_unselected,
+  restrict_backward,
+  select,
+  trainable_from_state,
+)
+from efqat_jax.fields import Field, boolean, integer, number, one_of
+from efqat_jax.nn import quantized_layers
+from efqat_jax.pipeline.qat import QAT_VARIANTS, QatVariant
+from efqat_jax.pipeline.training import train
+
+EFQAT_FIELDS = {
+  "mode": Field(
+    "cwpl", "cwpl, cwpn, lwpn, or the ends qat / ptq (efqat_jax.efqat.select)", one_of(*MODES)
+  ),
+  "rho": Field(
+    0.1, "fraction of output channels (cwpl, cwpn) or of layers (lwpn) that train", number(0, 1)
+  ),
+  "reselect_every": Field(100, "steps between importance re-rankings (0: rank once)", integer(0)),
+  "bucket": Field(
+    4, "cwpn: per-layer counts rounded up to a multiple (fewer recompiles)", integer(1)
+  ),
+  "train_frozen_scales": Field(
+    False, "True: frozen channels' weight scales train too (full weight-gradient cost)", boolean()
+  ),
+}
+
+
+def train_efqat(run, stage, qmodel, variables, cfg):
+  settings = run.config.efqat
+  every = settings.reselect_every or None
+  layers = quantized_layers(qmodel, variables, run.sample_inputs, train=False)
+  recompiles = [0]
+
+  def selector(params):
+    return select(
+      params, layers, settings.mode, settings.rho, settings.bucket, settings.train_frozen_scales
+    )
+
+  def reselecting(step_fn, writer):
+    def on_select(step, params, trainable, new_compiles):
+      recompiles[0] += new_compiles
+      scalars = {f"selection/{k}": v for k, v in trainable.summary().items()}
+      writer.write(step, {**scalars, "selection/recompiles": recompiles[0]})
+      if new_compiles and step:
+        tqdm.tqdm.write(f"{stage} step {step}: new per-layer counts, the step compiles again")
+
+    return ReselectingStep(step_fn, selector, every, on_select)
+
+  state = train(
+    run,
+    stage,
+    qmodel,
+    variables,
+    cfg,
+    wrap_tx=freeze_unselected,
+    param_context=restrict_backward,
+    wrap_step=reselecting,
+  )
+  params = jax.device_get(state.params)
+  last = trainable_from_state(jax.device_get(state.opt_state), params, layers)  # after a resume
+  summary = last.summary()
+  return state, {
+    "mode": settings.mode,
+    "rho": settings.rho,
+    "channel_fraction": summary["channel_fraction"],
+    "param_fraction": summary["param_fraction"],
+    "selections": 1 if every is None else math.ceil(cfg.steps / every),
+    "recompiles_this_process": recompiles[0],
+  }
+
+
+EFQAT = QAT_VARIANTS.register(
+  "efqat",
+  QatVariant(
+    train_efqat,
+    summary="train only the most important channels or layers (EfQAT)",
+    fields=EFQAT_FIELDS,
+  ),
+)
