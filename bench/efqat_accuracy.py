@@ -89,7 +89,7 @@ def setting_config(setting: tuple[str, int, int], root: pathlib.Path, quick: boo
 def efqat_config(config, mode: str, rho: float):
   """``config`` with EfQAT at (mode, rho) and QAT's optimizer settings and steps."""
   cfg = config.copy_and_resolve_references()
-  cfg.efqat.update(config.qat.to_dict())
+  cfg.efqat.update({k: v for k, v in config.qat.to_dict().items() if k != "method"})
   cfg.efqat.update(mode=mode, rho=rho)
   return cfg
 

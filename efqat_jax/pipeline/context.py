@@ -94,6 +94,7 @@ class Run:
       ) from None
     self.results_path = self.workdir / "results.json"
     self.results: dict[str, Any] = self._read_results()
+    self._quantized: dict[str, Any] = {}  # quantized models by their formats' JSON
 
   def _read_results(self) -> dict[str, Any]:
     if not self.results_path.exists():
@@ -209,10 +210,6 @@ class Run:
         self.model, rules_from_formats(formats), weight_estimator=self.config.quant.weight_estimator
       )
     return self._quantized[key]
-
-  @functools.cached_property
-  def _quantized(self) -> dict:
-    return {}
 
   # --- evaluation and results -------------------------------------------------------------
 

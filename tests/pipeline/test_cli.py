@@ -78,8 +78,8 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(data_dir, tmp_p
   args = [
     *_tiny(data_dir, tmp_path),
     "--config.stages=fp",
-    "--config.fp.steps=1000",
-    "--config.checkpoint_every=20",
+    "--config.fp.steps=600",
+    "--config.checkpoint_every=10",
   ]
   cmd = [sys.executable, "-m", "efqat_jax.main", *args]
   process = subprocess.Popen(
