@@ -24,7 +24,7 @@ from efqat_jax.errors import ConfigError, DataError
 from efqat_jax.fields import Field, boolean, integer, mapping, one_of, text
 from efqat_jax.nn import quantize
 from efqat_jax.nn.formats import Formats, rules_from_formats
-from efqat_jax.pipeline.outputs import check_finite, json_text, write_atomic
+from efqat_jax.pipeline.outputs import check_finite, write_json
 from efqat_jax.train import (
   Checkpointer,
   MetricWriter,
@@ -244,7 +244,7 @@ class Run:
     """Adds a finished stage's result to ``results.json`` (strict JSON, written atomically)."""
     check_finite(result, f"stage {stage!r}")
     self.results[stage] = result
-    write_atomic(self.results_path, json_text(self.results).encode())
+    write_json(self.results_path, self.results)
 
   def checkpointer(self, stage: str) -> Checkpointer:
     return Checkpointer(self.workdir / stage)

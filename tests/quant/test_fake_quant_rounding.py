@@ -36,7 +36,7 @@ def _value_and_grads(x, s, z, g, *, spec, quantizer):
 _DEFAULT, _STE = _with_rounding(None), _with_rounding(round_ste)
 
 
-# --- the custom path agrees with the default -----------------------------------------------------------------
+# --- the custom path agrees with the default ----------------------------------------------------
 
 _SPECS = [
   QuantSpec(bits=2),
