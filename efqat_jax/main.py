@@ -13,6 +13,7 @@ and leaves a workdir that the same command resumes.
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -162,11 +163,20 @@ def cli() -> None:
     define_flags()
     app.run(main)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(f"error: {e}", 2)
   except KeyboardInterrupt:
-    print("interrupted: run the same command again to resume from the workdir", file=sys.stderr)
-    sys.exit(130)
+    _exit("interrupted: run the same command again to resume from the workdir", 130)
+
+
+def _exit(line: str, status: int) -> None:
+  """Prints ``line`` to stderr and ends the process now. The stages have closed their
+  checkpoints and writers while unwinding; an interrupt can leave a background thread of orbax
+  waiting on an executor that is already shut down, and a normal exit would wait for it forever
+  (what is unfinished there is what a kill leaves, and a rerun resumes from it)."""
+  print(line, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
 
 
 if __name__ == "__main__":
