@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from efqat_jax.errors import CorruptCheckpointError
+from efqat_jax.train.interrupt import deferred_interrupts
 
 _STATE, _META = "state", "meta"
 
@@ -175,14 +176,13 @@ class Checkpointer:
     (asynchronously unless ``wait``)."""
     metadata = json.loads(json.dumps(metadata))  # as it reads back (tuples become lists)
     meta = {"digest": tree_digest(state, metadata), "leaves": _specs(state), "metadata": metadata}
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
-      ),
+    args = ocp.args.Composite(
+      **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
     )
-    if wait:
-      self._manager.wait_until_finished()
+    with deferred_interrupts():  # Ctrl-C waits until orbax has the save in hand
+      self._manager.save(step, args=args)
+      if wait:
+        self._manager.wait_until_finished()
 
   def restore_latest(self, like: Any) -> Any:
     """The newest intact checkpoint restored with the structure, dtypes and shardings of
@@ -289,8 +289,9 @@ class Checkpointer:
 
   def close(self) -> None:
     """Waits for pending writes and releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    with deferred_interrupts():
+      self._manager.wait_until_finished()
+      self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self

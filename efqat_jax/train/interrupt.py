@@ -14,12 +14,28 @@ import threading
 from collections.abc import Iterator
 
 _interrupted = False
+_deferring = 0  # > 0 inside deferred_interrupts()
 
 
 def _on_sigint(signum, frame) -> None:
   global _interrupted
   _interrupted = True
-  raise KeyboardInterrupt
+  if not _deferring:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+  """Inside, a SIGINT (in an ``interrupt_guard``) is only recorded, and raised when the block
+  ends: for work that must not be cut in two, such as handing a checkpoint to orbax's threads."""
+  global _deferring
+  _deferring += 1
+  try:
+    yield
+  finally:
+    _deferring -= 1
+  if not _deferring:
+    raise_if_interrupted()
 
 
 @contextlib.contextmanager

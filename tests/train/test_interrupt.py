@@ -99,3 +99,14 @@ def test_train_loop_stops_before_the_step_after_a_swallowed_interrupt(tmp_path):
       progress=False,
     )
   assert steps == [0, 1, 2]
+
+
+def test_an_interrupt_inside_a_deferred_block_is_raised_when_the_block_ends():
+  from efqat_jax.train.interrupt import deferred_interrupts
+
+  done = []
+  with pytest.raises(KeyboardInterrupt), interrupt_guard(), deferred_interrupts():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)  # the handler runs here: it only records
+    done.append("finished")
+  assert done == ["finished"]
