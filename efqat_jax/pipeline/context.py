@@ -1,7 +1,7 @@
 """One pipeline run: its config, workdir, data, model, evaluation and finished results.
 
 Nothing here writes a file until a stage asks for data or records a result; ``check_data``
-and ``sample_shape`` work from the dataset's metadata alone, so every check can run first.
+and ``placeholder_inputs`` work from the dataset's metadata alone, so every check can run first.
 """
 
 from __future__ import annotations
