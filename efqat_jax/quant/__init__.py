@@ -1,6 +1,7 @@
 """Framework-free quantization numerics: pure functions on arrays and a frozen QuantSpec."""
 
-from efqat_jax.quant import granularity, ranges
+from efqat_jax.quant import accumulator, granularity, ranges
+from efqat_jax.quant.accumulator import AccumulatorSpec
 from efqat_jax.quant.fake_quant import (
   check_scale_values,
   fake_quant,
@@ -11,7 +12,10 @@ from efqat_jax.quant.fake_quant import (
 )
 from efqat_jax.quant.integer import (
   IntegerLayer,
+  OverflowReport,
   apply_integer,
+  check_accumulator,
+  check_accumulators,
   dequantize,
   export_layer,
   int_dtype,
@@ -21,9 +25,14 @@ from efqat_jax.quant.integer import (
 from efqat_jax.quant.spec import QuantSpec
 
 __all__ = [
+  "AccumulatorSpec",
   "IntegerLayer",
+  "OverflowReport",
   "QuantSpec",
+  "accumulator",
   "apply_integer",
+  "check_accumulator",
+  "check_accumulators",
   "check_scale_values",
   "dequantize",
   "export_layer",

@@ -1,0 +1,92 @@
+"""A kernel as a matrix of rows: one row per output channel, one column per input it multiplies.
+
+Layer-wise PTQ (OPTQ, GPFQ, AXE) and the accumulator checks work on this view. Row ``o`` holds
+the weights output channel ``o`` sums over, in the order an accumulator adds them up: the
+kernel's contracting axes in the op's order (a convolution's input feature first, then its
+window, matching ``lax.conv_general_dilated_patches``). Output channels are flattened in C order
+over the kernel's output axes, as everywhere else in the library.
+
+Example:
+  >>> out_axes, in_axes = kernel_axes("conv", dn, kernel.ndim)  # HWIO: (3,), (2, 0, 1)
+  >>> rows = to_rows(kernel, out_axes, in_axes)                 # [O, I * H * W]
+  >>> same = from_rows(rows, kernel.shape, out_axes, in_axes)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from efqat_jax.quant import granularity
+from efqat_jax.quant.spec import QuantSpec
+
+
+def kernel_axes(op: str, dimension_numbers: Any, ndim: int) -> tuple[tuple[int, ...], ...]:
+  """``(output axes, input axes)`` of a kernel: what the op keeps and what it sums over.
+
+  Args:
+    op: ``"dot_general"``, ``"conv"`` or ``"take"`` (an embedding table: one row per entry).
+    dimension_numbers: the op's (``lax.ConvDimensionNumbers`` for a convolution).
+    ndim: the kernel's rank.
+
+  Raises:
+    ValueError: for a dot_general whose kernel has batch axes (one matrix per batch entry).
+  """
+  if op == "conv":
+    rhs_spec = dimension_numbers.rhs_spec
+    return (rhs_spec[0],), tuple(rhs_spec[1:])
+  if op == "take":
+    return (0,), tuple(range(1, ndim))
+  (_, rc), (_, rb) = dimension_numbers
+  if rb:
+    raise ValueError(
+      f"a dot_general with kernel batch axes {tuple(rb)} is one matrix per batch entry;"
+      " layer-wise quantization and accumulator checks need a single matrix"
+    )
+  return tuple(d for d in range(ndim) if d not in rc), tuple(rc)
+
+
+def to_rows(kernel: jax.Array, out_axes, in_axes) -> jax.Array:
+  """The kernel as ``[output channels, inputs]``."""
+  moved = jnp.transpose(kernel, (*out_axes, *in_axes))
+  out = math.prod(kernel.shape[a] for a in out_axes)
+  return moved.reshape(out, -1)
+
+
+def from_rows(rows: jax.Array, shape: tuple[int, ...], out_axes, in_axes) -> jax.Array:
+  """Inverse of ``to_rows`` for a kernel of ``shape``."""
+  order = (*out_axes, *in_axes)
+  moved = rows.reshape([shape[a] for a in order])
+  return jnp.transpose(moved, [order.index(d) for d in range(len(shape))])
+
+
+def scale_rows(
+  scale: jax.Array, spec: QuantSpec, shape: tuple[int, ...], out_axes, in_axes
+) -> jax.Array:
+  """The weight scales as ``[output channels, column groups]``: one column for per-tensor
+  and per-channel scales, ``inputs / group_size`` columns for scales per group of inputs
+  (column ``j`` uses group ``j // group_size``).
+
+  Raises:
+    ValueError: for scales that differ along the inputs in another way (per-channel over an
+      input axis, or groups along an output axis or across several input axes).
+  """
+  out = math.prod(shape[a] for a in out_axes)
+  scale = jnp.asarray(scale, jnp.float32)
+  if spec.granularity == "tensor":
+    return jnp.broadcast_to(jnp.reshape(scale, (1, 1)), (out, 1))
+  axes = granularity.normalize_axes(spec.axis, len(shape))
+  if spec.granularity == "channel" and axes == tuple(sorted(out_axes)):
+    return jnp.reshape(scale, (out, 1))
+  if spec.granularity == "group" and axes == tuple(in_axes):
+    grouped = list(shape)
+    grouped[axes[0]] //= spec.group_size
+    return to_rows(jnp.reshape(scale, grouped), out_axes, in_axes)
+  raise ValueError(
+    f"weight scales with granularity={spec.granularity!r} over axis {spec.axis!r} of a kernel"
+    f" with output axes {tuple(out_axes)} and input axes {tuple(in_axes)}: rows need scales per"
+    " tensor, per output channel, or per group along the single input axis"
+  )
