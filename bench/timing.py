@@ -84,7 +84,7 @@ def write_rows(name: str, rows: list[dict]) -> pathlib.Path:
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
-  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
   return "\n".join(lines)

@@ -7,11 +7,13 @@ from efqat_jax.nn.layer_table import GRAD_CHANNELS, QuantizedLayer, quantized_la
 from efqat_jax.nn.layers import QuantConv, QuantDense, QuantDenseGeneral
 from efqat_jax.nn.ops import (
   ACCUMULATOR_MAX,
+  CAPTURED_INPUT,
   QUANT_STATS,
   Mode,
   QuantizedOps,
   RoundingContext,
   WeightRounding,
+  capturing_inputs,
   current_weight_rounding,
   round_to_nearest,
   weight_rounding,
@@ -20,6 +22,7 @@ from efqat_jax.nn.partial_grad import channel_subset_grad
 
 __all__ = [
   "ACCUMULATOR_MAX",
+  "CAPTURED_INPUT",
   "Formats",
   "GRAD_CHANNELS",
   "Mode",
@@ -33,6 +36,7 @@ __all__ = [
   "QuantizedOps",
   "RoundingContext",
   "WeightRounding",
+  "capturing_inputs",
   "channel_subset_grad",
   "current_weight_rounding",
   "export_integer",

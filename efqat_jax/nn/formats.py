@@ -12,15 +12,17 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from efqat_jax.nn.intercept import QuantRule
 from efqat_jax.nn.layer_table import QuantizedLayer
+from efqat_jax.quant.accumulator import AccumulatorSpec
 from efqat_jax.quant.spec import QuantSpec
 
-# {layer path: {"weight": spec fields, "input": spec fields or None}}
+# {layer path: {"weight": spec fields, "input": spec fields or None[, "accumulator": {bits, tile}]}}
 Formats = dict[str, dict[str, dict[str, Any] | None]]
 
 
@@ -48,6 +50,22 @@ def layer_formats(layers: Mapping[str, QuantizedLayer]) -> Formats:
   }
 
 
+def with_accumulator(formats: Formats, accumulator: AccumulatorSpec) -> Formats:
+  """``formats`` with ``accumulator`` on every layer whose inputs are integers (a layer with
+  float inputs has no integer accumulator)."""
+  entry = dataclasses.asdict(accumulator)
+  return {
+    path: {**spec, "accumulator": entry} if spec["input"] is not None else spec
+    for path, spec in formats.items()
+  }
+
+
+def accumulator_of(formats: Formats, path: str) -> AccumulatorSpec | None:
+  """The accumulator the layer at ``path`` must not overflow, or None (unconstrained)."""
+  entry = formats[path].get("accumulator")
+  return None if entry is None else AccumulatorSpec(**entry)
+
+
 def rules_from_formats(formats: Formats) -> list[QuantRule]:
   """One rule per layer path (exact match); every other layer stays in float."""
   return [
@@ -67,4 +85,10 @@ def bits_summary(formats: Formats) -> str:
     a = spec["input"]["bits"] if spec["input"] else "f"
     key = f"W{spec['weight']['bits']}A{a}"
     counts[key] = counts.get(key, 0) + 1
-  return ", ".join(f"{k} x {n}" for k, n in counts.items())
+  summary = ", ".join(f"{k} x {n}" for k, n in counts.items())
+  accumulators = {json.dumps(s["accumulator"]) for s in formats.values() if s.get("accumulator")}
+  for entry in sorted(accumulators):
+    spec = AccumulatorSpec(**json.loads(entry))
+    tile = "" if spec.tile is None else f", tiles of {spec.tile}"
+    summary += f"; {spec.bits}-bit accumulators{tile}"
+  return summary

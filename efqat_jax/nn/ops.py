@@ -45,6 +45,8 @@ ACCUMULATOR_MAX = "accumulator_max_abs"
 QUANT_PARAM_NAMES = ("kernel_scale", "embedding_scale", "input_scale", "input_zero_point")
 # Running input ranges of Mode.CALIBRATE, kept in ``params`` while calibrating (see Mode).
 CALIBRATION_STATS = ("input_min", "input_max", "input_count")
+# Where ``capturing_inputs`` puts the input a layer's weight multiplies.
+CAPTURED_INPUT = "captured_input"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -119,6 +121,33 @@ def current_weight_rounding(path: str) -> WeightRounding:
   """The ``WeightRounding`` that the layer at ``path`` uses now."""
   fn, paths = _WEIGHT_ROUNDING.get()
   return fn if paths is None or path in paths else round_to_nearest
+
+
+_CAPTURING: contextvars.ContextVar[tuple[bool, frozenset[str] | None]] = contextvars.ContextVar(
+  "efqat_jax_capturing_inputs", default=(False, None)
+)
+
+
+@contextlib.contextmanager
+def capturing_inputs(paths: Collection[str] | None = None) -> Iterator[None]:
+  """Every quantized op traced inside puts the input its weight multiplies into ``params`` as
+  ``captured_input`` (which must be mutable): the quantized input in Mode.QUANTIZE, the float
+  one in Mode.FLOAT. Inside ``nn.scan`` / ``nn.vmap`` the inputs are stacked like the params;
+  a layer called twice keeps its last call's. Embedding lookups capture nothing.
+
+  Args:
+    paths: module paths (``RoundingContext.path``) to capture; None: every layer.
+  """
+  token = _CAPTURING.set((True, None if paths is None else frozenset(paths)))
+  try:
+    yield
+  finally:
+    _CAPTURING.reset(token)
+
+
+def _captures(path: str) -> bool:
+  active, paths = _CAPTURING.get()
+  return active and (paths is None or path in paths)
 
 
 class Mode(enum.Enum):
@@ -291,6 +320,7 @@ class QuantizedOps:
     if self.mode is Mode.CALIBRATE and not self.scope.get_flag("initializing", False):
       self._calibrate(lhs, rhs, kernel_spec, input_spec)
     if self.mode in (Mode.FLOAT, Mode.CALIBRATE):
+      self._capture(lhs, settings)
       return float_op(lhs, rhs)
     if self.mode is Mode.INTEGER:
       return self._integer(lhs, rhs, params, kernel_spec, input_spec, settings)
@@ -302,6 +332,7 @@ class QuantizedOps:
         spec=input_spec,
         grad_scale=_input_grad_scale(lhs, input_spec),
       )
+    self._capture(lhs, settings)
     if kernel_spec is not None:
       rounding = self._weight_rounding(kernel_spec)
       rhs = fake_quant(rhs, params[self.scale_name], spec=kernel_spec, rounding=rounding)
@@ -309,6 +340,14 @@ class QuantizedOps:
     if channels is not None:
       return self._channel_subset_op(float_op, lhs, rhs, channels, out_axes, settings)
     return float_op(lhs, rhs)
+
+  def _capture(self, lhs, settings) -> None:
+    """Puts ``lhs`` into ``params`` inside ``capturing_inputs`` (see there)."""
+    if settings["op"] == "take" or self.mode is Mode.CALIBRATE or not _captures(self.path):
+      return
+    if not self.scope.is_mutable_collection("params"):
+      raise ValueError(f"{self.path}: capturing_inputs needs apply(..., mutable=['params'])")
+    self.scope.put_variable("params", CAPTURED_INPUT, lhs)
 
   def _weight_rounding(self, kernel_spec: QuantSpec):
     """The current weight rounding bound to this layer, or None for round to nearest."""

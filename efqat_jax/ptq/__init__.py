@@ -1,7 +1,13 @@
-"""Post-training quantization: calibration, and the registry of PTQ methods (``rtn`` first)."""
+"""Post-training quantization: calibration, capture, and the registry of PTQ methods (``rtn``
+first, then the layer-wise ``optq``, ``gpfq``, ``axe_optq``, ``axe_gpfq``)."""
 
-from efqat_jax.ptq import rtn  # noqa: F401 (registers "rtn")
+# Registration order is the order the methods are listed in (rtn, the default, first).
+# isort: off
+from efqat_jax.ptq import rtn, layerwise  # noqa: F401
+
+# isort: on
 from efqat_jax.ptq.calibrate import calibrate, split_calibration_stats
+from efqat_jax.ptq.capture import statistics_capture
 from efqat_jax.ptq.methods import PTQ_METHODS, PtqMethod, quantize_weights
 from efqat_jax.ptq.rtn import round_to_nearest_weights
 
@@ -12,4 +18,5 @@ __all__ = [
   "quantize_weights",
   "round_to_nearest_weights",
   "split_calibration_stats",
+  "statistics_capture",
 ]

@@ -1,9 +1,11 @@
 """The registry of PTQ methods: how a calibrated layer's float weights become quantized ones.
 
-A method is a function of one layer's float weight, its calibrated scale, its format, the
-statistics captured for it and the method's settings; it returns the weight to store (values on
-the layer's grid, so that the quantized ops' rounding keeps them). ``quantize_weights`` applies a
-method to every layer of a model, one layer of a ``nn.scan`` / ``nn.vmap`` stack at a time.
+A method is a function of one layer's float weight, its calibrated scale, the layer (its format
+and op: ``QuantizedLayer``), the statistics captured for it and the method's settings; it returns
+the weight to store (values on the layer's grid, so that the quantized ops' rounding keeps them).
+``quantize_weights`` applies a method to every layer of a model, one layer of a ``nn.scan`` /
+``nn.vmap`` stack at a time. A method that needs statistics (OPTQ's ``H``) quantizes the layers
+in call order, each captured with the layers before it already quantized.
 
 Adding a method is one module that calls ``PTQ_METHODS.register``; see ``efqat_jax/ptq/rtn.py``.
 """
@@ -19,13 +21,14 @@ import jax
 from efqat_jax.fields import Schema
 from efqat_jax.nn.layer_table import QuantizedLayer, params_at
 from efqat_jax.quant.fake_quant import valid_scale
-from efqat_jax.quant.spec import QuantSpec
 from efqat_jax.registry import Registry
 
-# (weight, scale, spec, statistics, settings) -> quantized weight, for one layer.
+# (weight, scale, layer, statistics, settings) -> quantized weight, for one layer.
 QuantizeWeight = Callable[
-  [jax.Array, jax.Array, QuantSpec, Mapping[str, jax.Array], Any], jax.Array
+  [jax.Array, jax.Array, QuantizedLayer, Mapping[str, jax.Array], Any], jax.Array
 ]
+# (params, layer) -> the layer's statistics, captured with ``params`` (stacked like its weight).
+Capture = Callable[[Any, QuantizedLayer], Mapping[str, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,17 +36,28 @@ class PtqMethod:
   """A registered PTQ method.
 
   Attributes:
-    quantize_weight: one layer's ``(weight, scale, spec, statistics, settings) -> weight``.
-    fields: the fields of its config block ``config.ptq.<name>`` (empty: no block).
-    statistics: the per-layer statistics it needs captured from calibration data (none for
-      round-to-nearest).
+    quantize_weight: one layer's ``(weight, scale, layer, statistics, settings) -> weight``.
     summary: one line for the field listing.
+    fields: the fields of its config block ``config.ptq.<name>`` (empty: no block).
+    statistics: the per-layer statistics it needs captured from calibration data
+      (``efqat_jax.ptq.capture``: ``"h"``, ``"g"``; none for round-to-nearest).
+    check: ``(settings, formats) -> None``, raising ConfigError for settings that cannot work
+      with these per-layer formats (``efqat_jax.nn.formats``); run before anything is computed.
+    formats: ``(settings, formats) -> formats``: the per-layer formats the method produces from
+      the configured ones (e.g. an accumulator constraint, or its own bit widths); None keeps
+      them. They travel with the PTQ result to every later stage.
   """
 
   quantize_weight: QuantizeWeight
   summary: str
   fields: Schema = dataclasses.field(default_factory=dict)
   statistics: tuple[str, ...] = ()
+  check: Callable[[Any, Mapping[str, Any]], None] | None = None
+  formats: Callable[[Any, Mapping[str, Any]], dict] | None = None
+
+  def formats_for(self, settings: Any, formats: Mapping[str, Any]) -> dict:
+    """The per-layer formats this method gives a model configured with ``formats``."""
+    return dict(formats) if self.formats is None else self.formats(settings, formats)
 
 
 PTQ_METHODS: Registry[PtqMethod] = Registry("ptq.method")
@@ -53,32 +67,51 @@ def quantize_weights(
   method: PtqMethod,
   params: Any,
   layers: Mapping[str, QuantizedLayer],
-  statistics: Mapping[str, Mapping[str, jax.Array]] | None = None,
   settings: Any = None,
+  capture: Capture | None = None,
+  progress: Callable[[str], None] | None = None,
 ) -> Any:
   """``params`` with every quantized layer's weight replaced by ``method``'s result.
 
   Args:
     method: the PTQ method.
     params: calibrated params (each layer's weight scale installed).
-    layers: the model's quantized layers (``efqat_jax.nn.quantized_layers``).
-    statistics: per layer path, the statistics ``method.statistics`` names (stacked like the
-      layer's weight for a stack).
+    layers: the model's quantized layers in call order (``efqat_jax.nn.quantized_layers``).
     settings: the method's config block, passed through.
+    capture: for a method with statistics, ``(params, layer) -> statistics``
+      (``efqat_jax.ptq.capture.statistics_capture``), called with the layers before it quantized.
+    progress: called with each layer's path once it is quantized.
   """
-  statistics = statistics or {}
+  if not method.statistics:
+    # One program for every layer.
+    return jax.jit(lambda p: _quantize_layers(method, p, layers, {}, settings))(params)
+  if capture is None:
+    raise ValueError(f"this PTQ method needs statistics {method.statistics}: pass capture=")
+  for path, layer in layers.items():
+    stats = {} if dict(layer.op)["op"] == "take" else dict(capture(params, layer))
+    params = _quantize_one(method, path, layer, settings)(params, stats)
+    if progress is not None:
+      jax.block_until_ready(params)
+      progress(path)
+  return params
 
-  def quantize_all(params, statistics):
-    new = jax.tree.map(lambda x: x, params)  # a copy: the caller's tree is left as it was
-    for path, layer in layers.items():
-      node = params_at(new, path)
-      stats = {name: statistics[path][name] for name in method.statistics}
-      one_layer = lambda w, s, st, layer=layer: method.quantize_weight(
-        w, valid_scale(s), layer.weight_spec, st, settings
-      )
-      for _ in layer.stack_shape:
-        one_layer = jax.vmap(one_layer)
-      node[layer.weight_name] = one_layer(node[layer.weight_name], node[layer.scale_name], stats)
-    return new
 
-  return jax.jit(quantize_all)(params, statistics)  # one program for every layer
+def _quantize_layers(method, params, layers, statistics, settings):
+  new = jax.tree.map(lambda x: x, params)  # a copy: the caller's tree is left as it was
+  for path, layer in layers.items():
+    node = params_at(new, path)
+    one_layer = lambda w, s, st, layer=layer: method.quantize_weight(
+      w, valid_scale(s), layer, st, settings
+    )
+    for _ in layer.stack_shape:
+      one_layer = jax.vmap(one_layer)
+    stats = statistics.get(path, {})
+    node[layer.weight_name] = one_layer(node[layer.weight_name], node[layer.scale_name], stats)
+  return new
+
+
+def _quantize_one(method, path, layer, settings):
+  """A jitted ``(params, statistics) -> params`` that quantizes the layer at ``path``."""
+  return jax.jit(
+    lambda params, stats: _quantize_layers(method, params, {path: layer}, {path: stats}, settings)
+  )

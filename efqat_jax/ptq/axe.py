@@ -1,0 +1,133 @@
+"""AXE: accumulator-aware rounding inside OPTQ and GPFQ, for one P-bit accumulator per output
+channel or one per tile of ``T`` inputs (multi-stage accumulation).
+
+Two constraints act on every column's argument before it is rounded, per output channel and tile:
+- a soft one: the argument is shrunk towards zero by ``lambda``, the threshold of the Euclidean
+  projection of the zero-centred integer weights onto the l1 ball of radius
+  ``(2^P - 2) / (nu - mu)`` (Duchi et al. 2008), computed once per layer;
+- a hard one: with ``p`` and ``n`` the sums of the positive and negative integer weights chosen so
+  far in the tile, the argument is clamped so that the tile's sum can never leave
+  ``[-(2^(P-1) - 1), 2^(P-1) - 1]`` for any integer inputs in ``[mu, nu]``:
+  ``nu p + mu n <= A`` and ``mu p + nu n >= -A``.
+The hard bounds are integer floor divisions of the remaining budget, so the guarantee is exact.
+Inputs are the layer's integer inputs; asymmetric inputs count as unsigned (their zero-point
+correction is a separate term, see ``efqat_jax.quant.integer``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from efqat_jax.ptq.columns import ColumnRounder
+from efqat_jax.quant.accumulator import input_range, zero_centred_l1_limit
+from efqat_jax.quant.spec import QuantSpec
+
+
+def tiles_of(rows: jax.Array, tile: int) -> jax.Array:
+  """``[OC, K]`` as ``[OC, tiles, tile]``, the last tile zero-padded."""
+  oc, k = rows.shape
+  n = math.ceil(k / tile)
+  return jnp.pad(rows, ((0, 0), (0, n * tile - k))).reshape(oc, n, tile)
+
+
+def l1_ball_threshold(v: jax.Array, radius: float) -> jax.Array:
+  """The soft threshold ``theta`` that projects each row of ``v`` (``[..., T]``) onto the l1
+  ball of ``radius``: ``sign(v) max(|v| - theta, 0)`` (0 where the row is inside the ball).
+
+  Michelot's iteration, no sort: ``theta <- (sum of |v| above theta - radius) / their count``
+  rises monotonically from ``(|v|_1 - radius) / T`` to the exact threshold in a few steps.
+  """
+  u = jnp.abs(v)
+
+  def update(theta):
+    active = u > theta[..., None]
+    count = jnp.maximum(jnp.sum(active, axis=-1), 1)
+    return (jnp.sum(jnp.where(active, u, 0.0), axis=-1) - radius) / count
+
+  def unsettled(state):
+    theta, previous, steps = state
+    return jnp.any(theta != previous) & (steps < v.shape[-1])
+
+  def step(state):
+    theta, _, steps = state
+    return jnp.maximum(update(theta), theta), theta, steps + 1
+
+  start = (jnp.sum(u, axis=-1) - radius) / v.shape[-1]
+  theta, _, _ = lax.while_loop(unsettled, step, (start, start - 1.0, 0))
+  return jnp.where(jnp.sum(u, axis=-1) <= radius, 0.0, jnp.maximum(theta, 0.0))
+
+
+def soft_thresholds(
+  weight: jax.Array, scales: jax.Array, group_size: int, tile: int, radius: float
+) -> jax.Array:
+  """``[OC, tiles]`` thresholds ``lambda`` in float units for each output channel and tile."""
+  k = weight.shape[1]
+  integer = weight / jnp.repeat(scales, group_size, axis=1)[:, :k]
+  blocks = tiles_of(integer, tile)
+  centred = blocks - jnp.mean(blocks, axis=-1, keepdims=True)
+  theta = l1_ball_threshold(centred, radius)
+  tile_scales = tiles_of(jnp.repeat(scales, group_size, axis=1)[:, :k], tile)[..., 0]
+  return theta * tile_scales
+
+
+def budget_bounds(p, n, mu: int, nu: int, limit: int) -> tuple[jax.Array, jax.Array]:
+  """The integer range ``[lower, upper]`` a new weight may take so that a tile with sums
+  ``(p, n)`` keeps ``nu p + mu n <= A`` and ``mu p + nu n >= -A`` (int32 arithmetic)."""
+  up = limit - nu * p - mu * n  # >= 0: room above, for a positive weight
+  down = limit + mu * p + nu * n  # >= 0: room below, for a negative weight
+  upper, lower = up // nu, -(down // nu)
+  if mu < 0:
+    upper = jnp.minimum(upper, down // -mu)
+    lower = jnp.maximum(lower, -(up // -mu))
+  return jnp.minimum(lower, 0), jnp.maximum(upper, 0)
+
+
+def accumulator_rounder(
+  weight: jax.Array,
+  scales: jax.Array,
+  group_size: int,
+  qmin: int,
+  qmax: int,
+  input_spec: QuantSpec,
+  accumulator_bits: int,
+  tile: int | None,
+) -> ColumnRounder:
+  """The AXE rounder for one weight matrix.
+
+  Args:
+    weight: ``[OC, K]`` float weights in their own column order (for the soft threshold).
+    scales: ``[OC, groups]`` weight scales; column ``j`` uses ``scales[:, j // group_size]``.
+    group_size: columns per scale group (``K`` for one scale per row).
+    qmin, qmax: the weight grid.
+    input_spec: the integer inputs' format (their range ``[mu, nu]``).
+    accumulator_bits: ``P`` (3..32).
+    tile: inputs per accumulator tile, None for one accumulator over all ``K``.
+  """
+  oc, k = weight.shape
+  tile = k if tile is None else tile
+  mu, nu = input_range(input_spec)
+  limit = 2 ** (accumulator_bits - 1) - 1
+  radius = zero_centred_l1_limit(accumulator_bits, input_spec)
+  # Tile-major layouts, so that one column's tile is a contiguous row.
+  thresholds = soft_thresholds(weight, scales, group_size, tile, radius).T
+  by_group = scales.T
+  zeros = jnp.zeros(thresholds.shape, jnp.int32)
+
+  def round_column(v, column, state):
+    p, n = state
+    t = column // tile
+    s = by_group[column // group_size]
+    lam = thresholds[t]
+    a = jnp.sign(v) * jnp.maximum(jnp.abs(v) - lam, 0.0)
+    lower, upper = budget_bounds(p[t], n[t], mu, nu, limit)
+    a = jnp.clip(a, s * lower, s * upper)
+    q = jnp.clip(jnp.round(a / s), jnp.maximum(lower, qmin), jnp.minimum(upper, qmax))
+    q = q.astype(jnp.int32)
+    p, n = p.at[t].add(jnp.maximum(q, 0)), n.at[t].add(jnp.minimum(q, 0))
+    return a, s * q.astype(jnp.float32), (p, n)
+
+  return ColumnRounder((zeros, zeros), round_column)

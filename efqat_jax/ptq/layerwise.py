@@ -1,0 +1,169 @@
+"""The layer-wise PTQ methods ``optq``, ``gpfq``, ``axe_optq`` and ``axe_gpfq``, registered.
+
+Each takes one layer's kernel as rows (``efqat_jax.quant.rows``: one row per output channel, the
+inputs in accumulation order), one matrix per group of a grouped convolution, and the
+statistics captured for that layer (``efqat_jax.ptq.capture``): ``h`` (and ``g`` for GPFQ), of
+shape ``[groups, K, K]``. The AXE variants round with the accumulator constraint
+(``efqat_jax.ptq.axe``) for the layer's integer inputs; a layer with float inputs has no integer
+accumulator and gets its base algorithm.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from efqat_jax.errors import ConfigError
+from efqat_jax.fields import Check, Field, boolean, integer, number
+from efqat_jax.nn.formats import Formats, spec_from_json, with_accumulator
+from efqat_jax.nn.layer_table import QuantizedLayer
+from efqat_jax.ptq.axe import accumulator_rounder
+from efqat_jax.ptq.columns import ColumnRounder, grid_rounder
+from efqat_jax.ptq.gpfq import gpfq
+from efqat_jax.ptq.methods import PTQ_METHODS, PtqMethod
+from efqat_jax.ptq.optq import optq
+from efqat_jax.quant.accumulator import AccumulatorSpec, input_range
+from efqat_jax.quant.fake_quant import fake_quant
+from efqat_jax.quant.rows import from_rows, kernel_axes, scale_rows, to_rows
+
+COLUMN_FIELDS = {
+  "act_order": Field(True, "round inputs by captured energy diag(H), largest first", boolean()),
+  "block_size": Field(128, "columns per block of lazy updates (speed only)", integer(1)),
+}
+OPTQ_FIELDS = {
+  "damping": Field(
+    0.1,
+    "added to diag(H), relative to its mean: regularises a rank-deficient H (bench/layerwise_ptq.py)",
+    number(0, lo_open=True),
+  ),
+  **COLUMN_FIELDS,
+}
+ACCUMULATOR_FIELDS = {
+  "accumulator_bits": Field(
+    16, "P: bits of the signed accumulator (inner one if tiled)", integer(3, 32)
+  ),
+  "accumulator_tile": Field(
+    0,
+    "inputs per accumulator tile (multi-stage accumulation); 0: one accumulator per channel",
+    Check("0, or an integer >= 3", lambda v: integer(0).ok(v) and v != 1 and v != 2),
+  ),
+}
+
+
+def split_groups(rows: jax.Array, groups: int) -> jax.Array:
+  """``[OC, K]`` as ``[groups, OC / groups, K]`` (a grouped convolution's output channels)."""
+  return rows.reshape(groups, rows.shape[0] // groups, *rows.shape[1:])
+
+
+def conv_groups(layer: QuantizedLayer) -> int:
+  return dict(layer.op).get("feature_group_count", 1)
+
+
+def layer_rounder(
+  weight: jax.Array, scales: jax.Array, layer: QuantizedLayer, settings: Any
+) -> ColumnRounder:
+  """Round to nearest on the layer's grid, under the accumulator constraint when ``settings``
+  has one and the layer's inputs are integers."""
+  spec = layer.weight_spec
+  group_size = spec.group_size if spec.granularity == "group" else weight.shape[1]
+  accumulator = getattr(settings, "accumulator_bits", None)
+  if accumulator is None or layer.input_spec is None:
+    return grid_rounder(scales, group_size, spec.qmin, spec.qmax)
+  tile = settings.accumulator_tile or None
+  if spec.granularity == "group" and tile != spec.group_size:
+    raise ConfigError(
+      f"accumulator_tile = {settings.accumulator_tile} with weight scales per group of"
+      f" {spec.group_size} inputs ({layer.path}): the tile must equal the group size"
+    )
+  return accumulator_rounder(
+    weight, scales, group_size, spec.qmin, spec.qmax, layer.input_spec, accumulator, tile,
+  )  # fmt: skip
+
+
+def by_rows(algorithm: Callable) -> Callable:
+  """A ``PtqMethod.quantize_weight`` from ``algorithm(rows, scales, stats, rounder, settings)``
+  on one weight matrix; embedding lookups (no inputs to capture) round to nearest."""
+
+  @functools.wraps(algorithm)
+  def quantize_weight(weight, scale, layer, statistics, settings):
+    op = dict(layer.op)
+    if op["op"] == "take":
+      return fake_quant(weight, scale, spec=layer.weight_spec)
+    out_axes, in_axes = kernel_axes(op["op"], op["dimension_numbers"], weight.ndim)
+    rows = to_rows(weight.astype(jnp.float32), out_axes, in_axes)
+    scales = scale_rows(scale, layer.weight_spec, weight.shape, out_axes, in_axes)
+    groups = conv_groups(layer)
+
+    def one_group(rows, scales, stats):
+      rounder = layer_rounder(rows, scales, layer, settings)
+      return algorithm(rows, stats, rounder, settings)
+
+    values = jax.vmap(one_group)(
+      split_groups(rows, groups), split_groups(scales, groups), dict(statistics)
+    )
+    values = values.reshape(rows.shape)
+    return from_rows(values, weight.shape, out_axes, in_axes).astype(weight.dtype)
+
+  return quantize_weight
+
+
+def _optq(rows, stats, rounder, settings):
+  return optq(rows, stats["h"], rounder, settings.damping, settings.act_order, settings.block_size)
+
+
+def _gpfq(rows, stats, rounder, settings):
+  return gpfq(rows, stats["h"], stats["g"], rounder, settings.act_order, settings.block_size)
+
+
+def check_accumulator(name: str, settings: Any, formats: Formats) -> None:
+  """Every layer with integer inputs has room for a non-zero weight at ``accumulator_bits``."""
+  bits = settings.accumulator_bits
+  limit = 2 ** (bits - 1) - 1
+  for path, spec in formats.items():
+    input_spec = spec_from_json(spec["input"])
+    if input_spec is None:
+      continue
+    mu, nu = input_range(input_spec)
+    if max(nu, -mu) > limit:
+      need = max(nu, -mu).bit_length() + 1
+      raise ConfigError(
+        f"config.ptq.{name}.accumulator_bits = {bits} leaves no room for any non-zero weight of"
+        f" {path} ({input_spec.bits}-bit inputs): allowed an integer in {need}..32"
+      )
+
+
+def accumulator_formats(settings: Any, formats: Formats) -> Formats:
+  """Every layer with integer inputs keeps its sums within ``accumulator_bits`` (per tile)."""
+  spec = AccumulatorSpec(settings.accumulator_bits, settings.accumulator_tile or None)
+  return with_accumulator(formats, spec)
+
+
+def _register(name: str, algorithm, statistics, fields: Mapping, summary: str, axe: bool = False):
+  check = functools.partial(check_accumulator, name) if axe else None
+  formats = accumulator_formats if axe else None
+  method = PtqMethod(by_rows(algorithm), summary, dict(fields), statistics, check, formats)
+  return PTQ_METHODS.register(name, method)
+
+
+OPTQ = _register("optq", _optq, ("h",), OPTQ_FIELDS, "OPTQ (GPTQ): error feedback through H^-1")
+GPFQ = _register("gpfq", _gpfq, ("h", "g"), COLUMN_FIELDS, "GPFQ: greedy path following")
+AXE_OPTQ = _register(
+  "axe_optq",
+  _optq,
+  ("h",),
+  {**OPTQ_FIELDS, **ACCUMULATOR_FIELDS},
+  "OPTQ with AXE's accumulator constraint (overflow-free at accumulator_bits)",
+  axe=True,
+)
+AXE_GPFQ = _register(
+  "axe_gpfq",
+  _gpfq,
+  ("h", "g"),
+  {**COLUMN_FIELDS, **ACCUMULATOR_FIELDS},
+  "GPFQ with AXE's accumulator constraint (overflow-free at accumulator_bits)",
+  axe=True,
+)
