@@ -57,6 +57,10 @@ def results_table(results: dict) -> str:
       )
     if "formats" in result:  # ptq
       metric += f" ({result['method']}: {result['formats']})"
+    if result.get("accumulator_needed_bits"):  # ptq, export
+      metric += f"; accumulators need {result['accumulator_needed_bits']} bits"
+      if result.get("overflow_free"):
+        metric += ", overflow-free as promised"
     if "mode" in result:  # efqat
       metric += (
         f" ({result['mode']}, rho {result['rho']:g}: {100 * result['param_fraction']:.1f}% of"

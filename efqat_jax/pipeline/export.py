@@ -1,5 +1,6 @@
 """Stage ``export``: integer weights, scales, zero points and bit widths of the final quantized
-model (``export/layers.npz``, written atomically), checked against the fake-quantized model."""
+model (``export/layers.npz``, written atomically), checked against the fake-quantized model and,
+for a model with accumulator constraints (AXE), proven overflow-free before anything is written."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 from efqat_jax.errors import DataError, NonFiniteError
 from efqat_jax.fields import Field, one_of
 from efqat_jax.nn import export_integer, integer_apply
+from efqat_jax.pipeline.accumulators import accumulator_report, overflowing
 from efqat_jax.pipeline.context import Run
 from efqat_jax.pipeline.outputs import npz_bytes, sha256, write_atomic
 from efqat_jax.pipeline.stage import STAGES, ModelState, Stage
@@ -61,6 +63,13 @@ def run_export(run: Run, inputs: dict[str, ModelState]) -> None:
   if not all_finite(variables["params"]):
     raise NonFiniteError("export: the model to export has non-finite params")
   layers = export_integer(qmodel, variables, sample, train=False)
+  widths = accumulator_report(layers, model_state.formats)
+  broken = overflowing(widths)
+  if broken:
+    raise RuntimeError(
+      f"export: {', '.join(broken)} can overflow the accumulator its PTQ result promised"
+      " (a bug: please report it)"
+    )
   arrays = {
     f"{unit}/{field}": value
     for unit, layer in layers.items()
@@ -80,6 +89,7 @@ def run_export(run: Run, inputs: dict[str, ModelState]) -> None:
       "prediction_agreement": float(jnp.mean(jnp.argmax(fake, -1) == jnp.argmax(integer, -1))),
       "max_abs_logit_diff": float(jnp.max(jnp.abs(fake - integer))),
       "max_accumulator": int(max(int(a) for a in jax.tree.leaves(accumulators))),
+      **widths,
       "sha256": sha256(data),
       "wall_time_s": time.perf_counter() - start,
     },

@@ -7,6 +7,7 @@ the stages after it rebuild the quantized model from those formats.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 
@@ -16,13 +17,15 @@ import tqdm
 
 from efqat_jax.errors import ConfigError, NonFiniteError
 from efqat_jax.fields import Field, boolean, integer, one_of, regex
-from efqat_jax.nn import QUANT_STATS, QuantRule, quantize, quantized_layers
+from efqat_jax.nn import QUANT_STATS, QuantRule, export_integer, quantize, quantized_layers
 from efqat_jax.nn.formats import Formats, bits_summary, layer_formats
 from efqat_jax.nn.intercept import quantizable_paths
 from efqat_jax.nn.ops import WEIGHT_ESTIMATORS
+from efqat_jax.pipeline.accumulators import accumulator_report
 from efqat_jax.pipeline.context import Run
 from efqat_jax.pipeline.stage import STAGES, ModelState, Stage
 from efqat_jax.ptq import calibrate
+from efqat_jax.ptq.capture import statistics_capture
 from efqat_jax.ptq.methods import PTQ_METHODS, quantize_weights
 from efqat_jax.quant import QuantSpec
 from efqat_jax.train import create_train_state, replicate
@@ -101,19 +104,31 @@ def config_formats(run: Run, inputs) -> Formats:
   return layer_formats(quantized_layers(qmodel, variables, inputs, train=False))
 
 
+def method_formats(run: Run, inputs) -> Formats:
+  """The per-layer formats the configured method gives the model (config rules, then the
+  method's own choices, e.g. an accumulator constraint)."""
+  cfg = run.config.ptq
+  method = PTQ_METHODS.get(cfg.method)
+  settings = cfg.get(cfg.method)
+  formats = method.formats_for(settings, config_formats(run, inputs))
+  if method.check is not None:
+    method.check(settings, formats)
+  return formats
+
+
 def check_ptq(run: Run) -> None:
-  config_formats(run, run.placeholder_inputs())
+  method_formats(run, run.placeholder_inputs())
 
 
 def quantize_model(run: Run, fp: ModelState) -> ModelState:
   """Calibrates the quantized model on ``calibration_batches`` batches, then quantizes its
   weights with the configured method."""
   cfg = run.config.ptq
-  formats = config_formats(run, run.sample_inputs)
+  formats = method_formats(run, run.sample_inputs)
   qmodel = run.quantized_model(formats)
   variables = run.init(qmodel)
   variables = merge_trees(variables, fp.variables)
-  inputs = (b["inputs"] for b in run.train_batches(0))
+  inputs = [b["inputs"] for b in itertools.islice(run.train_batches(0), cfg.calibration_batches)]
   bar = tqdm.tqdm(
     total=cfg.calibration_batches,
     desc="ptq calibrate",
@@ -137,7 +152,18 @@ def quantize_model(run: Run, fp: ModelState) -> ModelState:
     )
   method = PTQ_METHODS.get(cfg.method)
   layers = quantized_layers(qmodel, variables, run.sample_inputs, train=False)
-  params = quantize_weights(method, variables["params"], layers, settings=cfg.get(cfg.method))
+  capture = None
+  if method.statistics:
+    capture = statistics_capture(qmodel, variables, inputs, method.statistics, train=False)
+  bar = tqdm.tqdm(
+    total=len(layers), desc=f"ptq {cfg.method}", disable=not run.config.progress, leave=False
+  )
+  params = quantize_weights(
+    method, variables["params"], layers, cfg.get(cfg.method), capture, lambda _: bar.update()
+  )
+  bar.close()
+  if not all_finite(params):
+    raise NonFiniteError(f"ptq: {cfg.method} gave non-finite weights")
   return ModelState(jax.device_get({**variables, "params": params}), formats)
 
 
@@ -154,6 +180,8 @@ def run_ptq(run: Run, inputs: dict[str, ModelState]) -> ModelState:
     qmodel = run.quantized_model(out.formats)
     state = replicate(create_train_state(out.variables, optax.identity()), run.mesh)
     result = run.evaluate(qmodel, state, "ptq")
+    exported = export_integer(qmodel, out.variables, run.sample_inputs, train=False)
+    widths = accumulator_report(exported, out.formats)
     run.record(
       "ptq",
       {
@@ -161,6 +189,7 @@ def run_ptq(run: Run, inputs: dict[str, ModelState]) -> ModelState:
         "wall_time_s": time.perf_counter() - start,
         "method": run.config.ptq.method,
         "formats": bits_summary(out.formats),
+        **widths,
       },
     )
   return out

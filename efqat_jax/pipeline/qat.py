@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from efqat_jax.fields import Field, Schema, one_of
+from efqat_jax.pipeline.accumulators import accumulator_constraint
 from efqat_jax.pipeline.context import Run
 from efqat_jax.pipeline.stage import STAGES, ModelState, Stage
 from efqat_jax.pipeline.training import training_fields
@@ -31,14 +32,18 @@ class QatVariant:
   """A registered QAT variant.
 
   Attributes:
-    train: ``(run, stage, qmodel, variables, cfg) -> (state, result fields)``; trains (or
-      resumes) ``qmodel`` from the PTQ ``variables`` with the stage's block ``cfg``, in the
-      stage's checkpoint directory; the fields go into the stage's result.
+    train: ``(run, stage, qmodel, variables, cfg, constrain) -> (state, result fields)``; trains
+      (or resumes) ``qmodel`` from the PTQ ``variables`` with the stage's block ``cfg``, in the
+      stage's checkpoint directory, applying ``constrain`` (None, or ``params -> params``: the
+      PTQ result's constraint, e.g. its accumulators) after every update; the fields go into
+      the stage's result.
     summary: one line for the field listing.
     fields: its settings block ``config.<name>`` (merged with a stage block of that name).
   """
 
-  train: Callable[[Run, str, Any, dict, ml_collections.ConfigDict], tuple[TrainState, dict]]
+  train: Callable[
+    [Run, str, Any, dict, ml_collections.ConfigDict, Callable | None], tuple[TrainState, dict]
+  ]
   summary: str
   fields: Schema = dataclasses.field(default_factory=dict)
 
@@ -57,8 +62,9 @@ def _run_stage(stage: str) -> Callable[[Run, dict[str, ModelState]], ModelState]
     method = stage_method(run.config, stage)
     qmodel = run.quantized_model(ptq.formats)
     start = time.perf_counter()
+    constrain = accumulator_constraint(qmodel, ptq.variables, run.sample_inputs, ptq.formats)
     state, extra = QAT_VARIANTS.get(method).train(
-      run, stage, qmodel, ptq.variables, run.config[stage]
+      run, stage, qmodel, ptq.variables, run.config[stage], constrain
     )
     if stage not in run.results:
       result = run.evaluate(qmodel, state, stage)

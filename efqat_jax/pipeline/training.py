@@ -48,7 +48,8 @@ def training_fields(**defaults: Any) -> dict[str, Field]:
 
 
 # A QAT variant may change the optimizer (``wrap_tx``), the loss's params (``param_context``)
-# and the step itself (``wrap_step(step_fn, writer) -> step_fn``).
+# and the step itself (``wrap_step(step_fn, writer) -> step_fn``); ``constrain`` (from the PTQ
+# result's formats, e.g. an accumulator projection) is applied to the params after every update.
 def train(
   run: Run,
   stage: str,
@@ -59,6 +60,7 @@ def train(
   wrap_tx: Callable | None = None,
   param_context: Callable | None = None,
   wrap_step: Callable[[Callable, MetricWriter], Callable] | None = None,
+  constrain: Callable | None = None,
 ) -> TrainState:
   """Trains ``model`` from ``variables`` for ``cfg.steps`` steps, resuming from the stage's
   checkpoints in ``<workdir>/<stage>``; stops with NonFiniteError on a non-finite loss."""
@@ -72,7 +74,7 @@ def train(
   )
   if wrap_tx is not None:
     tx = wrap_tx(tx)
-  step_fn = make_train_step(model, tx, run.mesh, param_context=param_context)
+  step_fn = make_train_step(model, tx, run.mesh, param_context=param_context, constrain=constrain)
   state = replicate(create_train_state(variables, tx), run.mesh)
   with run.checkpointer(stage) as ckpt, run.writer(stage) as writer:
     return train_loop(

@@ -80,6 +80,7 @@ def make_train_step(
   loss_fn: LossFn = classification_loss,
   *,
   param_context: ParamContext | None = None,
+  constrain: Callable[[Any], Any] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, batch, rng, extra=None) -> (state, metrics)`` training ``model``
   with ``tx`` on the loss that ``loss_fn`` computes.
@@ -100,6 +101,8 @@ def make_train_step(
       pass runs with. ``extra`` is the step's fourth argument (a pytree, e.g. EfQAT's
       TrainableSet with ``param_context=efqat_jax.efqat.restrict_backward``); the step retraces
       when its static parts change.
+    constrain: optional ``params -> params`` applied to the params after every update (a
+      projection onto a constraint set, e.g. ``efqat_jax.qat.project_params``).
 
   Returns:
     The jitted step; its metrics are ``{"loss": loss, **metrics}``.
@@ -127,9 +130,10 @@ def make_train_step(
 
     (value, (metrics, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
     new_state = state.replace(
       step=state.step + 1,
-      params=optax.apply_updates(state.params, param_updates),
+      params=params if constrain is None else constrain(params),
       opt_state=opt_state,
       collections={**state.collections, **updates},
     )
