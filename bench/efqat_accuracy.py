@@ -30,10 +30,10 @@ where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
+import sweep
 import timing
 from reference_results import load_config
 
@@ -73,6 +73,10 @@ def setting_name(model: str, weight_bits: int, act_bits: int) -> str:
 
 
 SETTING_NAMES = [setting_name(*s) for s in SETTINGS]
+
+
+def row_setting(row: dict) -> str:
+  return setting_name(row["model"], row["weight_bits"], row["act_bits"])
 
 
 def setting_config(setting: tuple[str, int, int], root: pathlib.Path, quick: bool):
@@ -163,15 +167,6 @@ def setting_rows(setting, config, results: dict, efqat: dict) -> list[dict]:
   return rows
 
 
-def merged(rows: list[dict], path: pathlib.Path) -> list[dict]:
-  """``rows`` plus the rows of other settings already in ``path``, in SETTINGS order."""
-  key = lambda r: setting_name(r["model"], r["weight_bits"], r["act_bits"])
-  fresh = {key(r) for r in rows}
-  old = json.loads(path.read_text()) if path.exists() else []
-  kept = [r for r in old if key(r) not in fresh and key(r) in SETTING_NAMES]
-  return sorted(kept + rows, key=lambda r: SETTING_NAMES.index(key(r)))
-
-
 # --- plots ------------------------------------------------------------------------------------
 
 
@@ -246,39 +241,25 @@ def plot(rows: list[dict], stem: str) -> None:
     for ax in axes.flat[len(groups) :]:
       ax.set_visible(False)
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = timing.RESULTS / f"{stem}_vs_{kind}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    sweep.save_figure(fig, f"{stem}_vs_{kind}")
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--root", default="/tmp/efqat_accuracy", type=pathlib.Path)
-  parser.add_argument("--settings", help=f"comma-separated subset of {','.join(SETTING_NAMES)}")
-  parser.add_argument("--quick", action="store_true", help="CNN W4A4, 20 steps, rho 0.1 and 1")
-  parser.add_argument("--plots-only", action="store_true", help="re-plot from the JSON")
-  args = parser.parse_args()
-  stem = "efqat_accuracy_quick" if args.quick else "efqat_accuracy"
-  path = timing.RESULTS / f"{stem}.json"
+  args = sweep.parse(__doc__, "efqat_accuracy", SETTING_NAMES, "CNN W4A4, 20 steps, rho 0.1 and 1")
   if args.plots_only:
-    plot(json.loads(path.read_text()), stem)
+    plot(json.loads(args.path.read_text()), args.stem)
     return
-  names = args.settings.split(",") if args.settings else SETTING_NAMES[: 1 if args.quick else None]
-  unknown = sorted(set(names) - set(SETTING_NAMES))
-  if unknown:
-    parser.error(f"unknown settings {unknown}; choose from {SETTING_NAMES}")
-  root = args.root / "quick" if args.quick else args.root
   machine = timing.machine()
   rows = []
-  for name in names:
+  for name in args.names:
     setting = SETTINGS[SETTING_NAMES.index(name)]
-    rows += [dict(r, quick=args.quick, **machine) for r in run_setting(setting, root, args.quick)]
+    rows += [
+      dict(r, quick=args.quick, **machine) for r in run_setting(setting, args.root, args.quick)
+    ]
   print(timing.markdown_table(rows, COLUMNS))
-  rows = merged(rows, path)
-  print(f"wrote {timing.write_rows(stem, rows)}")
-  plot(rows, stem)
+  rows = sweep.merged(rows, args.path, row_setting, SETTING_NAMES)
+  print(f"wrote {timing.write_rows(args.stem, rows)}")
+  plot(rows, args.stem)
 
 
 if __name__ == "__main__":
