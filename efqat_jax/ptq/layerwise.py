@@ -85,7 +85,7 @@ def layer_rounder(
 
 
 def by_rows(algorithm: Callable) -> Callable:
-  """A ``PtqMethod.quantize_weight`` from ``algorithm(rows, scales, stats, rounder, settings)``
+  """A ``PtqMethod.quantize_weight`` from ``algorithm(rows, stats, rounder, settings)``
   on one weight matrix; embedding lookups (no inputs to capture) round to nearest."""
 
   @functools.wraps(algorithm)
