@@ -8,7 +8,7 @@ counts). For each P, from where nothing binds (the model's data-type bound) down
 everything fails:
 - ``naive_weights`` / ``naive_inputs``: round-to-nearest with the weight (or input) bits of every
   layer lowered until the data-type bound of every layer fits P (per tile with tiles): overflow-free
-  by construction; None where even 2 bits do not fit.
+  by construction; metric None where even 2 bits do not fit.
 - ``axe_optq`` / ``axe_gpfq``: the registered PTQ methods at ``accumulator_bits = P``.
 ``overflow_free`` is the exact check of the PTQ result (``efqat_jax.quant.integer``); with tiles,
 the outer accumulator needs ``P + ceil(log2(tiles))`` bits (``outer_bits``). EfQAT (rho 0.1, QAT's
@@ -162,7 +162,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
         rows.append(
           dict(
             base, method=method, accumulator_bits=bits, tile=tile, metric=metric,
-            overflow_free=chosen is not None, outer_bits=outer,
+            overflow_free=None if chosen is None else True, outer_bits=outer,
             used_bits=None if chosen is None else f"W{chosen[0]}A{chosen[1]}",
           )
         )  # fmt: skip
