@@ -31,7 +31,7 @@ def accumulator_report(layers: Mapping[str, IntegerLayer], formats: Formats) -> 
   """
   units, constrained = {}, []
   for unit, layer in layers.items():
-    if layer.op == "take" or layer.input_spec is None:
+    if not layer.accumulates:
       continue
     spec = accumulator_of(formats, unit.partition("[")[0])
     report = check_accumulator(layer, spec or UNCONSTRAINED)

@@ -16,22 +16,14 @@ correction is a separate term, see ``efqat_jax.quant.integer``).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from efqat_jax.ptq.columns import ColumnRounder
-from efqat_jax.quant.accumulator import input_range, zero_centred_l1_limit
+from efqat_jax.quant.accumulator import AccumulatorSpec, input_range, zero_centred_l1_limit
+from efqat_jax.quant.rows import tiles_of
 from efqat_jax.quant.spec import QuantSpec
-
-
-def tiles_of(rows: jax.Array, tile: int) -> jax.Array:
-  """``[OC, K]`` as ``[OC, tiles, tile]``, the last tile zero-padded."""
-  oc, k = rows.shape
-  n = math.ceil(k / tile)
-  return jnp.pad(rows, ((0, 0), (0, n * tile - k))).reshape(oc, n, tile)
 
 
 def l1_ball_threshold(v: jax.Array, radius: float) -> jax.Array:
@@ -65,13 +57,11 @@ def soft_thresholds(
   weight: jax.Array, scales: jax.Array, group_size: int, tile: int, radius: float
 ) -> jax.Array:
   """``[OC, tiles]`` thresholds ``lambda`` in float units for each output channel and tile."""
-  k = weight.shape[1]
-  integer = weight / jnp.repeat(scales, group_size, axis=1)[:, :k]
-  blocks = tiles_of(integer, tile)
+  column_scales = jnp.repeat(scales, group_size, axis=1)[:, : weight.shape[1]]
+  blocks = tiles_of(weight / column_scales, tile)
   centred = blocks - jnp.mean(blocks, axis=-1, keepdims=True)
   theta = l1_ball_threshold(centred, radius)
-  tile_scales = tiles_of(jnp.repeat(scales, group_size, axis=1)[:, :k], tile)[..., 0]
-  return theta * tile_scales
+  return theta * tiles_of(column_scales, tile)[..., 0]
 
 
 def budget_bounds(p, n, mu: int, nu: int, limit: int) -> tuple[jax.Array, jax.Array]:
@@ -93,8 +83,7 @@ def accumulator_rounder(
   qmin: int,
   qmax: int,
   input_spec: QuantSpec,
-  accumulator_bits: int,
-  tile: int | None,
+  accumulator: AccumulatorSpec,
 ) -> ColumnRounder:
   """The AXE rounder for one weight matrix.
 
@@ -104,14 +93,12 @@ def accumulator_rounder(
     group_size: columns per scale group (``K`` for one scale per row).
     qmin, qmax: the weight grid.
     input_spec: the integer inputs' format (their range ``[mu, nu]``).
-    accumulator_bits: ``P`` (3..32).
-    tile: inputs per accumulator tile, None for one accumulator over all ``K``.
+    accumulator: ``P`` (3..32) and the inputs per tile (None: one accumulator over all ``K``).
   """
-  oc, k = weight.shape
-  tile = k if tile is None else tile
+  tile = accumulator.tile_size(weight.shape[1])
   mu, nu = input_range(input_spec)
-  limit = 2 ** (accumulator_bits - 1) - 1
-  radius = zero_centred_l1_limit(accumulator_bits, input_spec)
+  limit = accumulator.limit
+  radius = zero_centred_l1_limit(accumulator.bits, input_spec)
   # Tile-major layouts, so that one column's tile is a contiguous row.
   thresholds = soft_thresholds(weight, scales, group_size, tile, radius).T
   by_group = scales.T

@@ -63,6 +63,12 @@ def conv_groups(layer: QuantizedLayer) -> int:
   return dict(layer.op).get("feature_group_count", 1)
 
 
+def settings_accumulator(settings: Any) -> AccumulatorSpec | None:
+  """The accumulator an AXE method's block asks for (None for a block without one)."""
+  bits = getattr(settings, "accumulator_bits", None)
+  return None if bits is None else AccumulatorSpec(bits, settings.accumulator_tile or None)
+
+
 def layer_rounder(
   weight: jax.Array, scales: jax.Array, layer: QuantizedLayer, settings: Any
 ) -> ColumnRounder:
@@ -70,17 +76,16 @@ def layer_rounder(
   has one and the layer's inputs are integers."""
   spec = layer.weight_spec
   group_size = spec.group_size if spec.granularity == "group" else weight.shape[1]
-  accumulator = getattr(settings, "accumulator_bits", None)
+  accumulator = settings_accumulator(settings)
   if accumulator is None or layer.input_spec is None:
     return grid_rounder(scales, group_size, spec.qmin, spec.qmax)
-  tile = settings.accumulator_tile or None
-  if spec.granularity == "group" and tile != spec.group_size:
+  if spec.granularity == "group" and accumulator.tile != spec.group_size:
     raise ConfigError(
       f"accumulator_tile = {settings.accumulator_tile} with weight scales per group of"
       f" {spec.group_size} inputs ({layer.path}): the tile must equal the group size"
     )
   return accumulator_rounder(
-    weight, scales, group_size, spec.qmin, spec.qmax, layer.input_spec, accumulator, tile,
+    weight, scales, group_size, spec.qmin, spec.qmax, layer.input_spec, accumulator,
   )  # fmt: skip
 
 
@@ -122,7 +127,7 @@ def _gpfq(rows, stats, rounder, settings):
 def check_accumulator(name: str, settings: Any, formats: Formats) -> None:
   """Every layer with integer inputs has room for a non-zero weight at ``accumulator_bits``."""
   bits = settings.accumulator_bits
-  limit = 2 ** (bits - 1) - 1
+  limit = AccumulatorSpec(bits).limit
   for path, spec in formats.items():
     input_spec = spec_from_json(spec["input"])
     if input_spec is None:
@@ -138,8 +143,7 @@ def check_accumulator(name: str, settings: Any, formats: Formats) -> None:
 
 def accumulator_formats(settings: Any, formats: Formats) -> Formats:
   """Every layer with integer inputs keeps its sums within ``accumulator_bits`` (per tile)."""
-  spec = AccumulatorSpec(settings.accumulator_bits, settings.accumulator_tile or None)
-  return with_accumulator(formats, spec)
+  return with_accumulator(formats, settings_accumulator(settings))
 
 
 def _register(name: str, algorithm, statistics, fields: Mapping, summary: str, axe: bool = False):

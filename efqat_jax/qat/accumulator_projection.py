@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +25,7 @@ from efqat_jax.nn.layer_table import QuantizedLayer, params_at
 from efqat_jax.quant.accumulator import AccumulatorSpec, input_range
 from efqat_jax.quant.fake_quant import valid_scale
 from efqat_jax.quant.integer import quantize_to_int
-from efqat_jax.quant.rows import from_rows, kernel_axes, to_rows
+from efqat_jax.quant.rows import from_rows, kernel_axes, tiles_of, to_rows
 
 
 def project_weight(
@@ -52,7 +51,6 @@ def project_weight(
   rows = to_rows(weight, out_axes, in_axes)
   k = rows.shape[1]
   tile = min(accumulator.tile_size(k), k)
-  tiles = math.ceil(k / tile)
   if max(abs(spec.qmin), spec.qmax) * tile * max(nu, -mu) >= 2**31:
     raise ValueError(f"{layer.path}: tiles of {tile} inputs are too long for int32 sums")
 
@@ -63,7 +61,7 @@ def project_weight(
 
   def fits(w):
     q = to_rows(quantize_to_int(w, scale, None, spec).astype(jnp.int32), out_axes, in_axes)
-    q = jnp.pad(q, ((0, 0), (0, tiles * tile - k))).reshape(-1, tiles, tile)
+    q = tiles_of(q, tile)
     p, n = jnp.sum(jnp.maximum(q, 0), -1), jnp.sum(jnp.minimum(q, 0), -1)
     return (nu * p + mu * n <= accumulator.limit) & (mu * p + nu * n >= -accumulator.limit)
 

@@ -123,6 +123,11 @@ class IntegerLayer:
         f" got input_spec.granularity={self.input_spec.granularity!r}"
       )
 
+  @property
+  def accumulates(self) -> bool:
+    """Whether integer inputs are summed in an accumulator (not a lookup or weight-only)."""
+    return self.op != "take" and self.input_spec is not None
+
   def formats(self) -> dict[str, int]:
     """The integer formats as plain numbers: ``weight_bits``, ``weight_signed``,
     ``weight_narrow`` and, for a layer with quantized inputs, the same three of ``input``
@@ -362,7 +367,7 @@ def check_accumulator(layer: IntegerLayer, accumulator: AccumulatorSpec) -> Over
   Raises:
     ValueError: for an embedding lookup or a weight-only layer (no integer accumulation).
   """
-  if layer.op == "take" or layer.input_spec is None:
+  if not layer.accumulates:
     kind = "an embedding lookup (op='take')" if layer.op == "take" else f"a weight-only {layer.op}"
     raise ValueError(f"check_accumulator needs integer inputs; {kind} has no integer accumulation")
   out_axes, in_axes = kernel_axes(layer.op, layer.dimension_numbers, layer.weight.ndim)
@@ -398,5 +403,5 @@ def check_accumulators(
   return {
     name: check_accumulator(layer, accumulator)
     for name, layer in layers.items()
-    if layer.op != "take" and layer.input_spec is not None
+    if layer.accumulates
   }

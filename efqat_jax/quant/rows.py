@@ -63,6 +63,14 @@ def from_rows(rows: jax.Array, shape: tuple[int, ...], out_axes, in_axes) -> jax
   return jnp.transpose(moved, [order.index(d) for d in range(len(shape))])
 
 
+def tiles_of(rows: jax.Array, tile: int) -> jax.Array:
+  """``[OC, K]`` rows as ``[OC, tiles, tile]`` (multi-stage accumulation), the last tile
+  zero-padded."""
+  oc, k = rows.shape
+  n = math.ceil(k / tile)
+  return jnp.pad(rows, ((0, 0), (0, n * tile - k))).reshape(oc, n, tile)
+
+
 def scale_rows(
   scale: jax.Array, spec: QuantSpec, shape: tuple[int, ...], out_axes, in_axes
 ) -> jax.Array:

@@ -15,7 +15,7 @@ from efqat_jax.ptq.columns import grid_rounder
 from efqat_jax.ptq.gpfq import gpfq, strictly_lower_product
 from efqat_jax.ptq.optq import inverse_cholesky_upper, optq
 from efqat_jax.quant import QuantSpec
-from efqat_jax.quant.accumulator import fits, input_range, tile_sums
+from efqat_jax.quant.accumulator import AccumulatorSpec, fits, input_range, tile_sums
 
 A8 = QuantSpec.for_activations(8)
 THRESHOLD = jax.jit(l1_ball_threshold)
@@ -137,7 +137,7 @@ def test_budget_bounds_are_exactly_the_weights_that_keep_a_tile_safe(mu, nu):
 
 
 def axe(w, scales, bits, tile, spec=A8):
-  return accumulator_rounder(w, scales, w.shape[1], QMIN, QMAX, spec, bits, tile)
+  return accumulator_rounder(w, scales, w.shape[1], QMIN, QMAX, spec, AccumulatorSpec(bits, tile))
 
 
 @pytest.mark.parametrize("algorithm", ["optq", "gpfq"])
