@@ -8,6 +8,7 @@ the stages after it rebuild the quantized model from those formats.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import time
 
@@ -23,10 +24,17 @@ from efqat_jax.nn.intercept import quantizable_paths
 from efqat_jax.nn.ops import WEIGHT_ESTIMATORS
 from efqat_jax.pipeline.accumulators import accumulator_report
 from efqat_jax.pipeline.context import Run
+from efqat_jax.pipeline.mixed_bits import (
+  MIXED_FIELDS,
+  bits_report,
+  check_budget,
+  mixed_weight_bits,
+  print_bits,
+)
 from efqat_jax.pipeline.stage import STAGES, ModelState, Stage
 from efqat_jax.ptq import calibrate
-from efqat_jax.ptq.capture import statistics_capture
 from efqat_jax.ptq.methods import PTQ_METHODS, quantize_weights
+from efqat_jax.ptq.mixed_precision import with_weight_bits
 from efqat_jax.quant import QuantSpec
 from efqat_jax.train import create_train_state, replicate
 from efqat_jax.trees import all_finite, merge_trees
@@ -62,13 +70,38 @@ def ptq_schema() -> dict:
   return schema | {name: m.fields for name, m in PTQ_METHODS.items() if m.fields}
 
 
+def _embeddings_and_layers(run: Run, inputs) -> tuple[list[str], list[str]]:
+  """``(embedding tables, layers to quantize)`` of the model, in call order."""
+  kinds = quantizable_paths(run.model, inputs, train=False)
+  embeddings = [p for p, kind in kinds.items() if kind == "Embed"]
+  quantize_embeddings = run.config.quant.quantize_embeddings
+  return embeddings, [p for p in kinds if quantize_embeddings or p not in embeddings]
+
+
+def high_precision_paths(run: Run, inputs) -> tuple[str, list[str]]:
+  """``(regex, paths)`` of the layers at ``high_precision_bits`` (none for ``''``)."""
+  q = run.config.quant
+  pattern = q.high_precision_layers
+  if not pattern:
+    return "", []
+  paths = _embeddings_and_layers(run, inputs)[1]
+  if pattern == "auto":
+    pattern = "|".join(re.escape(p) for p in dict.fromkeys([paths[0], paths[-1]]))
+  high = [p for p in paths if re.fullmatch(pattern, p)]
+  if not high:
+    raise ConfigError(
+      f"config.quant.high_precision_layers = {q.high_precision_layers!r} matches no layer of"
+      f" {run.config.model!r}; its layers are {paths}"
+    )
+  return pattern, high
+
+
 def config_rules(run: Run, inputs) -> list[QuantRule]:
   """All layers at the configured bits; ``high_precision_layers`` (default: the first and
   the last layer in call order) at ``high_precision_bits``; embedding tables in float unless
   ``quantize_embeddings`` (a lookup does no multiply-accumulate)."""
   q = run.config.quant
-  kinds = quantizable_paths(run.model, inputs, train=False)
-  embeddings = [p for p, kind in kinds.items() if kind == "Embed"]
+  embeddings, paths = _embeddings_and_layers(run, inputs)
   float_rules = []
   if embeddings and not q.quantize_embeddings:
     float_rules = [QuantRule.keep_float("|".join(re.escape(p) for p in embeddings))]
@@ -78,18 +111,9 @@ def config_rules(run: Run, inputs) -> list[QuantRule]:
       ".*", weight=QuantSpec.for_weights(q.weight_bits), input=QuantSpec.for_activations(q.act_bits)
     ),
   ]
-  pattern = q.high_precision_layers
-  if not pattern:
-    return rules
-  paths = [p for p in kinds if q.quantize_embeddings or p not in embeddings]
-  if pattern == "auto":
-    pattern = "|".join(re.escape(p) for p in dict.fromkeys([paths[0], paths[-1]]))
-  high = [p for p in paths if re.fullmatch(pattern, p)]
+  pattern, high = high_precision_paths(run, inputs)
   if not high:
-    raise ConfigError(
-      f"config.quant.high_precision_layers = {q.high_precision_layers!r} matches no layer of"
-      f" {run.config.model!r}; its layers are {paths}"
-    )
+    return rules
   bits = q.high_precision_bits
   high_rule = QuantRule(
     pattern, weight=QuantSpec.for_weights(bits), input=QuantSpec.for_activations(bits)
@@ -104,31 +128,55 @@ def config_formats(run: Run, inputs) -> Formats:
   return layer_formats(quantized_layers(qmodel, variables, inputs, train=False))
 
 
-def method_formats(run: Run, inputs) -> Formats:
-  """The per-layer formats the configured method gives the model (config rules, then the
-  method's own choices, e.g. an accumulator constraint)."""
+def method_formats(run: Run, base: Formats) -> Formats:
+  """The per-layer formats the configured method gives a model configured with ``base`` (e.g.
+  an accumulator constraint), checked against the method's settings."""
   cfg = run.config.ptq
   method = PTQ_METHODS.get(cfg.method)
   settings = cfg.get(cfg.method)
-  formats = method.formats_for(settings, config_formats(run, inputs))
+  formats = method.formats_for(settings, base)
   if method.check is not None:
     method.check(settings, formats)
   return formats
 
 
+def mixed_formats(run: Run, formats: Formats, fp: ModelState, batches: list[dict]) -> Formats:
+  """``formats`` with each layer's weight bits from ``config.quant.mixed_precision``, printed."""
+  q = run.config.quant
+  qmodel = run.quantized_model(formats)
+  variables = merge_trees(run.init(qmodel), fp.variables)
+  layers = quantized_layers(qmodel, variables, run.sample_inputs, train=False)
+  fixed = high_precision_paths(run, run.sample_inputs)[1]
+  bits = mixed_weight_bits(q, qmodel, variables, layers, fixed, batches, run.mesh)
+  formats = with_weight_bits(formats, bits)
+  mixed = quantized_layers(run.quantized_model(formats), variables, run.sample_inputs, train=False)
+  print_bits(bits_report(q, mixed, fixed), q.mixed_precision)
+  return formats
+
+
 def check_ptq(run: Run) -> None:
-  method_formats(run, run.placeholder_inputs())
+  check_budget(run.config.quant)
+  method_formats(run, config_formats(run, run.placeholder_inputs()))
 
 
 def quantize_model(run: Run, fp: ModelState) -> ModelState:
   """Calibrates the quantized model on ``calibration_batches`` batches, then quantizes its
   weights with the configured method."""
   cfg = run.config.ptq
-  formats = method_formats(run, run.sample_inputs)
+  method = PTQ_METHODS.get(cfg.method)
+  settings = cfg.get(cfg.method)
+  wanted = cfg.calibration_batches
+  if method.samples is not None:
+    wanted = max(wanted, math.ceil(method.samples(settings) / run.config.batch_size))
+  data = list(itertools.islice(run.train_batches(0), wanted))
+  formats = config_formats(run, run.sample_inputs)
+  if run.config.quant.mixed_precision:
+    formats = mixed_formats(run, formats, fp, data[: cfg.calibration_batches])
+  formats = method_formats(run, formats)
   qmodel = run.quantized_model(formats)
-  variables = run.init(qmodel)
-  variables = merge_trees(variables, fp.variables)
-  inputs = [b["inputs"] for b in itertools.islice(run.train_batches(0), cfg.calibration_batches)]
+  variables = merge_trees(run.init(qmodel), fp.variables)
+  batches = [b["inputs"] for b in data]
+  inputs = batches[: cfg.calibration_batches]
   bar = tqdm.tqdm(
     total=cfg.calibration_batches,
     desc="ptq calibrate",
@@ -150,16 +198,13 @@ def quantize_model(run: Run, fp: ModelState) -> ModelState:
     raise NonFiniteError(
       "ptq: calibration gave non-finite ranges (non-finite values in the training data?)"
     )
-  method = PTQ_METHODS.get(cfg.method)
   layers = quantized_layers(qmodel, variables, run.sample_inputs, train=False)
-  capture = None
-  if method.statistics:
-    capture = statistics_capture(qmodel, variables, inputs, method.statistics, train=False)
+  capture = method.capture_for(qmodel, variables, batches, settings, train=False)
   bar = tqdm.tqdm(
     total=len(layers), desc=f"ptq {cfg.method}", disable=not run.config.progress, leave=False
   )
   params = quantize_weights(
-    method, variables["params"], layers, cfg.get(cfg.method), capture, lambda _: bar.update()
+    method, variables["params"], layers, settings, capture, lambda _: bar.update()
   )
   bar.close()
   if not all_finite(params):
@@ -182,6 +227,10 @@ def run_ptq(run: Run, inputs: dict[str, ModelState]) -> ModelState:
     result = run.evaluate(qmodel, state, "ptq")
     exported = export_integer(qmodel, out.variables, run.sample_inputs, train=False)
     widths = accumulator_report(exported, out.formats)
+    if run.config.quant.mixed_precision:
+      layers = quantized_layers(qmodel, out.variables, run.sample_inputs, train=False)
+      fixed = high_precision_paths(run, run.sample_inputs)[1]
+      widths |= bits_report(run.config.quant, layers, fixed)
     run.record(
       "ptq",
       {
@@ -202,7 +251,7 @@ PTQ = STAGES.register(
     needs=lambda config, finished: ("fp",),
     fields=lambda config: ("quant", "ptq"),
     summary="calibrate the ranges and quantize the weights (config.ptq.method)",
-    blocks=lambda: {"quant": QUANT_FIELDS, "ptq": ptq_schema()},
+    blocks=lambda: {"quant": QUANT_FIELDS | MIXED_FIELDS, "ptq": ptq_schema()},
     check=check_ptq,
   ),
 )

@@ -1,9 +1,10 @@
 """Post-training quantization: calibration, capture, and the registry of PTQ methods (``rtn``
-first, then the layer-wise ``optq``, ``gpfq``, ``axe_optq``, ``axe_gpfq``)."""
+first, then the layer-wise ``optq``, ``gpfq``, ``axe_optq``, ``axe_gpfq``, then
+``attention_round``), and the per-layer bit allocation of mixed precision."""
 
 # Registration order is the order the methods are listed in (rtn, the default, first).
 # isort: off
-from efqat_jax.ptq import rtn, layerwise  # noqa: F401
+from efqat_jax.ptq import rtn, layerwise, attention_round  # noqa: F401
 
 # isort: on
 from efqat_jax.ptq.calibrate import calibrate, split_calibration_stats

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -33,9 +33,10 @@ from jax import lax
 from efqat_jax.nn.export import with_mode
 from efqat_jax.nn.layer_table import QuantizedLayer
 from efqat_jax.nn.ops import CAPTURED_INPUT, Mode, capturing_inputs
-from efqat_jax.ptq.methods import Capture
 
 STATISTICS = ("h", "g")
+# (params, layer) -> the layer's statistics, captured with ``params`` (stacked like its weight).
+Capture = Callable[[Any, QuantizedLayer], Mapping[str, jax.Array]]
 
 
 def input_matrix(lhs: jax.Array, layer: QuantizedLayer) -> jax.Array:

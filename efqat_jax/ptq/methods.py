@@ -4,8 +4,9 @@ A method is a function of one layer's float weight, its calibrated scale, the la
 and op: ``QuantizedLayer``), the statistics captured for it and the method's settings; it returns
 the weight to store (values on the layer's grid, so that the quantized ops' rounding keeps them).
 ``quantize_weights`` applies a method to every layer of a model, one layer of a ``nn.scan`` /
-``nn.vmap`` stack at a time. A method that needs statistics (OPTQ's ``H``) quantizes the layers
-in call order, each captured with the layers before it already quantized.
+``nn.vmap`` stack at a time. A method that needs statistics (OPTQ's ``H``, Attention Round's
+optimised offsets) quantizes the layers in call order, each captured with the layers before it
+already quantized; ``PtqMethod.capture_for`` builds that capture from calibration data.
 
 Adding a method is one module that calls ``PTQ_METHODS.register``; see ``efqat_jax/ptq/rtn.py``.
 """
@@ -20,6 +21,7 @@ import jax
 
 from efqat_jax.fields import Schema
 from efqat_jax.nn.layer_table import QuantizedLayer, params_at
+from efqat_jax.ptq.capture import Capture, statistics_capture
 from efqat_jax.quant.fake_quant import valid_scale
 from efqat_jax.registry import Registry
 
@@ -27,8 +29,8 @@ from efqat_jax.registry import Registry
 QuantizeWeight = Callable[
   [jax.Array, jax.Array, QuantizedLayer, Mapping[str, jax.Array], Any], jax.Array
 ]
-# (params, layer) -> the layer's statistics, captured with ``params`` (stacked like its weight).
-Capture = Callable[[Any, QuantizedLayer], Mapping[str, jax.Array]]
+# (quantized model, calibrated variables, calibration batches, settings, **apply kwargs) -> Capture
+CaptureFactory = Callable[..., Capture]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +41,18 @@ class PtqMethod:
     quantize_weight: one layer's ``(weight, scale, layer, statistics, settings) -> weight``.
     summary: one line for the field listing.
     fields: the fields of its config block ``config.ptq.<name>`` (empty: no block).
-    statistics: the per-layer statistics it needs captured from calibration data
-      (``efqat_jax.ptq.capture``: ``"h"``, ``"g"``; none for round-to-nearest).
+    statistics: the per-layer statistics it needs captured from calibration data (``"h"``,
+      ``"g"``: ``efqat_jax.ptq.capture``; others with their own ``capture``); none for
+      round-to-nearest.
     check: ``(settings, formats) -> None``, raising ConfigError for settings that cannot work
       with these per-layer formats (``efqat_jax.nn.formats``); run before anything is computed.
     formats: ``(settings, formats) -> formats``: the per-layer formats the method produces from
       the configured ones (e.g. an accumulator constraint, or its own bit widths); None keeps
       them. They travel with the PTQ result to every later stage.
+    capture: builds the per-layer capture of ``statistics`` that are not ``h`` / ``g``:
+      ``(qmodel, variables, batches, settings, **apply_kwargs) -> Capture``.
+    samples: ``settings -> calibration samples`` the capture wants (None: the calibration
+      batches).
   """
 
   quantize_weight: QuantizeWeight
@@ -54,10 +61,20 @@ class PtqMethod:
   statistics: tuple[str, ...] = ()
   check: Callable[[Any, Mapping[str, Any]], None] | None = None
   formats: Callable[[Any, Mapping[str, Any]], dict] | None = None
+  capture: CaptureFactory | None = None
+  samples: Callable[[Any], int] | None = None
 
   def formats_for(self, settings: Any, formats: Mapping[str, Any]) -> dict:
     """The per-layer formats this method gives a model configured with ``formats``."""
     return dict(formats) if self.formats is None else self.formats(settings, formats)
+
+  def capture_for(self, qmodel, variables, batches, settings, **apply_kwargs) -> Capture | None:
+    """The capture ``quantize_weights`` needs for this method (None: no statistics)."""
+    if not self.statistics:
+      return None
+    if self.capture is not None:
+      return self.capture(qmodel, variables, batches, settings, **apply_kwargs)
+    return statistics_capture(qmodel, variables, batches, self.statistics, **apply_kwargs)
 
 
 PTQ_METHODS: Registry[PtqMethod] = Registry("ptq.method")
@@ -79,7 +96,7 @@ def quantize_weights(
     layers: the model's quantized layers in call order (``efqat_jax.nn.quantized_layers``).
     settings: the method's config block, passed through.
     capture: for a method with statistics, ``(params, layer) -> statistics``
-      (``efqat_jax.ptq.capture.statistics_capture``), called with the layers before it quantized.
+      (``PtqMethod.capture_for``), called with the layers before it quantized.
     progress: called with each layer's path once it is quantized.
   """
   if not method.statistics:

@@ -1,0 +1,98 @@
+"""Mixed precision: each layer's weight bits from a candidate set, under the weight memory of a
+uniform-precision model, allocated by an importance per layer (``bit_allocation``).
+
+Two importances, both of the float weights before any rounding:
+- ``coding_length`` (Attention Round's measure): the lossy coding length of the layer's kernel,
+  rows as vectors (``efqat_jax.quant.coding_length``), in total bits: a layer that holds more
+  information gets more bits, with no search over assignments.
+- ``sensitivity`` (the usual baseline): how much the loss grows when that layer alone has its
+  weights rounded to nearest, at ``probe_bits`` bits.
+The layers of a ``nn.scan`` / ``nn.vmap`` stack share one format: their importances and sizes add.
+
+Example:
+  >>> importance = coding_length_importance(params, layers, distortion=0.1)
+  >>> bits = allocate_bits(importance, layer_sizes(layers), (2, 3, 4, 5, 6, 8), 4, fixed)
+  >>> formats = with_weight_bits(formats, bits)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from efqat_jax.nn.layer_table import QuantizedLayer, params_at
+from efqat_jax.nn.ops import WEIGHT_ESTIMATORS
+from efqat_jax.quant.coding_length import weight_coding_length
+from efqat_jax.quant.fake_quant import fake_quant
+from efqat_jax.quant.rows import kernel_axes, to_rows
+
+IMPORTANCES = ("coding_length", "sensitivity")
+
+
+def layer_sizes(layers: Mapping[str, QuantizedLayer]) -> dict[str, int]:
+  """Weights per layer, every unit of a stack counted."""
+  return {p: math.prod(x.stack_shape) * math.prod(x.weight_shape) for p, x in layers.items()}
+
+
+def _units(params: Any, layer: QuantizedLayer) -> jax.Array:
+  """The layer's weights as ``[units, *weight_shape]``."""
+  weight = params_at(params, layer.path)[layer.weight_name]
+  return jnp.reshape(weight, (-1, *layer.weight_shape))
+
+
+def coding_length_importance(
+  params: Any, layers: Mapping[str, QuantizedLayer], distortion: float
+) -> dict[str, float]:
+  """Total coding length in bits of each layer's float kernel (per-weight length x weights), at
+  an RMS error per weight of ``distortion`` times the kernel's RMS."""
+  importance = {}
+  for path, layer in layers.items():
+    op = dict(layer.op)
+    axes = kernel_axes(op["op"], op["dimension_numbers"], len(layer.weight_shape))
+    per_unit = jax.jit(
+      jax.vmap(lambda w, axes=axes: weight_coding_length(to_rows(w, *axes), distortion))
+    )
+    lengths = per_unit(_units(params, layer)) * math.prod(layer.weight_shape)
+    importance[path] = float(jnp.sum(lengths))
+  return importance
+
+
+def rounded_alone(params: Any, layer: QuantizedLayer, bits: int, estimator: str) -> Any:
+  """``params`` with only ``layer``'s weights rounded to nearest at ``bits`` (its scale from
+  ``estimator``, ``"minmax"`` or ``"mse"``)."""
+  spec = dataclasses.replace(layer.weight_spec, bits=bits)
+  scale_of = WEIGHT_ESTIMATORS[estimator]
+  rounded = jax.vmap(lambda w: fake_quant(w, scale_of(w, spec), spec=spec))(_units(params, layer))
+  new = jax.tree.map(lambda x: x, params)
+  node = params_at(new, layer.path)
+  node[layer.weight_name] = rounded.reshape(node[layer.weight_name].shape)
+  return new
+
+
+def sensitivity_importance(
+  loss: Callable[[Any], float],
+  params: Any,
+  layers: Mapping[str, QuantizedLayer],
+  probe_bits: int,
+  estimator: str,
+) -> dict[str, float]:
+  """The loss increase (clipped at 0) when each layer alone is rounded to nearest at
+  ``probe_bits``; ``loss(params)`` evaluates the float model."""
+  base = loss(params)
+  return {
+    path: max(0.0, loss(rounded_alone(params, layer, probe_bits, estimator)) - base)
+    for path, layer in layers.items()
+  }
+
+
+def with_weight_bits(formats: dict, bits: Mapping[str, int]) -> dict:
+  """``formats`` (``efqat_jax.nn.formats``) with the weight bits of the layers in ``bits``."""
+  return {
+    path: {**spec, "weight": {**spec["weight"], "bits": bits[path]}} if path in bits else spec
+    for path, spec in formats.items()
+  }
