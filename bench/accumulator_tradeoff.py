@@ -31,7 +31,6 @@ import pathlib
 
 import jax
 import sweep
-import timing
 from reference_results import load_config
 
 from efqat_jax import pipeline
@@ -275,17 +274,7 @@ def plot(rows: list[dict], stem: str) -> None:
 
 def main():
   args = sweep.parse(__doc__, "accumulator_tradeoff", SETTING_NAMES, "ResNet-8 W4A4, 3 widths")
-  if args.plots_only:
-    plot(json.loads(args.path.read_text()), args.stem)
-    return
-  rows = []
-  for name in args.names:
-    setting = SETTINGS[SETTING_NAMES.index(name)]
-    rows += [dict(r, **timing.machine()) for r in run_setting(setting, args.root, args.quick)]
-  print(timing.markdown_table(rows, COLUMNS))
-  rows = sweep.merged(rows, args.path, row_setting, SETTING_NAMES)
-  print(f"wrote {timing.write_rows(args.stem, rows)}")
-  plot(rows, args.stem)
+  sweep.run(args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, row_setting, plot)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import json
 import pathlib
 
 import sweep
-import timing
 from reference_results import load_config
 
 from efqat_jax import fields, pipeline
@@ -246,20 +245,9 @@ def plot(rows: list[dict], stem: str) -> None:
 
 def main():
   args = sweep.parse(__doc__, "efqat_accuracy", SETTING_NAMES, "CNN W4A4, 20 steps, rho 0.1 and 1")
-  if args.plots_only:
-    plot(json.loads(args.path.read_text()), args.stem)
-    return
-  machine = timing.machine()
-  rows = []
-  for name in args.names:
-    setting = SETTINGS[SETTING_NAMES.index(name)]
-    rows += [
-      dict(r, quick=args.quick, **machine) for r in run_setting(setting, args.root, args.quick)
-    ]
-  print(timing.markdown_table(rows, COLUMNS))
-  rows = sweep.merged(rows, args.path, row_setting, SETTING_NAMES)
-  print(f"wrote {timing.write_rows(args.stem, rows)}")
-  plot(rows, args.stem)
+  sweep.run(
+    args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, row_setting, plot, quick=args.quick
+  )
 
 
 if __name__ == "__main__":

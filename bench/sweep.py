@@ -7,6 +7,7 @@ import dataclasses
 import json
 import pathlib
 from collections.abc import Callable
+from typing import Any
 
 import timing
 
@@ -59,6 +60,32 @@ def merged(
   old = json.loads(path.read_text()) if path.exists() else []
   kept = [r for r in old if setting_of(r) not in fresh and setting_of(r) in names]
   return sorted(kept + rows, key=lambda r: names.index(setting_of(r)))
+
+
+def run(
+  args: SweepArgs,
+  settings: list,
+  setting_names: list[str],
+  run_setting: Callable[[Any, pathlib.Path, bool], list[dict]],
+  columns: list[str],
+  setting_of: Callable[[dict], str],
+  plot: Callable[[list[dict], str], None],
+  **fields: Any,
+) -> None:
+  """Re-plots (``--plots-only``), or runs the chosen settings, prints their table, merges them
+  into ``args.path`` (each row with the machine and ``fields``) and plots everything."""
+  if args.plots_only:
+    plot(json.loads(args.path.read_text()), args.stem)
+    return
+  machine = timing.machine()
+  rows = []
+  for name in args.names:
+    setting = settings[setting_names.index(name)]
+    rows += [dict(r, **fields, **machine) for r in run_setting(setting, args.root, args.quick)]
+  print(timing.markdown_table(rows, columns))
+  rows = merged(rows, args.path, setting_of, setting_names)
+  print(f"wrote {timing.write_rows(args.stem, rows)}")
+  plot(rows, args.stem)
 
 
 def save_figure(fig, name: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from efqat_jax.nn.layer_table import params_at
+from efqat_jax.nn.layer_table import params_at, with_params_at
 
 BLOCK_INPUT = "block_input"
 BLOCK_OUTPUT = "block_output"
@@ -169,17 +169,7 @@ def recorded_io(params: Any, path: str) -> tuple[list[jax.Array], list[jax.Array
 def with_block_input(params: Any, path: str, leaves: Sequence[jax.Array]) -> Any:
   """``params`` with ``leaves`` put where ``block_io(path, feed=True)`` reads them (a copy along
   the path; the other subtrees are shared)."""
-  names = path.split("/")
-
-  def put(node, depth):
-    node = dict(node)
-    if depth == len(names):
-      node.update({f"{BLOCK_INPUT}_{i}": leaf for i, leaf in enumerate(leaves)})
-      return node
-    node[names[depth]] = put(node[names[depth]], depth + 1)
-    return node
-
-  return put(params, 0)
+  return with_params_at(params, path, {f"{BLOCK_INPUT}_{i}": x for i, x in enumerate(leaves)})
 
 
 def _count(node: Mapping[str, Any], name: str) -> int:

@@ -110,6 +110,15 @@ def params_at(params: Any, path: str) -> Any:
   return params
 
 
+def with_params_at(params: Any, path: str, entries: dict[str, Any]) -> Any:
+  """``params`` with ``entries`` put into the subtree at ``path`` (a copy along the path; the
+  other subtrees are shared)."""
+  if not path:
+    return {**params, **entries}
+  head, _, rest = path.partition("/")
+  return {**params, head: with_params_at(params[head], rest, entries)}
+
+
 def quantized_layers(model: Any, variables: Any, *args, **kwargs) -> dict[str, QuantizedLayer]:
   """Every quantized layer ``model.apply(variables, *args, **kwargs)`` runs, by path.
 

@@ -104,12 +104,14 @@ def mixed_weight_bits(
   )
 
 
-def bits_report(quant: Any, layers: Mapping[str, QuantizedLayer], fixed: Sequence[str]) -> dict:
-  """The per-layer weight bits, the budget and the average the free layers use."""
-  bits = {p: int(layer.weight_spec.bits) for p, layer in layers.items()}
+def bits_report(
+  quant: Any, bits: Mapping[str, int], layers: Mapping[str, QuantizedLayer], fixed: Sequence[str]
+) -> dict:
+  """The per-layer weight ``bits``, the budget and the average the free layers use (their
+  sizes from ``layers``)."""
   free = {p: b for p, b in bits.items() if p not in fixed}
   return {
-    "weight_bits_per_layer": bits,
+    "weight_bits_per_layer": dict(bits),
     "budget_bits": float(budget_of(quant)),
     "used_bits": average_bits(free, layer_sizes(layers)),
   }

@@ -78,13 +78,13 @@ def _embeddings_and_layers(run: Run, inputs) -> tuple[list[str], list[str]]:
   return embeddings, [p for p in kinds if quantize_embeddings or p not in embeddings]
 
 
-def high_precision_paths(run: Run, inputs) -> tuple[str, list[str]]:
-  """``(regex, paths)`` of the layers at ``high_precision_bits`` (none for ``''``)."""
+def high_precision_paths(run: Run, paths: list[str]) -> tuple[str, list[str]]:
+  """``(regex, paths)`` of the layers among ``paths`` (the layers to quantize, in call order)
+  at ``high_precision_bits`` (none for ``''``)."""
   q = run.config.quant
   pattern = q.high_precision_layers
   if not pattern:
     return "", []
-  paths = _embeddings_and_layers(run, inputs)[1]
   if pattern == "auto":
     pattern = "|".join(re.escape(p) for p in dict.fromkeys([paths[0], paths[-1]]))
   high = [p for p in paths if re.fullmatch(pattern, p)]
@@ -94,6 +94,11 @@ def high_precision_paths(run: Run, inputs) -> tuple[str, list[str]]:
       f" {run.config.model!r}; its layers are {paths}"
     )
   return pattern, high
+
+
+def high_precision_layers(run: Run) -> list[str]:
+  """The paths of the layers the config keeps at ``high_precision_bits``."""
+  return high_precision_paths(run, _embeddings_and_layers(run, run.sample_inputs)[1])[1]
 
 
 def config_rules(run: Run, inputs) -> list[QuantRule]:
@@ -111,7 +116,7 @@ def config_rules(run: Run, inputs) -> list[QuantRule]:
       ".*", weight=QuantSpec.for_weights(q.weight_bits), input=QuantSpec.for_activations(q.act_bits)
     ),
   ]
-  pattern, high = high_precision_paths(run, inputs)
+  pattern, high = high_precision_paths(run, paths)
   if not high:
     return rules
   bits = q.high_precision_bits
@@ -146,12 +151,10 @@ def mixed_formats(run: Run, formats: Formats, fp: ModelState, batches: list[dict
   qmodel = run.quantized_model(formats)
   variables = merge_trees(run.init(qmodel), fp.variables)
   layers = quantized_layers(qmodel, variables, run.sample_inputs, train=False)
-  fixed = high_precision_paths(run, run.sample_inputs)[1]
+  fixed = high_precision_layers(run)
   bits = mixed_weight_bits(q, qmodel, variables, layers, fixed, batches, run.mesh)
-  formats = with_weight_bits(formats, bits)
-  mixed = quantized_layers(run.quantized_model(formats), variables, run.sample_inputs, train=False)
-  print_bits(bits_report(q, mixed, fixed), q.mixed_precision)
-  return formats
+  print_bits(bits_report(q, bits, layers, fixed), q.mixed_precision)
+  return with_weight_bits(formats, bits)
 
 
 def check_ptq(run: Run) -> None:
@@ -229,8 +232,8 @@ def run_ptq(run: Run, inputs: dict[str, ModelState]) -> ModelState:
     widths = accumulator_report(exported, out.formats)
     if run.config.quant.mixed_precision:
       layers = quantized_layers(qmodel, out.variables, run.sample_inputs, train=False)
-      fixed = high_precision_paths(run, run.sample_inputs)[1]
-      widths |= bits_report(run.config.quant, layers, fixed)
+      bits = {p: spec["weight"]["bits"] for p, spec in out.formats.items()}
+      widths |= bits_report(run.config.quant, bits, layers, high_precision_layers(run))
     run.record(
       "ptq",
       {

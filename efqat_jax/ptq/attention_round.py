@@ -46,7 +46,12 @@ from efqat_jax.nn.blocks import (
 )
 from efqat_jax.nn.export import with_mode
 from efqat_jax.nn.formats import Formats
-from efqat_jax.nn.layer_table import QuantizedLayer, params_at, quantized_layers
+from efqat_jax.nn.layer_table import (
+  QuantizedLayer,
+  params_at,
+  quantized_layers,
+  with_params_at,
+)
 from efqat_jax.nn.ops import Mode, RoundingContext, WeightRounding, weight_rounding
 from efqat_jax.ptq.capture import Capture
 from efqat_jax.ptq.methods import PTQ_METHODS, PtqMethod
@@ -153,7 +158,7 @@ class BlockReconstruction:
       self.offsets.update(self.reconstruct(params, block))
     return {"offset": self.offsets.pop(layer.path)}
 
-  def block_io(self, model, params, path: str, outputs: bool):
+  def over_samples(self, model, params, path: str, outputs: bool):
     """The block's input (or output) leaves over all calibration samples, and the number of
     stack axes in front of their batch axis."""
     traced = []
@@ -176,8 +181,8 @@ class BlockReconstruction:
     paths = [p for p in block.layers if dict(self.layers[p].op)["op"] != "take"]
     if not paths:
       return {}
-    block_inputs, depth = self.block_io(self.quantized, params, block.path, outputs=False)
-    targets, _ = self.block_io(self.float_model, self.float_params, block.path, outputs=True)
+    block_inputs, depth = self.over_samples(self.quantized, params, block.path, outputs=False)
+    targets, _ = self.over_samples(self.float_model, self.float_params, block.path, outputs=True)
     offsets = {p: jnp.zeros_like(params_at(params, p)[self.layers[p].weight_name]) for p in paths}
     seeds = {p: self._seeds(i, self.layers[p]) for i, p in enumerate(paths)}
     radius = radius_for(s.sigma)
@@ -225,11 +230,10 @@ class BlockReconstruction:
 
 def _with_leaves(params: Any, leaves: Mapping[str, Mapping[str, jax.Array]]) -> Any:
   """``params`` with ``leaves[name][path]`` put next to the kernel of the layer at ``path``."""
-  new = jax.tree.map(lambda x: x, params)
   for name, by_path in leaves.items():
     for path, value in by_path.items():
-      params_at(new, path)[name] = value
-  return new
+      params = with_params_at(params, path, {name: value})
+  return params
 
 
 def check_blocks(settings: Any, formats: Formats) -> None:

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from efqat_jax.nn.layer_table import QuantizedLayer, params_at
+from efqat_jax.nn.layer_table import QuantizedLayer, params_at, with_params_at
 from efqat_jax.nn.ops import WEIGHT_ESTIMATORS
 from efqat_jax.quant.coding_length import weight_coding_length
 from efqat_jax.quant.fake_quant import fake_quant
@@ -45,6 +46,12 @@ def _units(params: Any, layer: QuantizedLayer) -> jax.Array:
   return jnp.reshape(weight, (-1, *layer.weight_shape))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _unit_coding_lengths(units: jax.Array, out_axes, in_axes, distortion: float) -> jax.Array:
+  """Per-weight coding length of each unit's kernel (one program per kernel shape)."""
+  return jax.vmap(lambda w: weight_coding_length(to_rows(w, out_axes, in_axes), distortion))(units)
+
+
 def coding_length_importance(
   params: Any, layers: Mapping[str, QuantizedLayer], distortion: float
 ) -> dict[str, float]:
@@ -54,10 +61,8 @@ def coding_length_importance(
   for path, layer in layers.items():
     op = dict(layer.op)
     axes = kernel_axes(op["op"], op["dimension_numbers"], len(layer.weight_shape))
-    per_unit = jax.jit(
-      jax.vmap(lambda w, axes=axes: weight_coding_length(to_rows(w, *axes), distortion))
-    )
-    lengths = per_unit(_units(params, layer)) * math.prod(layer.weight_shape)
+    lengths = _unit_coding_lengths(_units(params, layer), *axes, distortion)
+    lengths = lengths * math.prod(layer.weight_shape)
     importance[path] = float(jnp.sum(lengths))
   return importance
 
@@ -68,10 +73,8 @@ def rounded_alone(params: Any, layer: QuantizedLayer, bits: int, estimator: str)
   spec = dataclasses.replace(layer.weight_spec, bits=bits)
   scale_of = WEIGHT_ESTIMATORS[estimator]
   rounded = jax.vmap(lambda w: fake_quant(w, scale_of(w, spec), spec=spec))(_units(params, layer))
-  new = jax.tree.map(lambda x: x, params)
-  node = params_at(new, layer.path)
-  node[layer.weight_name] = rounded.reshape(node[layer.weight_name].shape)
-  return new
+  shape = params_at(params, layer.path)[layer.weight_name].shape
+  return with_params_at(params, layer.path, {layer.weight_name: rounded.reshape(shape)})
 
 
 def sensitivity_importance(

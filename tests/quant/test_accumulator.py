@@ -39,6 +39,14 @@ A8 = QuantSpec.for_activations(8)  # unsigned, grid [0, 255]
 
 _input_specs = st.builds(QuantSpec, bits=st.integers(2, 8), signed=st.booleans())
 _tiles = st.one_of(st.none(), st.integers(1, 12))
+# Random integer layers: rows of weights at some width, their inputs' format and tile size.
+_LAYERS = dict(
+  seed=st.integers(0, 2**16),
+  shape=st.tuples(st.integers(1, 5), st.integers(1, 40)),
+  weight_bits=st.integers(2, 9),
+  input_spec=_input_specs,
+  tile=_tiles,
+)
 
 
 def _random_rows(seed, shape, qmax, qmin=None):
@@ -206,13 +214,7 @@ def test_an_input_range_without_zero_raises():
     worst_partial_sums(np.ones((1, 3)), -5, -1, None)
 
 
-@given(
-  seed=st.integers(0, 2**16),
-  shape=st.tuples(st.integers(1, 5), st.integers(1, 40)),
-  weight_bits=st.integers(2, 9),
-  input_spec=_input_specs,
-  tile=_tiles,
-)
+@given(**_LAYERS)
 def test_required_bits_is_the_smallest_width_that_fits(seed, shape, weight_bits, input_spec, tile):
   rows = _random_rows(seed, shape, 2 ** (weight_bits - 1) - 1)
   mu, nu = input_range(input_spec)
@@ -223,14 +225,7 @@ def test_required_bits_is_the_smallest_width_that_fits(seed, shape, weight_bits,
   assert not fits(p, n, mu, nu, np.maximum(need - 1, 2))[need > 2].any()
 
 
-@given(
-  seed=st.integers(0, 2**16),
-  shape=st.tuples(st.integers(1, 5), st.integers(1, 40)),
-  weight_bits=st.integers(2, 9),
-  input_spec=_input_specs,
-  tile=_tiles,
-  bits=st.integers(3, 30),
-)
+@given(**_LAYERS, bits=st.integers(3, 30))
 def test_fits_agrees_with_the_simulation(seed, shape, weight_bits, input_spec, tile, bits):
   rows = _random_rows(seed, shape, 2 ** (weight_bits - 1) - 1)
   mu, nu = input_range(input_spec)
