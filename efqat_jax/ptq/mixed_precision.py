@@ -2,9 +2,13 @@
 uniform-precision model, allocated by an importance per layer (``bit_allocation``).
 
 Two importances, both of the float weights before any rounding:
-- ``coding_length`` (Attention Round's measure): the lossy coding length of the layer's kernel,
-  rows as vectors (``efqat_jax.quant.coding_length``), in total bits: a layer that holds more
-  information gets more bits, with no search over assignments.
+- ``coding_length`` (Attention Round's measure): the lossy coding length ``L`` of the layer's
+  kernel, rows as vectors (``efqat_jax.quant.coding_length``), read as the bits per weight the
+  layer needs to be coded at a common distortion. Rounded at ``b`` bits instead, its distortion
+  power grows as ``4^(L - b)``; the importance ``weights * 4^L`` makes the allocation minimise
+  the total of that, so layers get ``b = L + constant`` bits (the constant set by the budget), with
+  no search over assignments. (Used as the importance directly, the total coding length
+  ``weights * L`` would need a layer to code 4 times longer per weight to earn one bit more.)
 - ``sensitivity`` (the usual baseline): how much the loss grows when that layer alone has its
   weights rounded to nearest, at ``probe_bits`` bits.
 The layers of a ``nn.scan`` / ``nn.vmap`` stack share one format: their importances and sizes add.
@@ -55,16 +59,19 @@ def _unit_coding_lengths(units: jax.Array, out_axes, in_axes, distortion: float)
 def coding_length_importance(
   params: Any, layers: Mapping[str, QuantizedLayer], distortion: float
 ) -> dict[str, float]:
-  """Total coding length in bits of each layer's float kernel (per-weight length x weights), at
-  an RMS error per weight of ``distortion`` times the kernel's RMS."""
-  importance = {}
+  """``sum over units of weights * 4^(L - L_max)`` per layer, with ``L`` each unit's coding
+  length per weight at an RMS error per weight of ``distortion`` times the kernel's RMS (see the
+  module docstring; ``L_max``, the largest over all units, only keeps the powers finite)."""
+  lengths = {}
   for path, layer in layers.items():
     op = dict(layer.op)
     axes = kernel_axes(op["op"], op["dimension_numbers"], len(layer.weight_shape))
-    lengths = _unit_coding_lengths(_units(params, layer), *axes, distortion)
-    lengths = lengths * math.prod(layer.weight_shape)
-    importance[path] = float(jnp.sum(lengths))
-  return importance
+    lengths[path] = _unit_coding_lengths(_units(params, layer), *axes, distortion)
+  top = max(float(jnp.max(v)) for v in lengths.values())
+  return {
+    path: float(jnp.sum(4.0 ** (v - top))) * math.prod(layers[path].weight_shape)
+    for path, v in lengths.items()
+  }
 
 
 def rounded_alone(params: Any, layer: QuantizedLayer, bits: int, estimator: str) -> Any:
