@@ -25,13 +25,13 @@ Runs resume: each keeps its results under --root and is skipped once finished.
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 
 import jax
 import sweep
 from reference_results import load_config
+from stage_runs import metric_of, stage_results
 
 from efqat_jax import pipeline
 from efqat_jax.nn import quantized_layers
@@ -109,17 +109,7 @@ def naive_bits(ks, bits: int, tile: int, weight_bits: int, act_bits: int, lower:
 
 def ptq_result(config, workdir: pathlib.Path, fp) -> dict:
   """``results["ptq"]`` of the run in ``workdir`` (run unless finished)."""
-  path = workdir / "results.json"
-  done = json.loads(path.read_text()) if path.exists() else {}
-  if "ptq" in done:
-    return done["ptq"]
-  run = pipeline.Run(config, workdir)
-  pipeline.STAGES.get("ptq").run(run, {"fp": fp})
-  return run.results["ptq"]
-
-
-def metric_of(result: dict, name: str) -> float:
-  return result[name] * (100.0 if name == "accuracy" else 1.0)
+  return stage_results(config, workdir, fp, ("ptq",))["ptq"]
 
 
 def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
@@ -219,17 +209,11 @@ def efqat_row(rows, ptq_states, base, metric_name, config) -> dict:
   cfg.efqat.update({k: v for k, v in config.qat.to_dict().items() if k != "method"})
   cfg.efqat.update(rho=0.1, steps=config.efqat.steps)
   cfg.export.source = "efqat"
-  run = pipeline.Run(cfg, workdir)
-  ptq = pipeline.STAGES.get("ptq").run(run, {})
-  if "efqat" not in run.results:
-    pipeline.STAGES.get("efqat").run(run, {"ptq": ptq})
-  if "export" not in run.results:
-    efqat_state = pipeline.STAGES.get("efqat").run(run, {"ptq": ptq})
-    pipeline.STAGES.get("export").run(run, {"efqat": efqat_state})
+  results = stage_results(cfg, workdir, None, ("ptq", "efqat", "export"))
   return dict(
     base, method=f"{method}+efqat", accumulator_bits=bits, tile=tile,
-    metric=metric_of(run.results["efqat"], metric_name),
-    overflow_free=run.results["export"]["overflow_free"], used_bits=None, outer_bits=None,
+    metric=metric_of(results["efqat"], metric_name),
+    overflow_free=results["export"]["overflow_free"], used_bits=None, outer_bits=None,
   )  # fmt: skip
 
 
