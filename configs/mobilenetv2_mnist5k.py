@@ -1,0 +1,14 @@
+"""MobileNetV2-style model (inverted residuals, depthwise convolutions) on mnist5k, W4A4 with
+first and last layer at 8 bits."""
+
+from efqat_jax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.model = "mobilenet"
+  config.model_kwargs.update({"num_classes": 10})
+  config.fp.update(steps=800, learning_rate=2e-3)
+  config.qat.update(steps=300)
+  config.efqat.update(steps=300)
+  return config
