@@ -57,7 +57,11 @@ def _case(draw):
   spec = draw(st.sampled_from(_SPECS))
   shape = (3, 4)
   x = draw(hnp.arrays(np.float32, shape, elements=st.floats(-10, 10, width=32)))
-  g = draw(hnp.arrays(np.float32, shape, elements=st.floats(-2, 2, width=32)))
+  # Cotangents of 0 or at least 1e-30 in magnitude: autodiff's (g * s) / s would flush a g near
+  # float32's smallest normal (1.2e-38) to zero on backends that flush subnormals, the custom_vjp
+  # would not, and the two paths are compared exactly where the gradient is zero.
+  cotangents = st.floats(-2, 2, width=32).filter(lambda v: v == 0 or abs(v) >= 1e-30)
+  g = draw(hnp.arrays(np.float32, shape, elements=cotangents))
   pshape = granularity.param_shape(spec, shape)
   s = draw(hnp.arrays(np.float32, pshape, elements=st.floats(0.015625, 4.0, width=32)))
   z = np.zeros(pshape, np.float32)
