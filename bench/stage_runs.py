@@ -13,8 +13,8 @@ from efqat_jax import pipeline
 
 
 def stage_results(config, workdir: pathlib.Path, fp, stages) -> dict:
-  """``results.json`` of ``workdir`` once ``stages`` (in order, each fed the one before it, the
-  first fed the fp stage's output ``fp``) are finished there."""
+  """``results.json`` of ``workdir`` once ``stages`` (in order, each fed the one before it and
+  the fp stage's output ``fp``) are finished there."""
   path = workdir / "results.json"
   done = json.loads(path.read_text()) if path.exists() else {}
   if all(stage in done for stage in stages):
@@ -22,7 +22,7 @@ def stage_results(config, workdir: pathlib.Path, fp, stages) -> dict:
   run = pipeline.Run(config, workdir)
   name, state = "fp", fp
   for stage in stages:
-    name, state = stage, pipeline.STAGES.get(stage).run(run, {name: state})
+    name, state = stage, pipeline.STAGES.get(stage).run(run, {"fp": fp, name: state})
   return run.results
 
 

@@ -10,4 +10,5 @@ def get_config():
   config.fp.update(steps=800, learning_rate=2e-3)
   config.qat.update(steps=300)
   config.efqat.update(steps=300)
+  config.block_replacement.boundaries = "BasicBlock_3,BasicBlock_6"  # its three stages
   return config

@@ -21,4 +21,5 @@ def get_config():
   config.quant.high_precision_layers = (
     "TransformerBlock_0/MultiHeadDotProductAttention_0/(query|key|value)|Dense_0"
   )
+  config.block_replacement.boundaries = "TransformerBlock_1"  # its two layers
   return config

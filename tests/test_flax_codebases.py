@@ -281,7 +281,7 @@ def test_quantize_calibrate_qat_efqat_and_export(name):
     compiled = step.lower(state, batch, rng, trainable).compile()
     shapes = _dot_and_conv_shapes(compiled.as_text())
     before = jax.device_get(state.params)
-    after, _ = compiled(jax.tree.map(jnp.copy, state), batch, rng, trainable)
+    after, _ = compiled(jax.tree.map(jnp.copy, state), batch, rng, trainable, step.loss_fn)
     after = jax.device_get(after.params)
     for layer, mask in _trained_units(before, layers, trainable):
       node = tuple(layer.path.split("/"))

@@ -36,6 +36,7 @@ from efqat_jax.nn.layer_table import params_at, with_params_at
 
 BLOCK_INPUT = "block_input"
 BLOCK_OUTPUT = "block_output"
+BLOCK_UNIT = "block_unit"  # where fed inputs replace a stack's own: True at the fed units
 AUTO = "auto"  # the model's top-level submodules
 LAYERS = "layers"  # every quantized layer alone
 
@@ -122,7 +123,9 @@ def block_io(
     record: put the block's first argument and its output into its params
       (``block_input_<i>``, ``block_output_<i>``: the leaves of each).
     feed: call the block with the leaves ``block_input_<i>`` of its params as its first
-      argument (same structure as the argument it is called with).
+      argument (same structure as the argument it is called with); where its params hold a
+      ``block_unit`` mask (``with_block_input(..., units=...)``), only the units of a stack
+      where it is True take them, the others keep their own input.
     traced_shapes: if given, gets ``(input leaf shapes, output leaf shapes)`` appended each time
       the block is traced: one unit's shapes inside a stack, so the recorded leaves' extra
       leading axes are the stack's.
@@ -137,7 +140,11 @@ def block_io(
       return next_fun(*args, **kwargs)
     first, treedef = jax.tree.flatten(args[0])
     if feed:
-      first = [module.get_variable("params", f"{BLOCK_INPUT}_{i}") for i in range(len(first))]
+      fed = [module.get_variable("params", f"{BLOCK_INPUT}_{i}") for i in range(len(first))]
+      if module.has_variable("params", BLOCK_UNIT):
+        unit = module.get_variable("params", BLOCK_UNIT)
+        fed = [jax.numpy.where(unit, x, own) for x, own in zip(fed, first, strict=True)]
+      first = fed
       args = (jax.tree.unflatten(treedef, first), *args[1:])
     out = next_fun(*args, **kwargs)
     if traced_shapes is not None:
@@ -166,10 +173,21 @@ def recorded_io(params: Any, path: str) -> tuple[list[jax.Array], list[jax.Array
   return leaves(BLOCK_INPUT), leaves(BLOCK_OUTPUT)
 
 
-def with_block_input(params: Any, path: str, leaves: Sequence[jax.Array]) -> Any:
+def with_block_input(
+  params: Any, path: str, leaves: Sequence[jax.Array], units: jax.Array | None = None
+) -> Any:
   """``params`` with ``leaves`` put where ``block_io(path, feed=True)`` reads them (a copy along
-  the path; the other subtrees are shared)."""
-  return with_params_at(params, path, {f"{BLOCK_INPUT}_{i}": x for i, x in enumerate(leaves)})
+  the path; the other subtrees are shared).
+
+  Args:
+    params: the model's params.
+    path: the block's module path.
+    leaves: the input's leaves (stacked like the block's params inside a stack).
+    units: for a stacked block, a bool array shaped like the stack: the units fed ``leaves``
+      (the others run on their own input); None feeds every unit.
+  """
+  fed = {f"{BLOCK_INPUT}_{i}": x for i, x in enumerate(leaves)}
+  return with_params_at(params, path, fed if units is None else {**fed, BLOCK_UNIT: units})
 
 
 def _count(node: Mapping[str, Any], name: str) -> int:

@@ -14,17 +14,19 @@ A run keeps everything in its workdir:
 
 # The stages run in the order they register: fp, ptq, qat, efqat, export.
 # isort: off
-from efqat_jax.pipeline import fp, ptq, qat, qat_full, qat_efqat, export  # noqa: F401
+from efqat_jax.pipeline import fp, ptq, qat, qat_full, qat_efqat, qat_block_replacement, export  # noqa: F401
 
 # isort: on
 from efqat_jax.pipeline.context import Run
-from efqat_jax.pipeline.qat import QAT_VARIANTS, QatVariant
+from efqat_jax.pipeline.qat import QAT_LOSSES, QAT_VARIANTS, QatLoss, QatVariant
 from efqat_jax.pipeline.runner import plan, prepare, run_pipeline
 from efqat_jax.pipeline.schema import base_config, pipeline_schema, stage_list
 from efqat_jax.pipeline.stage import STAGES, ModelState, Stage
 
 __all__ = [
+  "QAT_LOSSES",
   "QAT_VARIANTS",
+  "QatLoss",
   "STAGES",
   "ModelState",
   "QatVariant",

@@ -17,8 +17,10 @@ from typing import Any
 import ml_collections
 
 from efqat_jax.errors import ConfigError, DataError
+from efqat_jax.fields import Field
 from efqat_jax.pipeline.context import RESULT_FIELDS, Run
 from efqat_jax.pipeline.outputs import write_json
+from efqat_jax.pipeline.schema import pipeline_schema
 from efqat_jax.pipeline.stage import STAGES
 
 VERSION = 2
@@ -80,6 +82,16 @@ def read(run: Run, stage: str) -> dict | None:
   return saved
 
 
+def _default(dotted: str) -> Any:
+  """The JSON value of the field's default, or ``"<unset>"`` for no such field."""
+  node: Any = pipeline_schema()
+  for name in dotted.split("."):
+    if not isinstance(node, Mapping) or name not in node:
+      return "<unset>"
+    node = node[name]
+  return json.loads(json.dumps(node.default)) if isinstance(node, Field) else "<unset>"
+
+
 def check(run: Run, needs: Mapping[str, tuple[str, ...]]) -> None:
   """Raises ConfigError naming each changed field and the stages it affects.
 
@@ -99,7 +111,9 @@ def check(run: Run, needs: Mapping[str, tuple[str, ...]]) -> None:
         stage
       )
     for field in sorted(set(saved["fields"]) | set(current["fields"])):
-      if saved["fields"].get(field, "<unset>") != current["fields"].get(field, "<unset>"):
+      # A field added to the config since, at its default, left the saved result as it was.
+      was = saved["fields"].get(field, _default(field))
+      if was != current["fields"].get(field, "<unset>"):
         changed.setdefault(field, []).append(stage)
   if changed:
     what = "; ".join(f"{field} (used by {', '.join(stages)})" for field, stages in changed.items())

@@ -21,6 +21,7 @@ from efqat_jax.fields import Field, boolean, integer, one_of, regex
 from efqat_jax.nn import QUANT_STATS, QuantRule, export_integer, quantize, quantized_layers
 from efqat_jax.nn.formats import Formats, bits_summary, layer_formats
 from efqat_jax.nn.intercept import quantizable_paths
+from efqat_jax.nn.layer_table import QuantizedLayer
 from efqat_jax.nn.ops import WEIGHT_ESTIMATORS
 from efqat_jax.pipeline.accumulators import accumulator_report
 from efqat_jax.pipeline.context import Run
@@ -126,11 +127,17 @@ def config_rules(run: Run, inputs) -> list[QuantRule]:
   return [*float_rules, high_rule] if len(high) == len(paths) else [high_rule, *rules]
 
 
-def config_formats(run: Run, inputs) -> Formats:
-  """The per-layer formats the config's rules give the model (traced abstractly)."""
+def config_layers(run: Run, inputs) -> dict[str, QuantizedLayer]:
+  """The quantized layers the config's rules give the model, in call order (traced
+  abstractly)."""
   qmodel = quantize(run.model, config_rules(run, inputs))
   variables = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), inputs, train=False))
-  return layer_formats(quantized_layers(qmodel, variables, inputs, train=False))
+  return quantized_layers(qmodel, variables, inputs, train=False)
+
+
+def config_formats(run: Run, inputs) -> Formats:
+  """The per-layer formats the config's rules give the model (traced abstractly)."""
+  return layer_formats(config_layers(run, inputs))
 
 
 def method_formats(run: Run, base: Formats) -> Formats:

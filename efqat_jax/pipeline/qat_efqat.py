@@ -39,7 +39,7 @@ EFQAT_FIELDS = {
 }
 
 
-def train_efqat(run, stage, qmodel, variables, cfg, constrain):
+def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
   settings = run.config.efqat
   every = settings.reselect_every or None
   layers = quantized_layers(qmodel, variables, run.sample_inputs, train=False)
@@ -69,7 +69,7 @@ def train_efqat(run, stage, qmodel, variables, cfg, constrain):
     wrap_tx=freeze_unselected,
     param_context=restrict_backward,
     wrap_step=reselecting,
-    constrain=constrain,
+    **step_options,
   )
   params = jax.device_get(state.params)
   last = trainable_from_state(jax.device_get(state.opt_state), params, layers)  # after a resume

@@ -6,8 +6,8 @@ from efqat_jax.pipeline.qat import QAT_VARIANTS, QatVariant
 from efqat_jax.pipeline.training import train
 
 
-def train_full(run, stage, qmodel, variables, cfg, constrain):
-  return train(run, stage, qmodel, variables, cfg, constrain=constrain), {}
+def train_full(run, stage, qmodel, variables, cfg, **step_options):
+  return train(run, stage, qmodel, variables, cfg, **step_options), {}
 
 
 FULL = QAT_VARIANTS.register("full", QatVariant(train_full, summary="train every param"))

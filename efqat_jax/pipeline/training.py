@@ -12,12 +12,14 @@ from efqat_jax.pipeline.context import Run
 from efqat_jax.train import (
   MetricWriter,
   TrainState,
+  classification_loss,
   create_train_state,
   make_optimizer,
   make_train_step,
   replicate,
   train_loop,
 )
+from efqat_jax.train.losses import LossFn
 
 
 def training_fields(**defaults: Any) -> dict[str, Field]:
@@ -49,7 +51,8 @@ def training_fields(**defaults: Any) -> dict[str, Field]:
 
 # A QAT variant may change the optimizer (``wrap_tx``), the loss's params (``param_context``)
 # and the step itself (``wrap_step(step_fn, writer) -> step_fn``); ``constrain`` (from the PTQ
-# result's formats, e.g. an accumulator projection) is applied to the params after every update.
+# result's formats, e.g. an accumulator projection) is applied to the params after every update;
+# ``loss_fn`` is what the step minimises (the stage's QAT loss; default: the task's).
 def train(
   run: Run,
   stage: str,
@@ -61,6 +64,7 @@ def train(
   param_context: Callable | None = None,
   wrap_step: Callable[[Callable, MetricWriter], Callable] | None = None,
   constrain: Callable | None = None,
+  loss_fn: LossFn = classification_loss,
 ) -> TrainState:
   """Trains ``model`` from ``variables`` for ``cfg.steps`` steps, resuming from the stage's
   checkpoints in ``<workdir>/<stage>``; stops with NonFiniteError on a non-finite loss."""
@@ -74,7 +78,9 @@ def train(
   )
   if wrap_tx is not None:
     tx = wrap_tx(tx)
-  step_fn = make_train_step(model, tx, run.mesh, param_context=param_context, constrain=constrain)
+  step_fn = make_train_step(
+    model, tx, run.mesh, loss_fn, param_context=param_context, constrain=constrain
+  )
   state = replicate(create_train_state(variables, tx), run.mesh)
   with run.checkpointer(stage) as ckpt, run.writer(stage) as writer:
     return train_loop(

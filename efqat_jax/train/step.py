@@ -8,6 +8,7 @@ update on 1 or 8 devices (up to float reduction order).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.tree_util import Partial
 
 from efqat_jax.train.losses import Apply, LossFn, classification_loss
 from efqat_jax.train.state import TrainState
@@ -60,15 +62,28 @@ def _make_apply(model: nn.Module, variables: dict, mutable: Sequence[str]) -> tu
 
   Each call sees the updates of the calls before it (a model applied twice in one loss, e.g.
   two towers, updates its batch statistics twice), and its updates are merged into the dict.
+  A call that passes ``mutable=`` itself (a list, or True for all) gets ``(out, collections)``
+  back as from ``model.apply``: those collections are the caller's, and only the updates of
+  the others are merged (``mutable=True`` keeps nothing). ``edit_params=fn`` runs the call
+  with ``fn(params)`` instead of the params (e.g. to feed a block's input in, ``nn.blocks``).
   """
   updates: dict = {}
 
   def apply(*args, **kwargs):
-    if not mutable:
-      return model.apply(variables, *args, **kwargs)
-    out, new = model.apply(merge_trees(variables, updates), *args, mutable=list(mutable), **kwargs)
-    updates.update(merge_trees(updates, new))
-    return out
+    asked, edit = kwargs.pop("mutable", None), kwargs.pop("edit_params", None)
+    current = merge_trees(variables, updates) if updates else variables
+    if edit is not None:
+      current = {**current, "params": edit(current["params"])}
+    if asked is None and not mutable:
+      return model.apply(current, *args, **kwargs)
+    if asked is True:
+      return model.apply(current, *args, mutable=True, **kwargs)
+    own = [c for c in mutable if c not in (asked or ())]
+    out, new = model.apply(current, *args, mutable=[*own, *(asked or ())], **kwargs)
+    updates.update(merge_trees(updates, {c: new[c] for c in own if c in new}))
+    if asked is None:
+      return out
+    return out, {c: new[c] for c in asked if c in new}
 
   return apply, updates
 
@@ -81,7 +96,7 @@ def make_train_step(
   *,
   param_context: ParamContext | None = None,
   constrain: Callable[[Any], Any] | None = None,
-) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+) -> TrainStep:
   """A jitted ``step(state, batch, rng, extra=None) -> (state, metrics)`` training ``model``
   with ``tx`` on the loss that ``loss_fn`` computes.
 
@@ -96,6 +111,8 @@ def make_train_step(
     tx: the optimizer.
     mesh: the data-parallel mesh (``make_mesh``); the state is replicated, the batch sharded.
     loss_fn: ``(apply, batch, rng, train) -> (loss, metrics)``; default ``classification_loss``.
+      A ``jax.tree_util.Partial`` keeps its bound arrays (e.g. a frozen teacher's weights) as
+      inputs of the compiled step, replicated over the mesh, not as constants baked into it.
     param_context: optional ``(params, extra) -> ContextManager[params]``, entered inside the
       differentiated function around ``loss_fn``; the params it yields are the ones the forward
       pass runs with. ``extra`` is the step's fourth argument (a pytree, e.g. EfQAT's
@@ -105,13 +122,13 @@ def make_train_step(
       projection onto a constraint set, e.g. ``efqat_jax.qat.project_params``).
 
   Returns:
-    The jitted step; its metrics are ``{"loss": loss, **metrics}``.
+    The compiled step (a ``TrainStep``); its metrics are ``{"loss": loss, **metrics}``.
 
   Raises:
     ValueError: (when called) if ``extra`` is given without a ``param_context``.
   """
 
-  def step(state: TrainState, batch: Batch, rng: jax.Array, extra: Any = None):
+  def step(state: TrainState, batch: Batch, rng: jax.Array, extra: Any, loss_fn: Partial):
     if extra is not None and param_context is None:
       raise ValueError(
         "step(state, batch, rng, extra) got an extra argument but make_train_step had no"
@@ -141,7 +158,25 @@ def make_train_step(
 
   # Inputs keep the shardings they were placed with (``replicate``, ``shard_batch``).
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)
+  jitted = jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)
+  bound = loss_fn if isinstance(loss_fn, Partial) else Partial(loss_fn)
+  return TrainStep(jitted, replicate(bound, mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """A compiled train step: ``step(state, batch, rng, extra=None) -> (state, metrics)``, and
+  ``step.lower`` with the same arguments (for reading its HLO; the executable that ``compile()``
+  gives takes ``step.loss_fn`` as a fifth argument)."""
+
+  jitted: Callable
+  loss_fn: Partial
+
+  def __call__(self, state: TrainState, batch: Batch, rng: jax.Array, extra: Any = None):
+    return self.jitted(state, batch, rng, extra, self.loss_fn)
+
+  def lower(self, state: TrainState, batch: Batch, rng: jax.Array, extra: Any = None):
+    return self.jitted.lower(state, batch, rng, extra, self.loss_fn)
 
 
 def make_eval_step(

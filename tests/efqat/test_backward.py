@@ -213,9 +213,9 @@ def test_reselection_retraces_only_when_counts_change(setup):
     trainable = select(state.params, LAYERS, "cwpl", 0.25)
     state = state.replace(opt_state=set_trainable(state.opt_state, state.params, trainable))
     state, _ = fresh(state, batch, jax.random.key(i), trainable)
-  assert fresh._cache_size() == 1
+  assert fresh.jitted._cache_size() == 1
   state, _ = fresh(state, batch, jax.random.key(9), select(state.params, LAYERS, "lwpn", 0.5))
-  assert fresh._cache_size() == 2
+  assert fresh.jitted._cache_size() == 2
 
 
 def test_frozen_layer_params_do_not_move_through_the_full_step(setup):

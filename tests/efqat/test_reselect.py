@@ -148,7 +148,9 @@ def test_reselecting_with_unchanged_counts_never_retraces_the_step():
   for i in range(4):
     state, _ = step(state, batch, jax.random.key(i))
   assert len(step.compiled_counts) == 1
-  assert step.step_fn._cache_size() == 1  # new masks keep the state's placement: no recompile
+  assert (
+    step.step_fn.jitted._cache_size() == 1
+  )  # new masks keep the state's placement: no recompile
   with pytest.raises(AssertionError, match="traced"):  # new counts: the same step retraces
     step.step_fn(state, batch, jax.random.key(9), select(state.params, LAYERS, "lwpn", 0.5))
 
@@ -178,7 +180,7 @@ def test_a_real_reselection_stops_newly_frozen_channels_and_trains_newly_selecte
   for i in range(4):
     state, _ = step(state, batch, jax.random.key(i))
     snapshots.append(jax.device_get(state))
-  assert step.step_fn._cache_size() == 1  # same counts: the new selection is data
+  assert step.step_fn.jitted._cache_size() == 1  # same counts: the new selection is data
   s0, s2, s4 = snapshots[0], snapshots[2], snapshots[4]
   mu = lambda s, unit: optax.tree_utils.tree_get(s.opt_state.inner, "mu")[unit]["kernel"]
   for unit in k:

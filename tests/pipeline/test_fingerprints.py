@@ -44,6 +44,20 @@ def test_fields_that_do_not_change_a_result_may_change(finished, workdir):
   assert pipeline.run_pipeline(changed, workdir) == results
 
 
+def test_a_field_added_since_counts_as_its_default(finished, workdir):
+  config, _, results = finished
+  for stage in ("qat", "efqat", "export"):  # as written before the field existed
+    path = workdir / "stage_configs" / f"{stage}.json"
+    saved = json.loads(path.read_text())
+    saved["fields"] = {k: v for k, v in saved["fields"].items() if not k.endswith(".loss")}
+    path.write_text(json.dumps(saved))
+  assert pipeline.run_pipeline(config, workdir) == results
+  changed = config.copy_and_resolve_references()
+  changed.qat.loss = "block_replacement"
+  with pytest.raises(ConfigError, match=r"qat\.loss \(used by qat\)"):
+    pipeline.run_pipeline(changed, workdir)
+
+
 def test_a_stage_output_without_its_fingerprint_is_an_error_not_a_pass(finished, workdir):
   config, _, _ = finished
   shutil.rmtree(workdir / "stage_configs")

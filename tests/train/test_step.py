@@ -55,7 +55,7 @@ def test_step_is_traced_once_across_steps():
   batch = shard_batch({"inputs": X, "labels": Y}, mesh)
   for i in range(3):
     state, _ = step(state, batch, jax.random.key(i))
-  assert step._cache_size() == 1
+  assert step.jitted._cache_size() == 1
 
 
 def test_padded_examples_do_not_count():
@@ -135,3 +135,35 @@ def test_eight_simulated_devices_match_one_device_and_reject_indivisible_batches
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "match" in result.stdout
+
+
+class Normed(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(3)(nn.BatchNorm(use_running_average=not train)(x))
+
+
+def test_a_loss_owns_the_collections_it_asks_for_and_may_run_with_edited_params():
+  model = Normed()
+  x = jax.random.normal(jax.random.key(0), (6, 4)) + 5.0
+  mesh, tx = make_mesh(), optax.sgd(0.0)
+  state = replicate(create_train_state(model.init(jax.random.key(1), x), tx), mesh)
+  seen = {}
+
+  def loss_fn(apply, batch, rng, train):
+    out, mine = apply(batch["inputs"], train=True, mutable=["params"])  # stats still kept
+    zeroed = lambda p: jax.tree.map(jnp.zeros_like, p)
+    _, everything = apply(batch["inputs"] * 3, train=True, mutable=True, edit_params=zeroed)
+    seen.update(params=set(mine), all=set(everything))
+    edited = apply(batch["inputs"], edit_params=zeroed)
+    return jnp.mean(out**2) + jnp.mean(edited**2), {"edited": jnp.abs(edited).max()}
+
+  step = make_train_step(model, tx, mesh, loss_fn)
+  new, metrics = step(state, {"inputs": x}, jax.random.key(2))
+  assert seen == {"params": {"params"}, "all": {"params", "batch_stats"}}
+  assert float(metrics["edited"]) == 0.0  # zero kernel and bias: zero output
+  # The running mean moved toward the first call's batch mean only (the second, 3x, is not kept).
+  expected = 0.01 * np.asarray(x).mean(0)  # momentum 0.99 from a zero mean
+  np.testing.assert_allclose(
+    new.collections["batch_stats"]["BatchNorm_0"]["mean"], expected, rtol=1e-5
+  )
