@@ -14,7 +14,6 @@ import pytest
 from efqat_jax import QuantRule, QuantSpec, quantize
 from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
 from efqat_jax.models import SmallCNN
-from efqat_jax.models.resnet import resnet8
 from efqat_jax.nn import quantized_layers
 from efqat_jax.qat.block_replacement import (
   Boundary,
@@ -91,8 +90,8 @@ def test_bad_boundaries_are_one_line_errors_naming_the_field(names, message):
 @pytest.mark.parametrize("reading", ["prefix", "swap"])
 @pytest.mark.parametrize(
   "model, x, names",
-  [(Stacked(), STACKED_X, "units,head"), (resnet8(num_classes=5), CNN_X, "BasicBlock_1,Dense_0")],
-  ids=["scan_remat", "resnet8"],
+  [(Stacked(), STACKED_X, "units,head"), (SmallCNN(features=(4, 8)), CNN_X, "Conv_1,Dense_0")],
+  ids=["scan_remat", "cnn"],
 )
 def test_branches_equal_the_full_precision_model_when_no_block_is_low_precision(
   model, x, names, reading
