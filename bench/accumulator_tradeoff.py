@@ -57,15 +57,7 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def setting_name(model, weight_bits, act_bits) -> str:
-  return f"{model}_w{weight_bits}a{act_bits}"
-
-
-SETTING_NAMES = [setting_name(*s) for s in SETTINGS]
-
-
-def row_setting(row: dict) -> str:
-  return setting_name(row["model"], row["weight_bits"], row["act_bits"])
+SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
 
 
 def base_config(setting, root: pathlib.Path, quick: bool):
@@ -122,7 +114,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
   widest = max(datatype_bound(k, QuantSpec.for_activations(act_bits), weight_bits) for k in ks)
   widths = [widest - 2 * i for i in range(3 if quick else WIDTHS)]
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
-  name = setting_name(*setting)
+  name = sweep.setting_name(*setting)
   reference = ptq_result(config, root / name / "rtn", fp)
   rows = [
     dict(
@@ -258,7 +250,7 @@ def plot(rows: list[dict], stem: str) -> None:
 
 def main():
   args = sweep.parse(__doc__, "accumulator_tradeoff", SETTING_NAMES, "ResNet-8 W4A4, 3 widths")
-  sweep.run(args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, row_setting, plot)
+  sweep.run(args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, sweep.row_setting, plot)
 
 
 if __name__ == "__main__":

@@ -42,15 +42,7 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def setting_name(model, weight_bits, act_bits) -> str:
-  return f"{model}_w{weight_bits}a{act_bits}"
-
-
-SETTING_NAMES = [setting_name(*s) for s in SETTINGS]
-
-
-def row_setting(row: dict) -> str:
-  return setting_name(row["model"], row["weight_bits"], row["act_bits"])
+SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
 
 
 def base_config(setting, root: pathlib.Path, quick: bool):
@@ -98,7 +90,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
     dict(base, bits_mode="uniform", method="fp", metric=metric_of(fp_result, metric_name),
          wall_s=fp_result["wall_time_s"])
   ]  # fmt: skip
-  here = root / setting_name(*setting)
+  here = root / sweep.setting_name(*setting)
   for bits_mode in BITS_MODES:
     mode_config = with_bits_mode(config, bits_mode)
     ptq = {}
@@ -127,7 +119,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
       dict(base, bits_mode=bits_mode, method="attention_round+efqat",
            metric=metric_of(efqat["efqat"], metric_name), wall_s=efqat["efqat"]["wall_time_s"])
     )  # fmt: skip
-    print(f"{setting_name(*setting)}: {bits_mode} done", flush=True)
+    print(f"{sweep.setting_name(*setting)}: {bits_mode} done", flush=True)
   return rows
 
 
@@ -142,7 +134,7 @@ def plot(rows: list[dict], stem: str) -> None:
 
   groups: dict[str, list[dict]] = {}
   for r in rows:
-    groups.setdefault(row_setting(r), []).append(r)
+    groups.setdefault(sweep.row_setting(r), []).append(r)
   fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
   for ax, (title, group) in zip(axes.flat, groups.items(), strict=True):
     for bits_mode, marker in zip(BITS_MODES, "osd", strict=True):
@@ -166,7 +158,7 @@ def plot(rows: list[dict], stem: str) -> None:
 
 def main():
   args = sweep.parse(__doc__, "attention_round", SETTING_NAMES, "ResNet-8 W4A8, short schedules")
-  sweep.run(args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, row_setting, plot)
+  sweep.run(args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, sweep.row_setting, plot)
 
 
 if __name__ == "__main__":

@@ -53,15 +53,7 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def setting_name(model, weight_bits, act_bits) -> str:
-  return f"{model}_w{weight_bits}a{act_bits}"
-
-
-SETTING_NAMES = [setting_name(*s) for s in SETTINGS]
-
-
-def row_setting(row: dict) -> str:
-  return setting_name(row["model"], row["weight_bits"], row["act_bits"])
+SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
 
 
 def base_config(setting, root: pathlib.Path, quick: bool):
@@ -130,7 +122,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
   metric_name = "bits_per_char" if config.task == "lm" else "accuracy"
   fp_run = pipeline.Run(config, root / model)
   fp = pipeline.STAGES.get("fp").run(fp_run, {})
-  here = root / setting_name(*setting)
+  here = root / sweep.setting_name(*setting)
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
   steps = config.qat.steps
   rows = []
@@ -142,7 +134,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
     rows.append(
       dict(base, method=method, budget=budget, steps=n, metric=metric_of(result, metric_name))
     )
-    print(f"{setting_name(*setting)}: {method} ({budget}) done", flush=True)
+    print(f"{sweep.setting_name(*setting)}: {method} ({budget}) done", flush=True)
 
   add("qat", "qat", False, "steps", steps)
   add("qat+br", "qat", True, "steps", steps)
@@ -188,7 +180,7 @@ def plot(rows: list[dict], stem: str) -> None:
 
 def main():
   args = sweep.parse(__doc__, "block_replacement", SETTING_NAMES, "ResNet-8 W2A2, short")
-  sweep.run(args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, row_setting, plot)
+  sweep.run(args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, sweep.row_setting, plot)
 
 
 if __name__ == "__main__":

@@ -67,15 +67,7 @@ COLUMNS = [
 ]
 
 
-def setting_name(model: str, weight_bits: int, act_bits: int) -> str:
-  return f"{model}_w{weight_bits}a{act_bits}"
-
-
-SETTING_NAMES = [setting_name(*s) for s in SETTINGS]
-
-
-def row_setting(row: dict) -> str:
-  return setting_name(row["model"], row["weight_bits"], row["act_bits"])
+SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
 
 
 def setting_config(setting: tuple[str, int, int], root: pathlib.Path, quick: bool):
@@ -115,7 +107,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
   configs = {(mode, rho): efqat_config(config, mode, rho) for mode in MODES for rho in rhos}
   for cfg in (config, *configs.values()):
     fields.validate(cfg, pipeline.pipeline_schema())
-  workdir = root / setting_name(*setting)
+  workdir = root / sweep.setting_name(*setting)
   run = pipeline.Run(config, workdir)
   fp = pipeline.STAGES.get("fp").run(run, {})
   ptq = pipeline.STAGES.get("ptq").run(run, {"fp": fp})
@@ -246,7 +238,7 @@ def plot(rows: list[dict], stem: str) -> None:
 def main():
   args = sweep.parse(__doc__, "efqat_accuracy", SETTING_NAMES, "CNN W4A4, 20 steps, rho 0.1 and 1")
   sweep.run(
-    args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, row_setting, plot, quick=args.quick
+    args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, sweep.row_setting, plot, quick=args.quick
   )
 
 

@@ -12,6 +12,16 @@ from typing import Any
 import timing
 
 
+def setting_name(model: str, weight_bits: int, act_bits: int) -> str:
+  """A setting's name, e.g. ``resnet20_mnist5k_w4a4``."""
+  return f"{model}_w{weight_bits}a{act_bits}"
+
+
+def row_setting(row: dict) -> str:
+  """The name of the setting a result row belongs to."""
+  return setting_name(row["model"], row["weight_bits"], row["act_bits"])
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepArgs:
   """What the command line asked for.
