@@ -97,17 +97,18 @@ def find_blocks(layer_paths: Sequence[str], pattern: str, field: str = "blocks")
       f" {modules}"
     )
   for outer in chosen:
-    inner = next((p for p in chosen if p != outer and _contains(outer, p)), None)
+    inner = next((p for p in chosen if p != outer and contains(outer, p)), None)
     if inner is not None:
       raise ValueError(f"{field} = {pattern!r} matches {inner!r} inside {outer!r}: blocks nest")
-  blocks = [Block(p, tuple(x for x in layer_paths if _contains(p, x))) for p in chosen]
+  blocks = [Block(p, tuple(x for x in layer_paths if contains(p, x))) for p in chosen]
   covered = {x for b in blocks for x in b.layers}
   blocks += [Block(path, (path,)) for path in layer_paths if path not in covered]
   order = {path: i for i, path in enumerate(layer_paths)}
   return sorted(blocks, key=lambda b: order[b.layers[0]])
 
 
-def _contains(outer: str, path: str) -> bool:
+def contains(outer: str, path: str) -> bool:
+  """Whether the module path ``path`` is ``outer`` or inside it."""
   return path == outer or path.startswith(outer + "/")
 
 

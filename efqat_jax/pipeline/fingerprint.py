@@ -82,9 +82,9 @@ def read(run: Run, stage: str) -> dict | None:
   return saved
 
 
-def _default(dotted: str) -> Any:
-  """The JSON value of the field's default, or ``"<unset>"`` for no such field."""
-  node: Any = pipeline_schema()
+def _default(schema: Mapping[str, Any], dotted: str) -> Any:
+  """The JSON value of the field's default in ``schema``, or ``"<unset>"`` for no such field."""
+  node: Any = schema
   for name in dotted.split("."):
     if not isinstance(node, Mapping) or name not in node:
       return "<unset>"
@@ -99,6 +99,7 @@ def check(run: Run, needs: Mapping[str, tuple[str, ...]]) -> None:
   with the inputs its fingerprint recorded.
   """
   changed: dict[str, list[str]] = {}
+  schema = pipeline_schema()
   for stage in STAGES:
     saved = read(run, stage)
     if saved is None:
@@ -112,7 +113,7 @@ def check(run: Run, needs: Mapping[str, tuple[str, ...]]) -> None:
       )
     for field in sorted(set(saved["fields"]) | set(current["fields"])):
       # A field added to the config since, at its default, left the saved result as it was.
-      was = saved["fields"].get(field, _default(field))
+      was = saved["fields"][field] if field in saved["fields"] else _default(schema, field)
       if was != current["fields"].get(field, "<unset>"):
         changed.setdefault(field, []).append(stage)
   if changed:

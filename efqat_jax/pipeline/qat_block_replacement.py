@@ -47,14 +47,8 @@ def replacement(layers, settings) -> Replacement:
     boundaries = find_boundaries(layers, settings.boundaries, FIELD)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  return Replacement(
-    boundaries,
-    reading=settings.reading,
-    distill_weight=settings.distill_weight,
-    branch_weight=settings.branch_weight,
-    temperature=settings.temperature,
-    branch_reduction=settings.branch_reduction,
-  )
+  rest = {name: settings[name] for name in BLOCK_REPLACEMENT_FIELDS if name != "boundaries"}
+  return Replacement(boundaries, **rest)
 
 
 def check_boundaries(run, settings) -> None:

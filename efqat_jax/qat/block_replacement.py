@@ -43,7 +43,14 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from efqat_jax.nn.blocks import AUTO, block_io, module_paths, recorded_io, with_block_input
+from efqat_jax.nn.blocks import (
+  AUTO,
+  block_io,
+  contains,
+  module_paths,
+  recorded_io,
+  with_block_input,
+)
 from efqat_jax.nn.layer_table import QuantizedLayer
 from efqat_jax.train.losses import Apply, accuracy, cross_entropy, masked_mean
 
@@ -138,7 +145,7 @@ def find_boundaries(
   """
   paths = list(layers)
   modules = module_paths(paths)
-  first_layer = {m: next(i for i, p in enumerate(paths) if _contains(m, p)) for m in modules}
+  first_layer = {m: next(i for i, p in enumerate(paths) if contains(m, p)) for m in modules}
   if names == AUTO:
     chosen = [m for m in modules if "/" not in m][1:]
   else:
@@ -169,12 +176,8 @@ def find_boundaries(
   return tuple(boundaries)
 
 
-def _contains(outer: str, path: str) -> bool:
-  return path == outer or path.startswith(outer + "/")
-
-
 def _units(name: str, layers, names: str, field: str) -> list[Boundary]:
-  shapes = {layer.stack_shape for path, layer in layers.items() if _contains(name, path)}
+  shapes = {layer.stack_shape for path, layer in layers.items() if contains(name, path)}
   if len(shapes) > 1:
     raise ValueError(
       f"{field} = {names!r}: {name!r} holds layers of different stacks {sorted(shapes)}; name a"
