@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import sweep
 import timing
 from reference_results import load_config
@@ -101,19 +100,9 @@ def step_times(config, workdir: pathlib.Path, fp) -> dict[str, float]:
       context = restrict_backward if efqat else None
       step = make_train_step(qmodel, inner, run.mesh, loss_fn, param_context=context)
       key = name.replace("qat", "efqat") if efqat else name
-      calls[key] = _timed_call(step, replicate(state, run.mesh), batch, extra)
+      calls[key] = timing.train_step_call(step, replicate(state, run.mesh), batch, extra)
   times = timing.interleaved_ms(calls, rounds=ROUNDS)
   return {name: timing.median(ms) for name, ms in times.items()}
-
-
-def _timed_call(step, state, batch, extra):
-  holder = [state]
-
-  def call():
-    holder[0], metrics = step(holder[0], batch, jax.random.key(0), extra)
-    jax.block_until_ready(metrics)
-
-  return call
 
 
 def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:

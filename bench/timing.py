@@ -44,6 +44,17 @@ def use_jemalloc() -> None:
   os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def train_step_call(step, state, batch, extra=None) -> Callable[[], None]:
+  """A call of a compiled train step that carries its state on and blocks until it is done."""
+  holder = [state]
+
+  def call():
+    holder[0], metrics = step(holder[0], batch, jax.random.key(0), extra)
+    jax.block_until_ready(metrics)
+
+  return call
+
+
 def interleaved_ms(
   steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 3
 ) -> dict[str, list[float]]:
