@@ -1,7 +1,20 @@
 """Shared test settings."""
 
+import atexit
+import shutil
+import tempfile
+
 import hypothesis
+import jax
 import pytest
+
+# Pipeline runs build new but identical programs (train steps, evaluations) in test after test:
+# a compilation cache private to this process compiles each once. Set before anything compiles.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="efqat_jax_test_cache_")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # jit compilation makes first examples slow: no per-example deadline; few examples keep CI short.
 hypothesis.settings.register_profile("efqat", deadline=None, max_examples=40, derandomize=True)
