@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import pathlib
 
+import jax
 import sweep
 import timing
 from reference_results import load_config
@@ -82,7 +83,7 @@ def qat_step_seconds(config, workdir: pathlib.Path, fp) -> float:
   tx, _ = make_optimizer(config.qat.optimizer, learning_rate=1e-4, steps=10**6)
   step = make_train_step(qmodel, tx, run.mesh, classification_loss)
   state = replicate(create_train_state(ptq.variables, tx), run.mesh)
-  call = timing.train_step_call(step, state, next(run.train_batches(0)))
+  call = timing.stepping_call(step, state, next(run.train_batches(0)), jax.random.key(0), None)
   return timing.median(timing.interleaved_ms({"qat": call}, rounds=ROUNDS)["qat"]) / 1e3
 
 

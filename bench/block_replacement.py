@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 import sweep
 import timing
 from reference_results import load_config
@@ -100,7 +101,9 @@ def step_times(config, workdir: pathlib.Path, fp) -> dict[str, float]:
       context = restrict_backward if efqat else None
       step = make_train_step(qmodel, inner, run.mesh, loss_fn, param_context=context)
       key = name.replace("qat", "efqat") if efqat else name
-      calls[key] = timing.train_step_call(step, replicate(state, run.mesh), batch, extra)
+      calls[key] = timing.stepping_call(
+        step, replicate(state, run.mesh), batch, jax.random.key(0), extra
+      )
   times = timing.interleaved_ms(calls, rounds=ROUNDS)
   return {name: timing.median(ms) for name, ms in times.items()}
 

@@ -123,17 +123,6 @@ def _compiled(name: str, jitted, *args):
   return compiled
 
 
-def _runner(step, state, *args) -> Callable[[], None]:
-  """A closure that runs the donating ``step`` once on its own state, blocking."""
-  box = [state]
-
-  def run():
-    box[0], metrics = step(box[0], *args)
-    jax.block_until_ready(metrics)
-
-  return run
-
-
 def _variants(rhos) -> list[tuple[str, float]]:
   """(mode, rho) of every timed step: QAT, each mode at each rho, CWPL at rho 1 (everything
   selected, through the EfQAT path) and PTQ (no kernel trains: the floor of the backward pass
@@ -180,7 +169,7 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
       state, trainable = _efqat_state(base, layers, mode, rho, bucket, mesh)
       args = (batch, rng, trainable)
     step = _compiled(f"{mode} {rho:.2f}", jitted, state, *args)
-    runs[mode, rho] = _runner(step, state, *args)
+    runs[mode, rho] = timing.stepping_call(step, state, *args)
     fractions[mode, rho] = trainable.summary()
 
   times = {k: timing.median(v) for k, v in timing.interleaved_ms(runs, rounds).items()}

@@ -44,12 +44,13 @@ def use_jemalloc() -> None:
   os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
-def train_step_call(step, state, batch, extra=None) -> Callable[[], None]:
-  """A call of a compiled train step that carries its state on and blocks until it is done."""
+def stepping_call(step, state, *args) -> Callable[[], None]:
+  """A call of ``step(state, *args) -> (state, metrics)`` that carries its state on from call to
+  call (so a donating step is fed live buffers) and blocks until the metrics are ready."""
   holder = [state]
 
   def call():
-    holder[0], metrics = step(holder[0], batch, jax.random.key(0), extra)
+    holder[0], metrics = step(holder[0], *args)
     jax.block_until_ready(metrics)
 
   return call
