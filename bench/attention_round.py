@@ -153,15 +153,12 @@ def plot(rows: list[dict], stem: str) -> None:
     print("no plot: matplotlib is missing (pip install -e '.[bench]')")
     return
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
   groups: dict[str, list[dict]] = {}
   for r in rows:
     groups.setdefault(sweep.row_setting(r), []).append(r)
-  columns = min(4, len(groups))  # a model's four settings on one row
-  grid_rows = math.ceil(len(groups) / columns)
-  fig, axes = plt.subplots(grid_rows, columns, figsize=(5 * columns, 4 * grid_rows), squeeze=False)
-  for ax, (title, group) in zip(axes.flat, groups.items(), strict=False):
+  fig, axes = sweep.panel_grid(len(groups), max_columns=4)  # a model's four settings to a row
+  for ax, (title, group) in zip(axes, groups.items(), strict=True):
     for bits_mode, marker in zip(BITS_MODES, "osd", strict=True):
       points = [r for r in group if r["bits_mode"] == bits_mode and r["method"] != "fp"]
       ax.scatter(
@@ -177,9 +174,7 @@ def plot(rows: list[dict], stem: str) -> None:
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel(group[0]["metric_name"])
     ax.grid(alpha=0.3)
-  for ax in axes.flat[len(groups) :]:
-    ax.axis("off")
-  axes.flat[0].legend(fontsize=6)
+  axes[0].legend(fontsize=6)
   sweep.save_figure(fig, stem)
 
 

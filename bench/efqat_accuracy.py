@@ -217,21 +217,16 @@ def plot(rows: list[dict], stem: str) -> None:
     print("no plots: matplotlib is missing (pip install -e '.[bench]')")
     return
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
   groups = by_setting(rows)
-  cols = min(3, len(groups))
-  nrows = -(-len(groups) // cols)
   for kind, draw in (("rho", draw_vs_rho), ("time", draw_vs_time)):
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
-    for ax, (title, group) in zip(axes.flat, groups.items(), strict=False):
+    fig, axes = sweep.panel_grid(len(groups), max_columns=3)
+    for ax, (title, group) in zip(axes, groups.items(), strict=True):
       draw(ax, group)
       ax.set_title(title)
       ax.set_ylabel(ylabel(group))
       ax.grid(alpha=0.3)
-    for ax in axes.flat[len(groups) :]:
-      ax.set_visible(False)
-    axes.flat[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     sweep.save_figure(fig, f"{stem}_vs_{kind}")
 
 

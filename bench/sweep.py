@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +97,19 @@ def run(
   rows = merged(rows, args.path, setting_of, setting_names)
   print(f"wrote {timing.write_rows(args.stem, rows)}")
   plot(rows, args.stem)
+
+
+def panel_grid(count: int, max_columns: int):
+  """A figure of ``count`` panels of 5 x 4 inches, ``max_columns`` to a row; returns it and the
+  ``count`` axes in reading order (spare cells of the last row hidden)."""
+  import matplotlib.pyplot as plt
+
+  columns = min(max_columns, count)
+  rows = math.ceil(count / columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+  for ax in axes.flat[count:]:
+    ax.set_visible(False)
+  return fig, list(axes.flat[:count])
 
 
 def save_figure(fig, name: str) -> None:
