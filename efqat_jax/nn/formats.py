@@ -22,8 +22,12 @@ from efqat_jax.nn.layer_table import QuantizedLayer
 from efqat_jax.quant.accumulator import AccumulatorSpec
 from efqat_jax.quant.spec import QuantSpec
 
-# {layer path: {"weight": spec fields, "input": spec fields or None[, "accumulator": {bits, tile}]}}
+# {layer path: {"weight": spec fields, "input": spec fields or None
+#               [, "accumulator": {bits, tile, order}]}}
 Formats = dict[str, dict[str, dict[str, Any] | None]]
+# Formats saved before the accumulation order was recorded were made with the tiles taken in
+# (input channel, kernel window) order.
+LEGACY_ORDER = "chw"
 
 
 def spec_to_json(spec: QuantSpec | None) -> dict[str, Any] | None:
@@ -63,7 +67,7 @@ def with_accumulator(formats: Formats, accumulator: AccumulatorSpec) -> Formats:
 def accumulator_of(formats: Formats, path: str) -> AccumulatorSpec | None:
   """The accumulator the layer at ``path`` must not overflow, or None (unconstrained)."""
   entry = formats[path].get("accumulator")
-  return None if entry is None else AccumulatorSpec(**entry)
+  return None if entry is None else AccumulatorSpec(**{"order": LEGACY_ORDER, **entry})
 
 
 def rules_from_formats(formats: Formats) -> list[QuantRule]:
@@ -88,7 +92,7 @@ def bits_summary(formats: Formats) -> str:
   summary = ", ".join(f"{k} x {n}" for k, n in counts.items())
   accumulators = {json.dumps(s["accumulator"]) for s in formats.values() if s.get("accumulator")}
   for entry in sorted(accumulators):
-    spec = AccumulatorSpec(**json.loads(entry))
-    tile = "" if spec.tile is None else f", tiles of {spec.tile}"
+    spec = AccumulatorSpec(**{"order": LEGACY_ORDER, **json.loads(entry)})
+    tile = "" if spec.tile is None else f", tiles of {spec.tile} in {spec.order} order"
     summary += f"; {spec.bits}-bit accumulators{tile}"
   return summary

@@ -23,11 +23,11 @@ UNCONSTRAINED = AccumulatorSpec(bits=64)  # wide enough for any layer: only the 
 
 def accumulator_report(layers: Mapping[str, IntegerLayer], formats: Formats) -> dict[str, Any]:
   """``{"accumulator_needed_bits", "accumulator_datatype_bound", "overflow_free",
-  "accumulator_layers": {unit: {"datatype_bound", "needed_bits"[, "fits"]}}}`` of an exported
-  model (``efqat_jax.nn.export_integer``).
+  "accumulator_layers": {unit: {"datatype_bound", "needed_bits"[, "fits", "tile", "order"]}}}``
+  of an exported model (``efqat_jax.nn.export_integer``).
 
   ``overflow_free`` is None when no layer has an accumulator constraint, else whether every
-  constrained layer fits it (per tile).
+  constrained layer fits it (per tile of its inputs in its accumulation order).
   """
   units, constrained = {}, []
   for unit, layer in layers.items():
@@ -37,7 +37,7 @@ def accumulator_report(layers: Mapping[str, IntegerLayer], formats: Formats) -> 
     report = check_accumulator(layer, spec or UNCONSTRAINED)
     units[unit] = {"datatype_bound": report.datatype_bound, "needed_bits": report.needed_bits}
     if spec is not None:
-      units[unit]["fits"] = report.fits
+      units[unit] |= {"fits": report.fits, "tile": report.tile, "order": report.order}
       constrained.append(report.fits)
   return {
     "accumulator_needed_bits": max((u["needed_bits"] for u in units.values()), default=0),

@@ -1,9 +1,14 @@
 """Stage ``export``: integer weights, scales, zero points and bit widths of the final quantized
 model (``export/layers.npz``, written atomically), checked against the fake-quantized model and,
-for a model with accumulator constraints (AXE), proven overflow-free before anything is written."""
+for a model with accumulator constraints (AXE), proven overflow-free before anything is written.
+
+The file records, per layer, what the proof assumed (accumulator bits, tile, accumulation order,
+integer input range: ``efqat_jax.quant.integer_layer_arrays``), and is re-checked from its bytes
+alone by ``efqat_jax.quant.check_export_accumulators`` before it is written."""
 
 from __future__ import annotations
 
+import io
 import time
 
 import jax
@@ -12,11 +17,12 @@ import jax.numpy as jnp
 from efqat_jax.errors import DataError, NonFiniteError
 from efqat_jax.fields import Field, one_of
 from efqat_jax.nn import export_integer, integer_apply
+from efqat_jax.nn.formats import accumulator_of
 from efqat_jax.pipeline.accumulators import accumulator_report, overflowing
 from efqat_jax.pipeline.context import Run
 from efqat_jax.pipeline.outputs import npz_bytes, sha256, write_atomic
 from efqat_jax.pipeline.stage import STAGES, ModelState, Stage
-from efqat_jax.quant import integer_layer_arrays
+from efqat_jax.quant import check_export_accumulators, integer_layer_arrays
 from efqat_jax.trees import all_finite
 
 SOURCES = ("ptq", "qat", "efqat")
@@ -70,12 +76,15 @@ def run_export(run: Run, inputs: dict[str, ModelState]) -> None:
       f"export: {', '.join(broken)} can overflow the accumulator its PTQ result promised"
       " (a bug: please report it)"
     )
-  arrays = {
-    f"{unit}/{field}": value
-    for unit, layer in layers.items()
-    for field, value in integer_layer_arrays(layer).items()
-  }
-  data = npz_bytes(arrays)
+  data = npz_bytes(export_arrays(layers, model_state.formats))
+  promised = {u for u, r in widths["accumulator_layers"].items() if "fits" in r}
+  rechecked = check_export_accumulators(io.BytesIO(data))
+  failed = sorted(promised ^ {u for u, check in rechecked.items() if check.fits})
+  if failed:
+    raise RuntimeError(
+      f"export: the file's record of {', '.join(failed)} does not re-check as promised"
+      " (a bug: please report it)"
+    )
   fake = jax.jit(lambda v, x: qmodel.apply(v, x, train=False))(variables, sample)
   integer, accumulators = jax.jit(lambda v, x: integer_apply(qmodel, v, x, train=False))(
     variables, sample
@@ -94,6 +103,18 @@ def run_export(run: Run, inputs: dict[str, ModelState]) -> None:
       "wall_time_s": time.perf_counter() - start,
     },
   )
+
+
+def export_arrays(layers, formats) -> dict:
+  """``{"<unit>/<field>": array}`` of every exported unit, with the accumulator its PTQ result
+  promised (``formats``), for ``layers.npz``."""
+  return {
+    f"{unit}/{field}": value
+    for unit, layer in layers.items()
+    for field, value in integer_layer_arrays(
+      layer, accumulator_of(formats, unit.partition("[")[0]) if layer.accumulates else None
+    ).items()
+  }
 
 
 EXPORT = STAGES.register(

@@ -2,7 +2,9 @@
 registered PTQ method ``config.ptq.method``.
 
 Its checkpoint stores the calibrated, quantized variables and, with them, the per-layer formats;
-the stages after it rebuild the quantized model from those formats.
+the stages after it rebuild the quantized model from those formats. Its result reports the share
+of zero weights per layer; a layer whose weights are all zero stops the stage before its
+checkpoint is written, unless ``config.ptq.allow_zeroed_layers``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from efqat_jax.pipeline.mixed_bits import (
   print_bits,
 )
 from efqat_jax.pipeline.stage import STAGES, ModelState, Stage
+from efqat_jax.pipeline.zero_weights import (
+  check_zeroed_layers,
+  zero_weight_shares,
+  zero_weights_line,
+  zeroed_layers,
+)
 from efqat_jax.ptq import calibrate
 from efqat_jax.ptq.methods import PTQ_METHODS, quantize_weights
 from efqat_jax.ptq.mixed_precision import with_weight_bits
@@ -66,6 +74,12 @@ def ptq_schema() -> dict:
     "calibration_batches": Field(8, "training batches the ranges are calibrated on", integer(1)),
     "method": Field(
       "rtn", f"PTQ method: one of {list(PTQ_METHODS.names())}", one_of(*PTQ_METHODS.names())
+    ),
+    "allow_zeroed_layers": Field(
+      False,
+      "True: keep a result in which a layer's weights are all zero (e.g. an accumulator too"
+      " narrow for it); False: stop with an error naming the layers",
+      boolean(),
     ),
   }
   return schema | {name: m.fields for name, m in PTQ_METHODS.items() if m.fields}
@@ -219,14 +233,20 @@ def quantize_model(run: Run, fp: ModelState) -> ModelState:
   bar.close()
   if not all_finite(params):
     raise NonFiniteError(f"ptq: {cfg.method} gave non-finite weights")
-  return ModelState(jax.device_get({**variables, "params": params}), formats)
+  quantized = {**variables, "params": params}
+  exported = export_integer(qmodel, quantized, run.sample_inputs, train=False)
+  check_zeroed_layers(cfg, zero_weight_shares(exported))
+  return ModelState(jax.device_get(quantized), formats)
 
 
 def run_ptq(run: Run, inputs: dict[str, ModelState]) -> ModelState:
   start = time.perf_counter()
+  # A first run quantizes before its checkpoint directory exists: an error leaves nothing.
+  out = None if (run.workdir / "ptq").exists() else quantize_model(run, inputs["fp"])
   with run.checkpointer("ptq") as ckpt:
     if ckpt.latest_step() is None:
-      out = quantize_model(run, inputs["fp"])
+      if out is None:
+        out = quantize_model(run, inputs["fp"])
       ckpt.save(0, out.variables, metadata={"formats": out.formats}, wait=True)
     else:
       variables, metadata = ckpt.restore_latest_with_metadata(None)
@@ -236,6 +256,9 @@ def run_ptq(run: Run, inputs: dict[str, ModelState]) -> ModelState:
     state = replicate(create_train_state(out.variables, optax.identity()), run.mesh)
     result = run.evaluate(qmodel, state, "ptq")
     exported = export_integer(qmodel, out.variables, run.sample_inputs, train=False)
+    shares = zero_weight_shares(exported)
+    check_zeroed_layers(run.config.ptq, shares)
+    print(zero_weights_line(run.config.ptq.method, shares), flush=True)
     widths = accumulator_report(exported, out.formats)
     if run.config.quant.mixed_precision:
       layers = quantized_layers(qmodel, out.variables, run.sample_inputs, train=False)
@@ -248,6 +271,8 @@ def run_ptq(run: Run, inputs: dict[str, ModelState]) -> ModelState:
         "wall_time_s": time.perf_counter() - start,
         "method": run.config.ptq.method,
         "formats": bits_summary(out.formats),
+        "zero_weight_share": shares,
+        "zeroed_layers": zeroed_layers(shares),
         **widths,
       },
     )

@@ -11,7 +11,14 @@ Two constraints act on every column's argument before it is rounded, per output 
   ``nu p + mu n <= A`` and ``mu p + nu n >= -A``.
 The hard bounds are integer floor divisions of the remaining budget, so the guarantee is exact.
 Inputs are the layer's integer inputs; asymmetric inputs count as unsigned (their zero-point
-correction is a separate term, see ``efqat_jax.quant.integer``).
+correction is a separate term, see ``efqat_jax.quant.integer``). Columns are in accumulation
+order (``efqat_jax.quant.rows.summation_axes``): tile ``t`` is columns ``t*T .. t*T + T - 1``.
+
+Dead inputs (never non-zero in calibration: ``H[t, t] = 0``) get zero weights, so they use no
+accumulator budget; the soft threshold is computed with their weights at zero, like the padding
+of a short last tile. (Brevitas's reference, ``src/brevitas_examples/common/axe.py``, computes
+its thresholds before it zeroes dead columns, so the float weight of a dead input, which ends at
+zero, still moves the threshold of the live weights in its tile, usually up; here it does not.)
 """
 
 from __future__ import annotations
@@ -84,21 +91,26 @@ def accumulator_rounder(
   qmax: int,
   input_spec: QuantSpec,
   accumulator: AccumulatorSpec,
+  dead: jax.Array | None = None,
 ) -> ColumnRounder:
   """The AXE rounder for one weight matrix.
 
   Args:
-    weight: ``[OC, K]`` float weights in their own column order (for the soft threshold).
+    weight: ``[OC, K]`` float weights in accumulation order (for the soft threshold).
     scales: ``[OC, groups]`` weight scales; column ``j`` uses ``scales[:, j // group_size]``.
     group_size: columns per scale group (``K`` for one scale per row).
     qmin, qmax: the weight grid.
     input_spec: the integer inputs' format (their range ``[mu, nu]``).
     accumulator: ``P`` (3..32) and the inputs per tile (None: one accumulator over all ``K``).
+    dead: ``[K]`` bool, the inputs that never fire (their weights count as zero in the soft
+      threshold); None: none.
   """
   tile = accumulator.tile_size(weight.shape[1])
   mu, nu = input_range(input_spec)
   limit = accumulator.limit
   radius = zero_centred_l1_limit(accumulator.bits, input_spec)
+  if dead is not None:
+    weight = jnp.where(dead[None, :], 0.0, weight)
   # Tile-major layouts, so that one column's tile is a contiguous row.
   thresholds = soft_thresholds(weight, scales, group_size, tile, radius).T
   by_group = scales.T

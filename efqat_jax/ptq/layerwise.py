@@ -1,10 +1,11 @@
 """The layer-wise PTQ methods ``optq``, ``gpfq``, ``axe_optq`` and ``axe_gpfq``, registered.
 
-Each takes one layer's kernel as rows (``efqat_jax.quant.rows``: one row per output channel, the
-inputs in accumulation order), one matrix per group of a grouped convolution, and the
-statistics captured for that layer (``efqat_jax.ptq.capture``): ``h`` (and ``g`` for GPFQ), of
-shape ``[groups, K, K]``. The AXE variants round with the accumulator constraint
-(``efqat_jax.ptq.axe``) for the layer's integer inputs; a layer with float inputs has no integer
+Each takes one layer's kernel as rows (``efqat_jax.quant.rows``: one row per output channel), one
+matrix per group of a grouped convolution, and the statistics captured for that layer
+(``efqat_jax.ptq.capture``): ``h`` (and ``g`` for GPFQ), of shape ``[groups, K, K]``. The AXE
+variants round with the accumulator constraint (``efqat_jax.ptq.axe``) for the layer's integer
+inputs, with the columns (and the statistics) in the block's ``accumulation_order``, so that each
+tile is the run of inputs one accumulator sums; a layer with float inputs has no integer
 accumulator and gets its base algorithm.
 """
 
@@ -16,19 +17,27 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from efqat_jax.errors import ConfigError
-from efqat_jax.fields import Check, Field, boolean, integer, number
+from efqat_jax.fields import Check, Field, boolean, integer, number, one_of
 from efqat_jax.nn.formats import Formats, spec_from_json, with_accumulator
 from efqat_jax.nn.layer_table import QuantizedLayer
 from efqat_jax.ptq.axe import accumulator_rounder
 from efqat_jax.ptq.columns import ColumnRounder, grid_rounder
 from efqat_jax.ptq.gpfq import gpfq
 from efqat_jax.ptq.methods import PTQ_METHODS, PtqMethod
-from efqat_jax.ptq.optq import optq
-from efqat_jax.quant.accumulator import AccumulatorSpec, input_range
+from efqat_jax.ptq.optq import dead_inputs, optq
+from efqat_jax.quant.accumulator import ACCUMULATION_ORDERS, AccumulatorSpec, input_range
 from efqat_jax.quant.fake_quant import fake_quant
-from efqat_jax.quant.rows import from_rows, kernel_axes, scale_rows, to_rows
+from efqat_jax.quant.rows import (
+  column_permutation,
+  from_rows,
+  kernel_axes,
+  scale_rows,
+  summation_axes,
+  to_rows,
+)
 
 COLUMN_FIELDS = {
   "act_order": Field(True, "round inputs by captured energy diag(H), largest first", boolean()),
@@ -51,6 +60,13 @@ ACCUMULATOR_FIELDS = {
     "inputs per accumulator tile (multi-stage accumulation); 0: one accumulator per channel",
     Check("0, or an integer >= 3", lambda v: integer(0).ok(v) and v != 1 and v != 2),
   ),
+  "accumulation_order": Field(
+    "hwc",
+    "order a convolution's inputs are summed in, which decides its tiles: hwc = (kernel row,"
+    " kernel column, input channel), as NHWC im2col and Flax's HWIO kernels; chw = (input"
+    " channel, kernel row, kernel column), as NCHW / PyTorch (recorded in the export)",
+    one_of(*ACCUMULATION_ORDERS),
+  ),
 }
 
 
@@ -66,18 +82,31 @@ def conv_groups(layer: QuantizedLayer) -> int:
 def settings_accumulator(settings: Any) -> AccumulatorSpec | None:
   """The accumulator an AXE method's block asks for (None for a block without one)."""
   bits = getattr(settings, "accumulator_bits", None)
-  return None if bits is None else AccumulatorSpec(bits, settings.accumulator_tile or None)
+  if bits is None:
+    return None
+  return AccumulatorSpec(bits, settings.accumulator_tile or None, settings.accumulation_order)
+
+
+def layer_accumulator(layer: QuantizedLayer, settings: Any) -> AccumulatorSpec | None:
+  """The accumulator the layer's weights must fit: the block's, for a layer with integer
+  inputs (a layer with float inputs has no integer accumulator)."""
+  return None if layer.input_spec is None else settings_accumulator(settings)
 
 
 def layer_rounder(
-  weight: jax.Array, scales: jax.Array, layer: QuantizedLayer, settings: Any
+  weight: jax.Array,
+  scales: jax.Array,
+  layer: QuantizedLayer,
+  settings: Any,
+  dead: jax.Array | None = None,
 ) -> ColumnRounder:
   """Round to nearest on the layer's grid, under the accumulator constraint when ``settings``
-  has one and the layer's inputs are integers."""
+  has one and the layer's inputs are integers (``weight``'s columns in its accumulation order;
+  ``dead``: the inputs that never fire)."""
   spec = layer.weight_spec
   group_size = spec.group_size if spec.granularity == "group" else weight.shape[1]
-  accumulator = settings_accumulator(settings)
-  if accumulator is None or layer.input_spec is None:
+  accumulator = layer_accumulator(layer, settings)
+  if accumulator is None:
     return grid_rounder(scales, group_size, spec.qmin, spec.qmax)
   if spec.granularity == "group" and accumulator.tile != spec.group_size:
     raise ConfigError(
@@ -85,26 +114,35 @@ def layer_rounder(
       f" {spec.group_size} inputs ({layer.path}): the tile must equal the group size"
     )
   return accumulator_rounder(
-    weight, scales, group_size, spec.qmin, spec.qmax, layer.input_spec, accumulator,
-  )  # fmt: skip
+    weight, scales, group_size, spec.qmin, spec.qmax, layer.input_spec, accumulator, dead
+  )
 
 
 def by_rows(algorithm: Callable) -> Callable:
   """A ``PtqMethod.quantize_weight`` from ``algorithm(rows, stats, rounder, settings)``
-  on one weight matrix; embedding lookups (no inputs to capture) round to nearest."""
+  on one weight matrix; embedding lookups (no inputs to capture) round to nearest.
+
+  The rows' columns are the layer's inputs in its accumulator's order (``summation_axes``);
+  the statistics, captured in the op's own order (``kernel_axes``), are permuted to match.
+  """
 
   @functools.wraps(algorithm)
   def quantize_weight(weight, scale, layer, statistics, settings):
     op = dict(layer.op)
     if op["op"] == "take":
       return fake_quant(weight, scale, spec=layer.weight_spec)
-    out_axes, in_axes = kernel_axes(op["op"], op["dimension_numbers"], weight.ndim)
+    out_axes, captured = kernel_axes(op["op"], op["dimension_numbers"], weight.ndim)
+    in_axes = captured
+    accumulator = layer_accumulator(layer, settings)
+    if accumulator is not None:
+      _, in_axes = summation_axes(op["op"], op["dimension_numbers"], weight.ndim, accumulator.order)
+    statistics = permuted(statistics, column_permutation(weight.shape, captured, in_axes))
     rows = to_rows(weight.astype(jnp.float32), out_axes, in_axes)
     scales = scale_rows(scale, layer.weight_spec, weight.shape, out_axes, in_axes)
     groups = conv_groups(layer)
 
     def one_group(rows, scales, stats):
-      rounder = layer_rounder(rows, scales, layer, settings)
+      rounder = layer_rounder(rows, scales, layer, settings, dead_inputs(stats["h"]))
       return algorithm(rows, stats, rounder, settings)
 
     values = jax.vmap(one_group)(
@@ -114,6 +152,14 @@ def by_rows(algorithm: Callable) -> Callable:
     return from_rows(values, weight.shape, out_axes, in_axes).astype(weight.dtype)
 
   return quantize_weight
+
+
+def permuted(statistics: Mapping[str, jax.Array], order: np.ndarray) -> dict[str, jax.Array]:
+  """``[..., K, K]`` statistics with both input axes taken in ``order`` (as given if it is the
+  identity)."""
+  if np.array_equal(order, np.arange(order.size)):
+    return dict(statistics)
+  return {name: s[..., order, :][..., order] for name, s in statistics.items()}
 
 
 def _optq(rows, stats, rounder, settings):

@@ -4,8 +4,10 @@ A model quantized with AXE never overflows its P-bit accumulators; an optimizer 
 that. ``project_weight`` restores it in the integer domain the export uses: for each output
 channel and tile whose integer weights ``round(w / s)`` break ``nu p + mu n <= A`` or
 ``mu p + nu n >= -A``, it scales that tile's float weights by the largest factor in ``[0, 1]``
-(found by bisection, checked on the very weights it returns) whose integers fit. Tiles that fit
-are returned bit for bit, so frozen weights stay frozen unless their scale moved them out.
+(found by bisection, checked on the very weights it returns) whose integers fit. Tiles are runs
+of the layer's inputs in the accumulator's order (``AccumulatorSpec.order``), as AXE made them.
+Tiles that fit are returned bit for bit, so frozen weights stay frozen unless their scale moved
+them out.
 
 Example:
   >>> constrain = lambda params: project_params(params, layers, {"Dense_0": AccumulatorSpec(16)})
@@ -25,7 +27,7 @@ from efqat_jax.nn.layer_table import QuantizedLayer, params_at
 from efqat_jax.quant.accumulator import AccumulatorSpec, input_range
 from efqat_jax.quant.fake_quant import valid_scale
 from efqat_jax.quant.integer import quantize_to_int
-from efqat_jax.quant.rows import from_rows, kernel_axes, tiles_of, to_rows
+from efqat_jax.quant.rows import from_rows, summation_axes, tiles_of, to_rows
 
 
 def project_weight(
@@ -41,11 +43,13 @@ def project_weight(
     weight: the float kernel.
     scale: its weight scale (as stored; made valid as the quantized ops do).
     layer: the layer (its formats and op); its inputs must be integers.
-    accumulator: P and the tile size.
+    accumulator: P, the tile size and the order the inputs are summed in.
     iterations: bisection steps for the shrink factor.
   """
   op = dict(layer.op)
-  out_axes, in_axes = kernel_axes(op["op"], op["dimension_numbers"], weight.ndim)
+  out_axes, in_axes = summation_axes(
+    op["op"], op["dimension_numbers"], weight.ndim, accumulator.order
+  )
   spec, scale = layer.weight_spec, valid_scale(scale)
   mu, nu = input_range(layer.input_spec)
   rows = to_rows(weight, out_axes, in_axes)

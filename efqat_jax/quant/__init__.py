@@ -1,7 +1,8 @@
 """Framework-free quantization numerics: pure functions on arrays and a frozen QuantSpec."""
 
 from efqat_jax.quant import accumulator, granularity, ranges
-from efqat_jax.quant.accumulator import AccumulatorSpec
+from efqat_jax.quant.accumulator import ACCUMULATION_ORDERS, AccumulatorSpec
+from efqat_jax.quant.export_check import AccumulatorCheck, check_export_accumulators
 from efqat_jax.quant.fake_quant import (
   check_scale_values,
   fake_quant,
@@ -25,6 +26,8 @@ from efqat_jax.quant.integer import (
 from efqat_jax.quant.spec import QuantSpec
 
 __all__ = [
+  "ACCUMULATION_ORDERS",
+  "AccumulatorCheck",
   "AccumulatorSpec",
   "IntegerLayer",
   "OverflowReport",
@@ -33,6 +36,7 @@ __all__ = [
   "apply_integer",
   "check_accumulator",
   "check_accumulators",
+  "check_export_accumulators",
   "check_scale_values",
   "dequantize",
   "export_layer",

@@ -5,7 +5,11 @@ weights form a row ``q`` in accumulation order. A P-bit signed accumulator is tr
 symmetric range ``[-A, A]``, ``A = 2^(P-1) - 1``. With ``p`` the sum of a row's positive weights
 and ``n`` the sum of its negative ones, every partial sum stays in range, for any inputs and any
 order, iff ``nu*p + mu*n <= A`` and ``mu*p + nu*n >= -A``. Multi-stage accumulation sums each
-tile of ``T`` consecutive inputs in its own P-bit accumulator, so the condition holds per tile.
+tile of ``T`` consecutive inputs in its own P-bit accumulator, so the condition holds per tile, and
+which inputs share a tile depends on the order the inputs are summed in: for a convolution,
+``"hwc"`` (kernel row, kernel column, then input channel fastest: NHWC im2col, Flax's HWIO
+kernels) or ``"chw"`` (input channel slowest: NCHW im2col, PyTorch's OIHW kernels). Weights whose
+tiles fit in one order can overflow in the other.
 
 All arithmetic is exact (Python ints and numpy int64).
 
@@ -28,6 +32,10 @@ from efqat_jax.quant.spec import QuantSpec
 # 2^0 .. 2^62: the int64 powers of two, for an exact bit length of a non-negative int64.
 _POWERS = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))
 
+# The orders a convolution's inputs can be summed in, slowest axis first (h, w: the kernel window,
+# all its spatial axes in order; c: the input channel). A dense layer's order is its own.
+ACCUMULATION_ORDERS = ("hwc", "chw")
+
 
 def _is_int(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -41,10 +49,13 @@ class AccumulatorSpec:
     bits: the accumulator width P, 3..64.
     tile: inputs summed per accumulator before the partial results are combined
       (multi-stage accumulation), at least 3; None: one accumulator per output channel.
+    order: the order a convolution's inputs are summed in, one of ``ACCUMULATION_ORDERS``:
+      tiles are runs of ``tile`` consecutive inputs in this order (irrelevant without tiles).
   """
 
   bits: int
   tile: int | None = None
+  order: str = "hwc"
 
   def __post_init__(self):
     if not _is_int(self.bits) or not 3 <= self.bits <= 64:
@@ -54,6 +65,10 @@ class AccumulatorSpec:
       if not _is_int(self.tile) or self.tile < 3:
         raise ValueError(f"AccumulatorSpec.tile must be None or an integer >= 3, got {self.tile!r}")
       object.__setattr__(self, "tile", int(self.tile))
+    if self.order not in ACCUMULATION_ORDERS:
+      raise ValueError(
+        f"AccumulatorSpec.order must be one of {list(ACCUMULATION_ORDERS)}, got {self.order!r}"
+      )
 
   @property
   def limit(self) -> int:

@@ -5,12 +5,15 @@ The hardware model: integer inputs ``x_int`` (with zero point ``z``) times integ
 ``s_x * s_w * (acc - z * sum w_int) + bias``. That equals the fake-quantized layer up to float
 rounding. The largest ``|acc|`` is reported, for accumulator-aware work: it is the magnitude an
 accumulator must hold when inputs enter unshifted (unsigned inputs for asymmetric activations).
+``check_accumulator`` proves, exactly, that no partial sum of a layer's integer weights leaves a
+P-bit accumulator (per tile of inputs in a given accumulation order) for any integer inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +25,7 @@ from jax import lax
 from efqat_jax.quant import accumulator as accum
 from efqat_jax.quant import granularity
 from efqat_jax.quant.accumulator import AccumulatorSpec
-from efqat_jax.quant.rows import kernel_axes, to_rows
+from efqat_jax.quant.rows import kernel_axes, summation_axes, to_rows
 from efqat_jax.quant.spec import QuantSpec
 
 
@@ -144,12 +147,26 @@ class IntegerLayer:
 ARRAY_FIELDS = ("weight", "weight_scale", "input_scale", "input_zero_point", "bias")
 
 
-def integer_layer_arrays(layer: IntegerLayer) -> dict[str, np.ndarray]:
-  """One exported layer as flat numpy arrays, e.g. for ``np.savez``.
+def integer_layer_arrays(
+  layer: IntegerLayer, accumulator: AccumulatorSpec | None = None
+) -> dict[str, np.ndarray]:
+  """One exported layer as flat numpy arrays, e.g. for ``np.savez``: enough to run it and to
+  re-check its accumulator promise without the model (``efqat_jax.quant.export_check``).
+
+  Args:
+    layer: the exported layer.
+    accumulator: the accumulator its integer weights were made to fit (AXE), or None.
 
   Returns:
     ``weight``, ``weight_scale`` and, where the layer has them, ``input_scale``,
-    ``input_zero_point`` and ``bias``, plus ``layer.formats()`` as 0-d int32 arrays.
+    ``input_zero_point`` and ``bias``; ``layer.formats()`` as 0-d int32 arrays; ``op`` (a 0-d
+    string), ``kernel_output_axes`` and ``kernel_input_axes`` (int32: the weight's axes that
+    index output channels, and those summed over in the op's order, a convolution's input
+    channel first; absent for a kernel with batch axes). A layer with integer inputs adds ``input_min`` and ``input_max``, the
+    integer input range an accumulator proof assumes (the full grid of the input format; an
+    input's zero point is subtracted outside the accumulator). With ``accumulator``:
+    ``accumulator_bits``, ``accumulator_tile`` (inputs per accumulator, the whole row without
+    tiles) and ``accumulation_order`` (a 0-d string, ``AccumulatorSpec.order``).
 
   Example:
     >>> arrays = integer_layer_arrays(export_integer(qmodel, variables, x)["Conv_0"])
@@ -161,7 +178,23 @@ def integer_layer_arrays(layer: IntegerLayer) -> dict[str, np.ndarray]:
     for name in ARRAY_FIELDS
     if getattr(layer, name) is not None
   }
-  return arrays | {name: np.asarray(v, np.int32) for name, v in layer.formats().items()}
+  arrays |= {name: np.asarray(v, np.int32) for name, v in layer.formats().items()}
+  arrays["op"] = np.asarray(layer.op)
+  if layer.input_spec is not None:
+    mu, nu = accum.input_range(layer.input_spec)
+    arrays["input_min"], arrays["input_max"] = np.asarray(mu, np.int64), np.asarray(nu, np.int64)
+  try:
+    out_axes, in_axes = kernel_axes(layer.op, layer.dimension_numbers, np.ndim(layer.weight))
+  except ValueError:  # kernel batch axes: one matrix per batch entry, no rows (and no AXE)
+    return arrays
+  arrays["kernel_output_axes"] = np.asarray(out_axes, np.int32)
+  arrays["kernel_input_axes"] = np.asarray(in_axes, np.int32)
+  if accumulator is not None:
+    k = math.prod(np.shape(layer.weight)[a] for a in in_axes)
+    arrays["accumulator_bits"] = np.asarray(accumulator.bits, np.int32)
+    arrays["accumulator_tile"] = np.asarray(accumulator.tile_size(k), np.int64)
+    arrays["accumulation_order"] = np.asarray(accumulator.order)
+  return arrays
 
 
 def export_layer(
@@ -335,6 +368,7 @@ class OverflowReport:
     fits: no partial sum of any output channel (and tile) leaves ``[-limit, limit]``.
     accumulator_bits: the accumulator width P checked.
     tile: inputs per accumulator (K: one accumulator per output channel).
+    order: the accumulation order the tiles were taken in (``AccumulatorSpec.order``).
     datatype_bound: P* for the tile length and the input and weight bits: safe for any weights.
     needed_bits: the smallest P these weights fit (the largest over channels and tiles).
     worst_partial_sum: the largest ``|partial sum|`` adversarial inputs reach.
@@ -344,6 +378,7 @@ class OverflowReport:
   fits: bool
   accumulator_bits: int
   tile: int
+  order: str
   datatype_bound: int
   needed_bits: int
   worst_partial_sum: int
@@ -354,12 +389,13 @@ def check_accumulator(layer: IntegerLayer, accumulator: AccumulatorSpec) -> Over
   """Checks a layer's integer weights against a P-bit accumulator, exactly.
 
   The sum bound and an integer simulation with adversarial inputs are both evaluated per output
-  channel and tile; they must agree. Group-wise weights are not tiled automatically: pass
-  ``tile=group_size`` for one accumulator per group.
+  channel and tile, the inputs taken in ``accumulator.order``; they must agree. Group-wise
+  weights are not tiled automatically: pass ``tile=group_size`` for one accumulator per group.
 
   Args:
     layer: an exported layer with integer inputs (a dot_general or conv).
-    accumulator: the accumulator width and, for multi-stage accumulation, the tile size.
+    accumulator: the accumulator width and, for multi-stage accumulation, the tile size and
+      the order the inputs are summed in.
 
   Returns:
     An OverflowReport.
@@ -370,7 +406,9 @@ def check_accumulator(layer: IntegerLayer, accumulator: AccumulatorSpec) -> Over
   if not layer.accumulates:
     kind = "an embedding lookup (op='take')" if layer.op == "take" else f"a weight-only {layer.op}"
     raise ValueError(f"check_accumulator needs integer inputs; {kind} has no integer accumulation")
-  out_axes, in_axes = kernel_axes(layer.op, layer.dimension_numbers, layer.weight.ndim)
+  out_axes, in_axes = summation_axes(
+    layer.op, layer.dimension_numbers, layer.weight.ndim, accumulator.order
+  )
   rows = np.asarray(to_rows(layer.weight, out_axes, in_axes), np.int64)
   k = rows.shape[1]
   tile = accumulator.tile_size(k)
@@ -388,6 +426,7 @@ def check_accumulator(layer: IntegerLayer, accumulator: AccumulatorSpec) -> Over
     fits=bool(bound.all() and simulated.all()),
     accumulator_bits=accumulator.bits,
     tile=tile,
+    order=accumulator.order,
     datatype_bound=accum.datatype_bound(min(tile, k), layer.input_spec, layer.weight_spec.bits),
     needed_bits=int(accum.required_bits(p, n, mu, nu).max(initial=2)),
     worst_partial_sum=int(worst.max(initial=0)),

@@ -1,15 +1,20 @@
 """A kernel as a matrix of rows: one row per output channel, one column per input it multiplies.
 
 Layer-wise PTQ (OPTQ, GPFQ, AXE) and the accumulator checks work on this view. Row ``o`` holds
-the weights output channel ``o`` sums over, in the order an accumulator adds them up: the
-kernel's contracting axes in the op's order (a convolution's input feature first, then its
-window, matching ``lax.conv_general_dilated_patches``). Output channels are flattened in C order
-over the kernel's output axes, as everywhere else in the library.
+the weights output channel ``o`` sums over. ``kernel_axes`` orders them as the op contracts them:
+a convolution's input feature first, then its window, matching
+``lax.conv_general_dilated_patches`` (the order calibration statistics are captured in).
+``summation_axes`` orders them as an accumulator adds them up, in one of the
+``ACCUMULATION_ORDERS`` (e.g. ``"hwc"``: window first, input feature fastest); with tiles
+(multi-stage accumulation) that order decides which inputs share an accumulator.
+Output channels are flattened in C order over the kernel's output axes, as everywhere else in the
+library.
 
 Example:
   >>> out_axes, in_axes = kernel_axes("conv", dn, kernel.ndim)  # HWIO: (3,), (2, 0, 1)
   >>> rows = to_rows(kernel, out_axes, in_axes)                 # [O, I * H * W]
   >>> same = from_rows(rows, kernel.shape, out_axes, in_axes)
+  >>> summation_axes("conv", dn, kernel.ndim, "hwc")             # (3,), (0, 1, 2)
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from efqat_jax.quant import granularity
+from efqat_jax.quant.accumulator import ACCUMULATION_ORDERS
 from efqat_jax.quant.spec import QuantSpec
 
 
@@ -47,6 +54,29 @@ def kernel_axes(op: str, dimension_numbers: Any, ndim: int) -> tuple[tuple[int, 
       " layer-wise quantization and accumulator checks need a single matrix"
     )
   return tuple(d for d in range(ndim) if d not in rc), tuple(rc)
+
+
+def summation_axes(
+  op: str, dimension_numbers: Any, ndim: int, order: str
+) -> tuple[tuple[int, ...], ...]:
+  """``(output axes, input axes)`` of a kernel, the input axes in the order an accumulator sums
+  them: for a convolution, ``"hwc"`` puts its window axes first and the input feature last,
+  ``"chw"`` the input feature first (as ``kernel_axes``); other ops keep their own order."""
+  if order not in ACCUMULATION_ORDERS:
+    raise ValueError(f"order must be one of {list(ACCUMULATION_ORDERS)}, got {order!r}")
+  out_axes, in_axes = kernel_axes(op, dimension_numbers, ndim)
+  if op == "conv" and order == "hwc":
+    in_axes = (*in_axes[1:], in_axes[0])
+  return out_axes, in_axes
+
+
+def column_permutation(shape: tuple[int, ...], from_axes, to_axes) -> np.ndarray:
+  """``[K]`` indices ``p`` such that ``to_rows(k, o, to_axes) == to_rows(k, o, from_axes)[:, p]``
+  for a kernel ``k`` of ``shape`` (the same input axes, in two orders)."""
+  if sorted(from_axes) != sorted(to_axes):
+    raise ValueError(f"{tuple(to_axes)} is not an order of the input axes {tuple(from_axes)}")
+  index = np.arange(math.prod(shape[a] for a in from_axes)).reshape([shape[a] for a in from_axes])
+  return index.transpose([list(from_axes).index(a) for a in to_axes]).reshape(-1)
 
 
 def to_rows(kernel: jax.Array, out_axes, in_axes) -> jax.Array:

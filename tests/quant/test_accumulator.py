@@ -73,6 +73,13 @@ def test_accumulator_spec_tile_below_3_or_not_an_int_raises_naming_tile(tile):
     AccumulatorSpec(bits=16, tile=tile)
 
 
+def test_accumulator_spec_order_defaults_to_flax_layout_and_rejects_others():
+  assert AccumulatorSpec(bits=16).order == "hwc"
+  assert AccumulatorSpec(16, 8, "chw").order == "chw"
+  with pytest.raises(ValueError, match=r"AccumulatorSpec\.order must be one of \['hwc', 'chw'\]"):
+    AccumulatorSpec(bits=16, tile=8, order="hwio")
+
+
 def test_accumulator_spec_limit_and_tile_size():
   assert AccumulatorSpec(bits=3).limit == 3
   assert AccumulatorSpec(bits=16).limit == 32767
@@ -325,12 +332,16 @@ def test_tiles_lower_the_needed_bits_and_the_datatype_bound():
   assert longer.needed_bits == whole.needed_bits
 
 
-def test_grouped_conv_layer_rows_are_per_output_channel_in_input_feature_then_window_order():
+@pytest.mark.parametrize(
+  "order, layout", [("hwc", (3, 0, 1, 2)), ("chw", (3, 2, 0, 1))], ids=["hwc", "chw"]
+)
+def test_grouped_conv_layer_rows_are_per_output_channel_in_the_accumulation_order(order, layout):
   layer = _grouped_conv_layer()
   w = np.asarray(layer.weight, np.int64)  # HWIO
-  rows = w.transpose(3, 2, 0, 1).reshape(6, 36)
+  rows = w.transpose(layout).reshape(6, 36)
   for tile in (None, 9, 5):
-    report = check_accumulator(layer, AccumulatorSpec(bits=12, tile=tile))
+    report = check_accumulator(layer, AccumulatorSpec(bits=12, tile=tile, order=order))
+    assert report.order == order
     p, n = tile_sums(rows, tile)
     assert report.needed_bits == required_bits(p, n, 0, 255).max()
     assert report.worst_partial_sum == worst_partial_sums(rows, 0, 255, tile).max()

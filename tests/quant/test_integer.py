@@ -10,6 +10,7 @@ import pytest
 from jax import lax
 
 from efqat_jax.quant import (
+  AccumulatorSpec,
   IntegerLayer,
   QuantSpec,
   apply_integer,
@@ -663,12 +664,27 @@ def test_formats_and_arrays_of_a_layer_with_quantized_inputs():
     weight_bits=4, weight_signed=1, weight_narrow=1, input_bits=8, input_signed=0, input_narrow=0
   )
   arrays = integer_layer_arrays(layer)
-  assert set(arrays) == {"weight", "weight_scale", "input_scale", "input_zero_point", "bias"} | set(
-    layer.formats()
+  kernel = {"op", "kernel_output_axes", "kernel_input_axes"}
+  inputs = {"input_min", "input_max"}
+  assert (
+    set(arrays)
+    == {"weight", "weight_scale", "input_scale", "input_zero_point", "bias"}
+    | set(layer.formats())
+    | kernel
+    | inputs
   )
   assert all(isinstance(v, np.ndarray) for v in arrays.values())
   assert arrays["weight"].dtype == np.int8 and int(arrays["input_zero_point"]) == 3
   assert arrays["weight_bits"].shape == () and arrays["weight_bits"].dtype == np.int32
+  assert str(arrays["op"]) == "dot_general"
+  assert list(arrays["kernel_output_axes"]) == [1] and list(arrays["kernel_input_axes"]) == [0]
+  assert (int(arrays["input_min"]), int(arrays["input_max"])) == (0, 255)  # unsigned 8-bit grid
+  tiled = integer_layer_arrays(layer, AccumulatorSpec(bits=14, tile=8, order="chw"))
+  assert set(tiled) - set(arrays) == {"accumulator_bits", "accumulator_tile", "accumulation_order"}
+  assert (int(tiled["accumulator_bits"]), int(tiled["accumulator_tile"])) == (14, 8)
+  assert str(tiled["accumulation_order"]) == "chw"
+  whole = integer_layer_arrays(layer, AccumulatorSpec(bits=14))
+  assert int(whole["accumulator_tile"]) == layer.weight.shape[0]  # one accumulator: the row
 
 
 def test_arrays_of_an_unsigned_weight_only_layer_record_what_they_hold():
@@ -678,7 +694,10 @@ def test_arrays_of_an_unsigned_weight_only_layer_record_what_they_hold():
     kernel, jnp.full(2, 0.1), spec, None, None, None, op="dot_general", dimension_numbers=DENSE_DN
   )
   arrays = integer_layer_arrays(layer)
-  assert set(arrays) == {"weight", "weight_scale", "weight_bits", "weight_signed", "weight_narrow"}
+  kernel = {"op", "kernel_output_axes", "kernel_input_axes"}  # no integer inputs: no input range
+  assert set(arrays) == {
+    "weight", "weight_scale", "weight_bits", "weight_signed", "weight_narrow"
+  } | kernel  # fmt: skip
   assert (int(arrays["weight_bits"]), int(arrays["weight_signed"])) == (4, 0)
   assert arrays["weight"].dtype == np.uint8
   assert arrays["weight"].min() >= 0 and arrays["weight"].max() == 2**4 - 1  # clipped above 1.5
