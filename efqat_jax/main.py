@@ -5,9 +5,11 @@ one table of metric and wall time per stage (also in ``<workdir>/results.json``)
 it runs ``configs/cnn_mnist5k.py`` in ``./workdir``. Override a field with
 ``--config.<field>=<value>``; ``--fields`` lists every field with its value and meaning.
 
-A user's mistake (a bad value, a typo'd field, a dataset that does not fit) is one line on
-stderr and exit status 2, before any file is written; Ctrl-C stops with one line (status 130)
-and leaves a workdir that the same command resumes.
+A user's mistake (a bad flag or value, a typo'd field, a dataset that does not fit, a workdir
+that cannot be written or is in use by another run) is one line on stderr and exit status 2,
+before any file is written. A write the file system refuses (no space left, a read-only disk)
+is one line and status 1. Ctrl-C stops with one line (status 130), SIGTERM likewise (status
+143); each leaves a workdir that the same command resumes.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from efqat_jax import fields
-from efqat_jax.errors import ConfigError, UserError
+from efqat_jax.errors import ConfigError, StorageError, UserError, storage_reason
+from efqat_jax.train.interrupt import stop_on_signals
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "cnn_mnist5k.py"
 
@@ -59,8 +63,10 @@ def results_table(results: dict) -> str:
       metric += f" ({result['method']}: {result['formats']})"
     if result.get("accumulator_needed_bits"):  # ptq, export
       metric += f"; accumulators need {result['accumulator_needed_bits']} bits"
-      if result.get("overflow_free"):
+      if result.get("overflow_free") and not result.get("zeroed_layers"):
         metric += ", overflow-free as promised"
+    if result.get("zeroed_layers"):  # ptq, only with allow_zeroed_layers = True
+      metric += f"; all weights zero in {', '.join(result['zeroed_layers'])}"
     if "mode" in result:  # efqat
       metric += (
         f" ({result['mode']}, rho {result['rho']:g}: {100 * result['param_fraction']:.1f}% of"
@@ -144,32 +150,94 @@ def check_command_line(argv: list[str]) -> None:
         raise ConfigError(f"config.{dotted} = {raw!r} is not allowed: {item.check.allowed}")
 
 
+def _config_first(argv: list[str]) -> list[str]:
+  """``argv`` with the ``--config`` file flag first: absl takes a ``--config.<field>``
+  override only after the file it overrides."""
+  config, rest, i = [], [], 1
+  while i < len(argv):
+    if argv[i] == "--config" and i + 1 < len(argv):
+      config += argv[i : i + 2]
+      i += 2
+      continue
+    (config if argv[i].startswith("--config=") else rest).append(argv[i])
+    i += 1
+  return argv[:1] + config + rest
+
+
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parse, with a bad flag or a stray argument as ConfigError (absl prints two lines and
+  exits with status 1)."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    raise ConfigError(f"{' '.join(str(e).split())} (see --help)") from None
+  if len(rest) > 1:
+    raise ConfigError(f"unexpected arguments: {rest[1:]} (see --help)")
+  return rest
+
+
+def _quiet_orbax_logs() -> None:
+  """Orbax logs each failure of its background threads with a traceback, then raises it in the
+  caller, where it becomes the run's one line: its log lines are dropped."""
+  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # _parse_flags took every argument
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  _quiet_orbax_logs()
   from efqat_jax.pipeline import pipeline_schema, run_pipeline
-  from efqat_jax.train import interrupt_guard
 
   config = FLAGS["config"].value
   if FLAGS["fields"].value:
     print(fields.describe(pipeline_schema(), config))
     return
-  with interrupt_guard():
-    results = run_pipeline(config, FLAGS["workdir"].value)
+  results = run_pipeline(config, FLAGS["workdir"].value)
   print(results_table(results))
 
 
+def _storage_line(error: BaseException, reason: str) -> str:
+  """The one line for a write the file system refused, naming the file where known."""
+  what = f"a write failed: {reason}"
+  while error is not None:
+    if isinstance(error, StorageError):
+      what = str(error)
+      break
+    if isinstance(error, OSError) and error.filename:
+      what = f"cannot write {error.filename}: {reason}"
+      break
+    error = error.__cause__ or error.__context__
+  return f"error: {what}; the same command resumes the run once that is fixed"
+
+
 def cli() -> None:
-  """The entry point: user errors and Ctrl-C end in one line, not a traceback."""
+  """The entry point: user errors, refused writes, Ctrl-C and SIGTERM end in one line, not a
+  traceback."""
+  stop_on_signals(signal.SIGINT, signal.SIGTERM)  # even if inherited as ignored
+  argv = sys.argv = _config_first(sys.argv)  # config_flags reads sys.argv itself
   try:
-    check_command_line(sys.argv)
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+      define_flags()
+      app.define_help_flags()
+      app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True)
+      return
+    check_command_line(argv)
     define_flags()
-    app.run(main)
+    app.run(main, argv=argv, flags_parser=_parse_flags)
   except UserError as e:
     _exit(f"error: {e}", 2)
-  except KeyboardInterrupt:
-    _exit("interrupted: run the same command again to resume from the workdir", 130)
+  except KeyboardInterrupt as e:
+    signum = getattr(e, "signum", signal.SIGINT)
+    stopped = "terminated" if signum == signal.SIGTERM else "interrupted"
+    _exit(f"{stopped}: run the same command again to resume from the workdir", 128 + signum)
+  except Exception as e:
+    reason = storage_reason(e)
+    if reason is None:
+      raise
+    _exit(_storage_line(e, reason), 1)
 
 
 def _exit(line: str, status: int) -> None:

@@ -8,7 +8,9 @@ A run keeps everything in its workdir:
   fp/ ptq/ qat/ efqat/   orbax checkpoints of each stage (verified by digest on restore)
   tb/<stage>/      TensorBoard event files (training and eval metrics)
   stage_configs/   each stage's fingerprint: the config values its result depends on
-  export/          layers.npz: integer weights, scales, zero points and bit widths
+  export/          layers.npz: integer weights, scales, zero points, bit widths and, per layer,
+                   what its overflow proof assumed (efqat_jax.quant.check_export_accumulators)
+  .lock            held by the run writing the workdir (a second run on it refuses)
   results.json     metric and wall time of every finished stage (a finished stage is skipped)
 """
 

@@ -24,7 +24,8 @@ from efqat_jax.errors import ConfigError, DataError
 from efqat_jax.fields import Field, boolean, integer, mapping, one_of, text
 from efqat_jax.nn import quantize
 from efqat_jax.nn.formats import Formats, rules_from_formats
-from efqat_jax.pipeline.outputs import check_finite, write_json
+from efqat_jax.pipeline import results_file
+from efqat_jax.pipeline.outputs import check_finite
 from efqat_jax.train import (
   Checkpointer,
   MetricWriter,
@@ -66,6 +67,8 @@ RUN_FIELDS = {
   "checkpoint_every": Field(100, "steps between checkpoints", integer(1)),
   "progress": Field(True, "show progress bars", boolean()),
 }
+# In a stage's result: the digest of its final checkpoint (the stages after it started from it).
+CHECKPOINT_DIGEST = "checkpoint_digest"
 # The run-level fields every stage's result depends on (the rest only change how it runs).
 RESULT_FIELDS = (
   "seed",
@@ -93,18 +96,8 @@ class Run:
         f"config.model_kwargs = {config.model_kwargs.to_dict()} does not fit {config.model!r}: {e}"
       ) from None
     self.results_path = self.workdir / "results.json"
-    self.results: dict[str, Any] = self._read_results()
+    self.results: dict[str, Any] = results_file.read(self.results_path)
     self._quantized: dict[str, Any] = {}  # quantized models by their formats' JSON
-
-  def _read_results(self) -> dict[str, Any]:
-    if not self.results_path.exists():
-      return {}
-    try:
-      return json.loads(self.results_path.read_text())
-    except json.JSONDecodeError as e:
-      raise DataError(
-        f"{self.results_path} is not valid JSON ({e}); delete it to redo the stages"
-      ) from None
 
   # --- data -------------------------------------------------------------------------------
 
@@ -241,10 +234,26 @@ class Run:
     return result
 
   def record(self, stage: str, result: dict[str, Any]) -> None:
-    """Adds a finished stage's result to ``results.json`` (strict JSON, written atomically)."""
+    """Adds a finished stage's result to ``results.json`` (strict JSON, written atomically),
+    with the digest of the stage's final checkpoint (if it keeps checkpoints), sealed."""
     check_finite(result, f"stage {stage!r}")
-    self.results[stage] = result
-    write_json(self.results_path, self.results)
+    digest = self.checkpoint_digest(stage)
+    if digest is not None:
+      result = {**result, CHECKPOINT_DIGEST: digest}
+    self.results[stage] = results_file.seal(result)
+    results_file.write(self.results_path, self.results)
+
+  def has_checkpoints(self, stage: str) -> bool:
+    """Whether ``<workdir>/<stage>`` holds a committed checkpoint (a step directory)."""
+    directory = self.workdir / stage
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+  def checkpoint_digest(self, stage: str) -> str | None:
+    """The digest of the stage's newest checkpoint, None if it has none."""
+    if not self.has_checkpoints(stage):
+      return None
+    with self.checkpointer(stage) as ckpt:
+      return ckpt.latest_digest()
 
   def checkpointer(self, stage: str) -> Checkpointer:
     return Checkpointer(self.workdir / stage)

@@ -14,18 +14,38 @@ from typing import Any
 
 import numpy as np
 
-from efqat_jax.errors import NonFiniteError
+from efqat_jax.errors import NonFiniteError, StorageError, storage_reason
 
 
 def write_atomic(path: pathlib.Path, data: bytes) -> None:
-  """Writes ``data`` to a temporary file next to ``path``, syncs it, then renames it over."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(f".{path.name}.partial")
-  with open(partial, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(partial, path)
+  """Writes ``data`` to a temporary file next to ``path`` (named by this process), syncs it,
+  then renames it over.
+
+  Raises:
+    StorageError: the file system refused the write (e.g. no space left); ``path`` is as it
+      was and no temporary file is left.
+  """
+  partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(partial, path)
+  except OSError as error:
+    partial.unlink(missing_ok=True)
+    reason = storage_reason(error)
+    if reason is None:
+      raise
+    raise StorageError(f"cannot write {path}: {reason}") from error
+
+
+def remove_partials(directory: pathlib.Path) -> None:
+  """Deletes the temporary files that killed writers left in ``directory`` and the folders in
+  it (call it only while no other process writes there)."""
+  for partial in [*directory.glob(".*.partial"), *directory.glob("*/.*.partial")]:
+    partial.unlink(missing_ok=True)
 
 
 def check_finite(values: Mapping[str, Any], what: str) -> None:

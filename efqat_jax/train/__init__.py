@@ -1,7 +1,12 @@
 """Training: state, optimizer builder, losses, jitted data-parallel steps over a user loss."""
 
 from efqat_jax.train.checkpoint import Checkpointer
-from efqat_jax.train.interrupt import interrupt_guard, raise_if_interrupted
+from efqat_jax.train.interrupt import (
+  Interrupted,
+  interrupt_guard,
+  raise_if_interrupted,
+  stop_on_signals,
+)
 from efqat_jax.train.loop import train_loop
 from efqat_jax.train.losses import (
   Apply,
@@ -28,6 +33,7 @@ __all__ = [
   "Apply",
   "Checkpointer",
   "DATA_AXIS",
+  "Interrupted",
   "LossFn",
   "MetricWriter",
   "OPTIMIZERS",
@@ -49,5 +55,6 @@ __all__ = [
   "read_scalars",
   "replicate",
   "shard_batch",
+  "stop_on_signals",
   "train_loop",
 ]

@@ -2,18 +2,27 @@
 
 Each checkpoint holds two items written together (atomically, by one orbax save): ``state``,
 the pytree, and ``meta``, a small JSON dict with a sha256 digest of the state's arrays and of
-the caller's metadata. A restore verifies the digest; a checkpoint that cannot be read or does
-not match is moved aside (``<step>.corrupt``, never deleted) and the next older one is used.
+the caller's metadata. Once orbax has committed it, the sha256 of each of its files is recorded
+beside them (``FILE_RECORD``). A restore checks the files first (so orbax never starts on a
+checkpoint with a file missing or changed), then the digest of what it read; a checkpoint that
+fails either is moved aside (``<step>.corrupt``, never deleted) and the next older one is used.
+
+A write the file system refuses (no space left, a read-only disk) raises StorageError naming
+the directory, and the unfinished checkpoint is removed (what a kill leaves unfinished is removed
+when a Checkpointer next opens the directory): the checkpoints before it are intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
+import os
 import pathlib
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -21,10 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from efqat_jax.errors import CorruptCheckpointError
+from efqat_jax.errors import CorruptCheckpointError, StorageError, storage_reason
 from efqat_jax.train.interrupt import deferred_interrupts
 
 _STATE, _META = "state", "meta"
+FILE_RECORD = "efqat_files.json"  # in each checkpoint: {"files": {relative path: sha256}}
+_TEMPORARY = "*.orbax-checkpoint-tmp*"  # what orbax writes a checkpoint into before committing it
 
 
 class _Corrupt(Exception):
@@ -113,21 +124,85 @@ def _describe(error: Exception) -> str:
   return f"unreadable, {text}"
 
 
-def _collect_orbax_leftovers() -> None:
-  """Finalizes the reads orbax abandons when one fails, dropping their cleanup errors (Python
-  would print each, with a page of TensorStore spec, as "Exception ignored in: <coroutine>")."""
+def _is_orbax_leftover(unraisable) -> bool:
+  """Whether an error Python could not raise is what orbax leaves when a read or write fails:
+  the cleanup of the coroutines it abandons, or a TensorStore callback that finds orbax's event
+  loop closed (each would be printed with a traceback, some with a page of TensorStore spec)."""
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None and "orbax" in code.co_filename:
+    return True
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_orbax_leftovers() -> None:
+  """Drops orbax's leftovers from ``sys.unraisablehook`` (other errors go on to it)."""
   hook = sys.unraisablehook
+  if getattr(hook, "drops_orbax_leftovers", False):
+    return
 
   def quiet(unraisable):
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is None or "orbax" not in code.co_filename:
+    if not _is_orbax_leftover(unraisable):
       hook(unraisable)
 
+  quiet.drops_orbax_leftovers = True
   sys.unraisablehook = quiet
+
+
+def _collect_orbax_leftovers() -> None:
+  """Finalizes the reads orbax abandons when one fails (their cleanup errors dropped)."""
+  _quiet_orbax_leftovers()
+  gc.collect()
+
+
+def _remove_temporaries(directory: pathlib.Path) -> None:
+  """Removes the unfinished checkpoints in ``directory``, freeing their space. (After a failed
+  save, TensorStore may still finish a write it had begun, recreating a folder: the manager
+  removes what is left when it next starts.)"""
+  for temporary in directory.glob(_TEMPORARY):
+    shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _file_digests(step_dir: pathlib.Path) -> dict[str, str]:
+  """sha256 of every file of a checkpoint, by path relative to it (the record itself aside)."""
+  digests = {}
+  for path in sorted(step_dir.rglob("*")):
+    if path.is_file() and path.name != FILE_RECORD:
+      with open(path, "rb") as f:
+        digests[str(path.relative_to(step_dir))] = hashlib.file_digest(f, "sha256").hexdigest()
+  return digests
+
+
+def _record_files(step_dir: pathlib.Path) -> None:
+  """Writes ``FILE_RECORD`` into a committed checkpoint (atomically)."""
+  data = json.dumps({"files": _file_digests(step_dir)}, indent=1).encode()
+  partial = step_dir / f".{FILE_RECORD}.{os.getpid()}.partial"
   try:
-    gc.collect()
+    with open(partial, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(partial, step_dir / FILE_RECORD)
   finally:
-    sys.unraisablehook = hook
+    partial.unlink(missing_ok=True)
+
+
+def _check_files(step_dir: pathlib.Path) -> None:
+  """Raises _Corrupt if a file ``FILE_RECORD`` lists is missing or changed. A checkpoint without
+  the record (its run was killed before writing it) is left to the digest check."""
+  record = step_dir / FILE_RECORD
+  if not record.exists():
+    return
+  try:
+    saved = dict(json.loads(record.read_bytes())["files"])
+  except (ValueError, KeyError, TypeError):
+    raise _Corrupt(f"its record {FILE_RECORD} is damaged") from None
+  digests = _file_digests(step_dir)
+  for name, digest in saved.items():
+    if name not in digests:
+      raise _Corrupt(f"file {name} is missing")
+    if digests[name] != digest:
+      raise _Corrupt(f"file {name} differs from the one saved")
 
 
 def _print_to_stderr(line: str) -> None:
@@ -141,6 +216,9 @@ class Checkpointer:
     >>> ckpt = Checkpointer(workdir / "qat")
     >>> state = ckpt.restore_latest(state)   # unchanged if there is no checkpoint yet
     >>> ckpt.save(int(state.step), state)
+
+  One process at a time may write to a directory: opening one removes the unfinished checkpoints
+  (``*.orbax-checkpoint-tmp``) a killed or failed save left there.
 
   Args:
     directory: the stage's checkpoint directory (created if missing).
@@ -159,11 +237,16 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     self.directory = pathlib.Path(directory).absolute()
     self._report = report or _print_to_stderr
-    self._manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-      item_names=(_STATE, _META),
-    )
+    self._unrecorded: list[int] = []  # saved steps whose files are not yet recorded
+    _quiet_orbax_leftovers()
+    with self._writing():
+      self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+        ),
+        item_names=(_STATE, _META),
+      )
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint (not yet verified), or None."""
@@ -179,10 +262,29 @@ class Checkpointer:
     args = ocp.args.Composite(
       **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
     )
-    with deferred_interrupts():  # Ctrl-C waits until orbax has the save in hand
+    with deferred_interrupts(), self._writing():  # Ctrl-C waits until orbax has the save in hand
+      self._record_finished()
       self._manager.save(step, args=args)
+      self._unrecorded.append(step)
       if wait:
-        self._manager.wait_until_finished()
+        self._record_finished()
+
+  def latest_digest(self) -> str | None:
+    """The digest of the newest checkpoint's state and metadata, as recorded when it was saved
+    (its files are checked, its state is not read); None if there is no checkpoint.
+
+    Raises:
+      CorruptCheckpointError: its files or its record of the digest are damaged.
+    """
+    step = self.latest_step()
+    if step is None:
+      return None
+    try:
+      _check_files(self._step_dir(step))
+      return self._meta(step)["digest"]
+    except Exception as error:  # any failure to read means a broken checkpoint
+      reason = _describe(error)
+    raise CorruptCheckpointError(f"checkpoint {self._step_dir(step)} is corrupt ({reason})")
 
   def restore_latest(self, like: Any) -> Any:
     """The newest intact checkpoint restored with the structure, dtypes and shardings of
@@ -227,12 +329,19 @@ class Checkpointer:
     _collect_orbax_leftovers()
     raise CorruptCheckpointError(f"checkpoint {self._step_dir(step)} is corrupt ({reason})")
 
-  def _load(self, step: int, like: Any) -> tuple[Any, dict | None]:
-    """Checkpoint ``step`` (restored like ``like``, or as saved if None), digest verified."""
+  def _meta(self, step: int) -> dict:
+    """The ``meta`` item of checkpoint ``step``; raises _Corrupt if it holds no digest."""
     meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
     meta = meta[_META]
     if not isinstance(meta, dict) or "digest" not in meta or "leaves" not in meta:
       raise _Corrupt("no digest")
+    return meta
+
+  def _load(self, step: int, like: Any) -> tuple[Any, dict | None]:
+    """Checkpoint ``step`` (restored like ``like``, or as saved if None), files and digest
+    verified."""
+    _check_files(self._step_dir(step))
+    meta = self._meta(step)
     saved = {tuple(path): dtype for path, _, dtype in meta["leaves"]}
     if like is None:
       target = ocp.args.StandardRestore()
@@ -287,11 +396,37 @@ class Checkpointer:
       target = source.with_name(f"{step}.corrupt-{n}")
     return source.rename(target)
 
+  def _record_finished(self) -> None:
+    """Waits for the pending save, then records the files of each checkpoint saved since the
+    last call that orbax has committed (and not yet deleted as one beyond ``max_to_keep``)."""
+    self._manager.wait_until_finished()
+    for step in self._unrecorded:
+      if self._step_dir(step).is_dir():
+        _record_files(self._step_dir(step))
+    self._unrecorded.clear()
+
+  @contextlib.contextmanager
+  def _writing(self) -> Iterator[None]:
+    """Turns a write the file system refused into StorageError, removing the unfinished
+    checkpoint (orbax would remove it on the next start too)."""
+    try:
+      yield
+    except Exception as error:
+      reason = storage_reason(error)
+      if reason is None:
+        raise
+      self._unrecorded.clear()
+      _remove_temporaries(self.directory)
+      _collect_orbax_leftovers()
+      raise StorageError(f"cannot write a checkpoint in {self.directory}: {reason}") from error
+
   def close(self) -> None:
-    """Waits for pending writes and releases the manager."""
-    with deferred_interrupts():
-      self._manager.wait_until_finished()
-      self._manager.close()
+    """Waits for pending writes, records their files and releases the manager."""
+    with deferred_interrupts(), self._writing():
+      try:
+        self._record_finished()
+      finally:
+        self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self

@@ -1,7 +1,6 @@
 """The command line: the stage table, one-line errors with no traceback, the field listing,
 and Ctrl-C that stops with one line and leaves a resumable workdir."""
 
-import os
 import pathlib
 import signal
 import subprocess
@@ -56,6 +55,9 @@ def _tiny(data_dir, workdir):
       ["--config.model_kwargs.width=3"],
       "error: config.model_kwargs.width is not set in the config",
     ),
+    (["--wrkdir=x"], "error: Unknown command line flag 'wrkdir'. Did you mean: workdir ?"),
+    (["--fields=maybe"], "error: flag --fields=maybe: "),
+    (["stray"], "error: unexpected arguments: ['stray']"),
   ],
 )
 def test_a_user_error_is_one_line_on_stderr_with_no_traceback(args, message, data_dir, tmp_path):
@@ -67,33 +69,63 @@ def test_a_user_error_is_one_line_on_stderr_with_no_traceback(args, message, dat
 
 
 def test_fields_lists_every_field_with_its_value_and_meaning():
-  out = _cli("--fields", "--config.efqat.rho=0.25")
+  """Also with an override given before ``--config=``: the order of the flags does not matter."""
+  out = _cli("--config.efqat.rho=0.25", "--config=configs/cnn_mnist5k.py", "--fields")
   assert out.returncode == 0, out.stderr
   rho = next(line for line in out.stdout.splitlines() if line.startswith("efqat.rho "))
   assert "0.25" in rho and "fraction of output channels" in rho
   assert any(line.startswith("ptq.method ") for line in out.stdout.splitlines())
 
 
-def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(data_dir, tmp_path):
-  args = [
-    *_tiny(data_dir, tmp_path),
-    "--config.stages=fp",
-    "--config.fp.steps=600",
-    "--config.checkpoint_every=10",
-  ]
-  cmd = [sys.executable, "-m", "efqat_jax.main", *args]
+def test_help_prints_the_flags_and_exits_0():
+  out = _cli("--help")
+  assert out.returncode == 0 and out.stderr == "", out.stderr
+  assert "--workdir" in out.stdout and "--config" in out.stdout and "--fields" in out.stdout
+
+
+def _run_until_a_checkpoint_after(cmd, step_dir, after, sig):
+  """Starts ``cmd``, sends ``sig`` once it has saved a checkpoint of a step past ``after``;
+  returns ``(status, stderr)``."""
   process = subprocess.Popen(
     cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
   deadline = time.monotonic() + 120
-  while not list((tmp_path / "fp").glob("[0-9]*")) and time.monotonic() < deadline:
-    time.sleep(0.2)  # interrupt once training is under way
-  os.kill(process.pid, signal.SIGINT)
+  while time.monotonic() < deadline and process.poll() is None:
+    if any(int(p.name) > after for p in step_dir.glob("[0-9]*") if p.name.isdigit()):
+      break
+    time.sleep(0.1)  # interrupt once training is under way
+  process.send_signal(sig)
   _, err = process.communicate(timeout=120)
-  assert process.returncode == 130
+  return process.returncode, err
+
+
+def _latest_step(step_dir):
+  return max(int(p.name) for p in step_dir.glob("[0-9]*") if p.name.isdigit())
+
+
+def test_sigterm_and_ctrl_c_stop_with_one_line_and_the_same_command_resumes(data_dir, tmp_path):
+  """SIGTERM (schedulers, ``timeout``) stops like Ctrl-C, with status 143; Ctrl-C stops a run
+  started with SIGINT ignored (as a shell starts a background job), with status 130."""
+  args = [
+    *_tiny(data_dir, tmp_path),
+    "--config.stages=fp",
+    "--config.fp.steps=800",
+    "--config.checkpoint_every=10",
+  ]
+  cmd = [sys.executable, "-m", "efqat_jax.main", *args]
+  status, err = _run_until_a_checkpoint_after(cmd, tmp_path / "fp", -1, signal.SIGTERM)
   lines = [line for line in err.splitlines() if line.strip()]
-  assert lines[-1].startswith("interrupted: run the same command again to resume")
-  assert "Traceback" not in err
+  assert status == 143, err[-3000:]
+  assert lines == ["terminated: run the same command again to resume from the workdir"], err
+  after = _latest_step(tmp_path / "fp")
+  ignoring_sigint = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', *cmd]
+  status, err = _run_until_a_checkpoint_after(
+    ignoring_sigint, tmp_path / "fp", after, signal.SIGINT
+  )
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert status == 130, err[-3000:]
+  assert lines == ["interrupted: run the same command again to resume from the workdir"], err
+  assert _latest_step(tmp_path / "fp") > after  # the second run resumed and went on
   out = _cli(*args)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "| fp | accuracy" in out.stdout

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from efqat_jax import pipeline
-from efqat_jax.errors import CorruptCheckpointError, NonFiniteError
+from efqat_jax.errors import CorruptCheckpointError, NonFiniteError, WorkdirError
 from efqat_jax.pipeline.context import Run
+from efqat_jax.pipeline.results_file import seal
 from efqat_jax.train import Checkpointer
 from tests.pipeline.conftest import faults_config
 
@@ -32,7 +33,7 @@ def _outcome(workdir):
       params[stage] = (ckpt.latest_step(), ckpt.read()["params"])
   results = json.loads((workdir / "results.json").read_text())
   metrics = {
-    s: {k: v for k, v in r.items() if k not in ("wall_time_s", "recompiles_this_process")}
+    s: {k: v for k, v in r.items() if k not in ("wall_time_s", "recompiles_this_process", "digest")}
     for s, r in results.items()
   }
   return params, (workdir / "export" / "layers.npz").read_bytes(), metrics
@@ -91,11 +92,12 @@ def test_kills_at_any_moment_resume_to_the_identical_result(straight, data_dir, 
       [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True
     )
     assert killed.returncode == -9, (moment, killed.stderr[-2000:])
-  assert (tmp_path / "export" / ".layers.npz.partial").exists()
+  assert list((tmp_path / "export").glob(".layers.npz.*.partial"))
   assert not (tmp_path / "export" / "layers.npz").exists()
   assert "export" not in json.loads((tmp_path / "results.json").read_text())
   pipeline.run_pipeline(_config(data_dir), tmp_path)
   _assert_same(_outcome(tmp_path), straight)
+  assert not [*tmp_path.glob(".*.partial"), *tmp_path.glob("*/.*.partial")]  # cleared
 
 
 def _garble_latest(stage_dir: pathlib.Path) -> pathlib.Path:
@@ -143,13 +145,14 @@ def test_a_garbled_only_checkpoint_stops_with_one_line_naming_it(finished, tmp_p
 
 
 def test_a_huge_learning_rate_stops_with_the_stage_and_step_keeping_the_last_good_checkpoint(
-  data_dir, tmp_path
+  data_dir, tmp_path, caplog
 ):
   config = _config(data_dir, stages="fp")
   config.fp.update(learning_rate=1e6, steps=6)
   with pytest.raises(NonFiniteError, match=r"fp.*step \d+") as error:
     pipeline.run_pipeline(config, tmp_path)
   assert "\n" not in str(error.value)
+  assert [r.getMessage() for r in caplog.records if r.levelname != "INFO"] == []  # the line alone
   assert not (tmp_path / "results.json").exists()
   with Checkpointer(tmp_path / "fp") as ckpt:
     if ckpt.latest_step() is not None:
@@ -173,3 +176,48 @@ def test_nan_in_one_percent_of_the_images_stops_training(data_dir, tmp_path, mon
   with pytest.raises(NonFiniteError, match=r"fp"):
     pipeline.run_pipeline(config, tmp_path)
   assert not (tmp_path / "results.json").exists()
+
+
+def _write_results(workdir, results):
+  (workdir / "results.json").write_text(json.dumps(results))
+
+
+def test_an_edited_result_is_refused_never_printed(finished, tmp_path):
+  config, source, _ = finished
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  results = json.loads((workdir / "results.json").read_text())
+  results["qat"]["accuracy"] = 0.99
+  _write_results(workdir, results)
+  with pytest.raises(WorkdirError) as error:
+    pipeline.run_pipeline(config, workdir)
+  message = str(error.value)
+  assert "\n" not in message and str(workdir / "results.json") in message
+  assert "'qat'" in message and "delete that entry" in message
+  del results["qat"]  # as the message says: qat's result is recomputed from its checkpoint
+  _write_results(workdir, results)
+  assert pipeline.run_pipeline(config, workdir)["qat"]["accuracy"] == finished[2]["qat"]["accuracy"]
+
+
+def test_a_deleted_stage_directory_is_rebuilt_identical_or_refused(finished, tmp_path, capfd):
+  """A finished stage whose checkpoints are gone is trained again, with a note; its new final
+  checkpoint must be the one recorded (the stages after it were made from that one)."""
+  config, source, first = finished
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  shutil.rmtree(workdir / "fp")
+  shutil.rmtree(workdir / "qat")
+  assert pipeline.run_pipeline(config, workdir) == first
+  err = capfd.readouterr().err
+  for stage in ("fp", "qat"):
+    assert f"{stage}: {workdir / stage} is missing; rebuilding it" in err
+  with Checkpointer(workdir / "fp") as ckpt:
+    assert ckpt.latest_step() == config.fp.steps
+  # A rebuild that differs from the recorded one (here: the record says another model) stops.
+  results = json.loads((workdir / "results.json").read_text())
+  results["fp"]["checkpoint_digest"] = "0" * 64
+  results["fp"] = seal(results["fp"])
+  _write_results(workdir, results)
+  shutil.rmtree(workdir / "fp")
+  with pytest.raises(WorkdirError, match=r"rebuilt .*fp differs from the one results\.json"):
+    pipeline.run_pipeline(config, workdir)

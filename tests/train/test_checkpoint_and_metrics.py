@@ -22,6 +22,7 @@ from efqat_jax.train import (
   replicate,
   shard_batch,
 )
+from efqat_jax.train.checkpoint import FILE_RECORD
 
 X = jax.random.uniform(jax.random.key(0), (8, 12, 12, 1))
 Y = jnp.arange(8) % 10
@@ -97,8 +98,15 @@ def _data_file(directory, step):
   raise AssertionError(f"no file of checkpoint {step} holds the array's bytes")
 
 
+def _unrecord(directory, step):
+  """Removes the checkpoint's record of its files, as a kill right after orbax committed it
+  leaves it: orbax then reads it, and the digest of what it read tells the damage."""
+  (directory / str(step) / FILE_RECORD).unlink()
+
+
 def _garble(directory, step):
-  """Flips 256 bytes of ``noise``'s data in place."""
+  """Flips 256 bytes of ``noise``'s data in place (the file record removed)."""
+  _unrecord(directory, step)
   path, at = _data_file(directory, step)
   data = bytearray(path.read_bytes())
   data[at + 1024 : at + 1280] = bytes(b ^ 0xFF for b in data[at + 1024 : at + 1280])
@@ -106,6 +114,7 @@ def _garble(directory, step):
 
 
 def _truncate(directory, step):
+  _unrecord(directory, step)
   path, at = _data_file(directory, step)
   path.write_bytes(path.read_bytes()[: at + 1024])
 
@@ -195,6 +204,7 @@ def test_metadata_round_trips_and_is_covered_by_the_digest(tmp_path):
   assert metadata == {"epoch": 3, "seen": [1, 2], "name": "qat"}
   meta_file = directory / "2" / "meta" / "metadata"
   meta_file.write_text(meta_file.read_text().replace('"epoch": 3', '"epoch": 4'))
+  _unrecord(directory, 2)  # else the file record tells first
   lines = []
   with Checkpointer(directory, report=lines.append) as ckpt:
     assert ckpt.restore_latest_with_metadata(like)[1] is None  # step 1, saved without
@@ -227,3 +237,34 @@ def test_writers_opened_within_one_second_keep_each_others_events(tmp_path):
     with MetricWriter(tmp_path / "tb") as writer:
       writer.write(step, {"loss": float(step)})
   assert read_scalars(tmp_path / "tb")["loss"] == [(1, 1.0), (2, 2.0)]
+
+
+def test_a_checkpoint_missing_a_file_is_corrupt_before_orbax_reads_it(tmp_path, monkeypatch):
+  """Each checkpoint records its files' digests: one missing or changed is found without
+  orbax reading it (a failed orbax read leaves TensorStore callbacks printing tracebacks)."""
+  directory = tmp_path / "c"
+  _save_steps(directory, 1, 2)
+  (directory / "2" / "state" / "manifest.ocdbt").unlink()
+  restore, read_by_orbax = ocp.CheckpointManager.restore, []
+
+  def spied(manager, step, *args, **kwargs):
+    read_by_orbax.append(step)
+    return restore(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", spied)
+  lines = []
+  with Checkpointer(directory, report=lines.append) as ckpt:
+    _assert_tree_equal(ckpt.restore_latest(_tree(0)), _tree(1))
+  assert 2 not in read_by_orbax
+  assert lines == [
+    f"checkpoint {directory / '2'} is corrupt (file state/manifest.ocdbt is missing); moved it"
+    " to 2.corrupt, resuming from step 1"
+  ]
+
+
+def test_metric_writer_writes_a_non_finite_value_without_a_warning(tmp_path, caplog):
+  with MetricWriter(tmp_path / "tb") as writer:
+    writer.write(1, {"loss": float("nan"), "grad_norm": float("inf")})
+  scalars = read_scalars(tmp_path / "tb")
+  assert np.isnan(scalars["loss"][0][1]) and scalars["grad_norm"] == [(1, float("inf"))]
+  assert caplog.records == []  # the run's error line says it; tensorboardX used to warn too

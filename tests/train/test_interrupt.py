@@ -16,6 +16,7 @@ import pytest
 
 from efqat_jax.train import (
   Checkpointer,
+  Interrupted,
   MetricWriter,
   create_train_state,
   interrupt_guard,
@@ -53,10 +54,19 @@ def test_an_interrupt_swallowed_in_a_gc_callback_is_raised_at_the_next_check(mon
       gc.collect()  # KeyboardInterrupt is raised in the callback, printed and dropped
     finally:
       gc.callbacks.remove(callback)
-    assert swallowed == [KeyboardInterrupt]
+    assert len(swallowed) == 1 and issubclass(swallowed[0], KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
       raise_if_interrupted()
     raise_if_interrupted()  # raised once
+
+
+def test_sigterm_in_a_guard_that_takes_it_raises_an_interrupt_naming_it():
+  old = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(Interrupted) as stopped, interrupt_guard(signal.SIGINT, signal.SIGTERM):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1)
+  assert stopped.value.signum == signal.SIGTERM and isinstance(stopped.value, KeyboardInterrupt)
+  assert signal.getsignal(signal.SIGTERM) is old
 
 
 def test_the_guard_does_nothing_outside_the_main_thread():
