@@ -32,7 +32,7 @@ def use_jemalloc() -> None:
 
   XLA:CPU allocates a step's temporaries afresh on every call; with glibc's malloc, buffers over
   its mmap threshold come back as fresh pages each step, and the page faults can cost more than
-  the arithmetic (research/platform.md section 3). jemalloc with decay off keeps them.
+  the arithmetic (measured on this project's 2-core CPU machine). jemalloc with decay off keeps them.
   """
   if allocator() == "jemalloc":
     return

@@ -2,6 +2,7 @@
 
 import atexit
 import shutil
+import signal
 import tempfile
 
 import hypothesis
@@ -25,3 +26,14 @@ hypothesis.settings.load_profile("efqat")
 def data_dir(tmp_path_factory):
   """One tfds data dir for the session: each bundled dataset is prepared once."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+def pytest_sessionstart(session):
+  """The signal handlers the tests rely on, however the run was started: a shell without job
+  control starts a background job (``cmd &``) with SIGINT ignored, and every child inherits an
+  ignored signal. Here (and in each xdist worker) Ctrl-C raises KeyboardInterrupt, as the
+  interrupt tests' real SIGINTs expect; the subprocesses tests start get the default SIGINT
+  and SIGTERM back."""
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -2,7 +2,7 @@
 
 Frozen entries get exactly zero update (so no weight decay either), and their optimizer state
 is left as it was: a channel that becomes frozen at re-selection stops at once, and one that
-becomes trainable again resumes with the moments it had (research/methods.md 2.7, reading 4).
+becomes trainable again resumes with the moments it had (EfQAT, arXiv 2411.11038, leaves this open; this is our reading).
 The state therefore keeps its full size; what the frozen entries cost is its memory, not
 optimizer arithmetic that changes anything.
 

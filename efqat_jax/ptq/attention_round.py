@@ -3,7 +3,7 @@ with a probability that decays as a Gaussian of its distance to the level; the w
 optimised block by block to reconstruct each block's full-precision output, while the Gaussian's
 width sigma is annealed to zero, so the result is a deterministic rounding of optimised weights.
 
-The paper's equations are not available (``research/methods.md`` 4.2); both readings are here,
+The paper's text leaves two readings of its rounding open; both are here,
 chosen by ``variant``:
 - ``"attention"`` (default): the weight is the attention average over the levels,
   ``w_hat = s * sum_k softmax_k(-(v - k)^2 / (2 sigma^2)) * k``, differentiated exactly (no STE);

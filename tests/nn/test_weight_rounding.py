@@ -51,7 +51,7 @@ def _layer_ref(p, x, rounding=None):
 
 def _attention_round(sigma):
   """Attention Round's variant A: the expected grid level under a Gaussian attention over all
-  levels (methods.md 4.2), differentiable in the weight."""
+  levels (Diao et al., arXiv 2207.03088), differentiable in the weight."""
 
   def rounding(u, ctx: RoundingContext):
     levels = jnp.arange(ctx.spec.qmin, ctx.spec.qmax + 1, dtype=u.dtype)
