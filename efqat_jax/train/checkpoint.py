@@ -3,7 +3,7 @@
 Each checkpoint holds two items written together (atomically, by one orbax save): ``state``,
 the pytree, and ``meta``, a small JSON dict with a sha256 digest of the state's arrays and of
 the caller's metadata. Once orbax has committed it, the sha256 of each of its files is recorded
-beside them (``FILE_RECORD``). A restore checks the files first (so orbax never starts on a
+beside them (``efqat_jax.train.checkpoint_files``). A restore checks the files first (so orbax never starts on a
 checkpoint with a file missing or changed), then the digest of what it read; a checkpoint that
 fails either is moved aside (``<step>.corrupt``, never deleted) and the next older one is used.
 
@@ -18,7 +18,6 @@ import contextlib
 import gc
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 import sys
@@ -31,10 +30,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from efqat_jax.errors import CorruptCheckpointError, StorageError, storage_reason
+from efqat_jax.train.checkpoint_files import FilesChanged, check_files, record_files
 from efqat_jax.train.interrupt import deferred_interrupts
 
 _STATE, _META = "state", "meta"
-FILE_RECORD = "efqat_files.json"  # in each checkpoint: {"files": {relative path: sha256}}
 _TEMPORARY = "*.orbax-checkpoint-tmp*"  # what orbax writes a checkpoint into before committing it
 
 
@@ -115,7 +114,7 @@ def _cast_like(restored: Any, like: Any) -> Any:
 
 def _describe(error: Exception) -> str:
   """One short line saying why a checkpoint is corrupt."""
-  if isinstance(error, _Corrupt):
+  if isinstance(error, (_Corrupt, FilesChanged)):
     return str(error)
   while error.__cause__ is not None:  # orbax wraps the TensorStore error that names the file
     error = error.__cause__
@@ -161,48 +160,6 @@ def _remove_temporaries(directory: pathlib.Path) -> None:
   removes what is left when it next starts.)"""
   for temporary in directory.glob(_TEMPORARY):
     shutil.rmtree(temporary, ignore_errors=True)
-
-
-def _file_digests(step_dir: pathlib.Path) -> dict[str, str]:
-  """sha256 of every file of a checkpoint, by path relative to it (the record itself aside)."""
-  digests = {}
-  for path in sorted(step_dir.rglob("*")):
-    if path.is_file() and path.name != FILE_RECORD:
-      with open(path, "rb") as f:
-        digests[str(path.relative_to(step_dir))] = hashlib.file_digest(f, "sha256").hexdigest()
-  return digests
-
-
-def _record_files(step_dir: pathlib.Path) -> None:
-  """Writes ``FILE_RECORD`` into a committed checkpoint (atomically)."""
-  data = json.dumps({"files": _file_digests(step_dir)}, indent=1).encode()
-  partial = step_dir / f".{FILE_RECORD}.{os.getpid()}.partial"
-  try:
-    with open(partial, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(partial, step_dir / FILE_RECORD)
-  finally:
-    partial.unlink(missing_ok=True)
-
-
-def _check_files(step_dir: pathlib.Path) -> None:
-  """Raises _Corrupt if a file ``FILE_RECORD`` lists is missing or changed. A checkpoint without
-  the record (its run was killed before writing it) is left to the digest check."""
-  record = step_dir / FILE_RECORD
-  if not record.exists():
-    return
-  try:
-    saved = dict(json.loads(record.read_bytes())["files"])
-  except (ValueError, KeyError, TypeError):
-    raise _Corrupt(f"its record {FILE_RECORD} is damaged") from None
-  digests = _file_digests(step_dir)
-  for name, digest in saved.items():
-    if name not in digests:
-      raise _Corrupt(f"file {name} is missing")
-    if digests[name] != digest:
-      raise _Corrupt(f"file {name} differs from the one saved")
 
 
 def _print_to_stderr(line: str) -> None:
@@ -280,7 +237,7 @@ class Checkpointer:
     if step is None:
       return None
     try:
-      _check_files(self._step_dir(step))
+      check_files(self._step_dir(step))
       return self._meta(step)["digest"]
     except Exception as error:  # any failure to read means a broken checkpoint
       reason = _describe(error)
@@ -340,7 +297,7 @@ class Checkpointer:
   def _load(self, step: int, like: Any) -> tuple[Any, dict | None]:
     """Checkpoint ``step`` (restored like ``like``, or as saved if None), files and digest
     verified."""
-    _check_files(self._step_dir(step))
+    check_files(self._step_dir(step))
     meta = self._meta(step)
     saved = {tuple(path): dtype for path, _, dtype in meta["leaves"]}
     if like is None:
@@ -402,7 +359,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     for step in self._unrecorded:
       if self._step_dir(step).is_dir():
-        _record_files(self._step_dir(step))
+        record_files(self._step_dir(step))
     self._unrecorded.clear()
 
   @contextlib.contextmanager

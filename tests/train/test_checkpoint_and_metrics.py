@@ -22,7 +22,7 @@ from efqat_jax.train import (
   replicate,
   shard_batch,
 )
-from efqat_jax.train.checkpoint import FILE_RECORD
+from efqat_jax.train.checkpoint_files import FILE_RECORD
 
 X = jax.random.uniform(jax.random.key(0), (8, 12, 12, 1))
 Y = jnp.arange(8) % 10
