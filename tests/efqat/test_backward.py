@@ -19,7 +19,9 @@ RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_acti
 MODEL = quantize(SmallCNN(features=(8, 16, 16)), RULE)  # Conv_0..2, Dense_0
 X = jax.random.uniform(jax.random.key(0), (8, 12, 12, 1))
 Y = jnp.arange(8) % 10
-LAYERS = quantized_layers(MODEL, MODEL.init(jax.random.key(0), X), X)
+# One compiled init per model (eager init compiles each of its operations on its own).
+VARIABLES = jax.jit(MODEL.init)(jax.random.key(0), X)
+LAYERS = quantized_layers(MODEL, VARIABLES, X)
 
 
 def _step(model, tx, mesh):
@@ -29,7 +31,7 @@ def _step(model, tx, mesh):
 @pytest.fixture(scope="module")
 def setup():
   mesh, tx = make_mesh(), freeze_unselected(optax.adam(1e-2))
-  state = replicate(create_train_state(MODEL.init(jax.random.key(0), X), tx), mesh)
+  state = replicate(create_train_state(VARIABLES, tx), mesh)
   return state, _step(MODEL, tx, mesh), shard_batch({"inputs": X, "labels": Y}, mesh)
 
 
@@ -170,7 +172,7 @@ def test_restricted_backward_updates_params_like_the_full_backward_with_masks(ca
   mesh = make_mesh()
   inner = optax.sgd(0.5) if optimizer == "sgd" else optax.adam(1e-2)
   tx = freeze_unselected(inner)
-  variables = model.init(jax.random.key(0), X)
+  variables = jax.jit(model.init)(jax.random.key(0), X)
   state = replicate(create_train_state(variables, tx), mesh)
   trainable = select(state.params, quantized_layers(model, variables, X), mode, rho)
   assert (
@@ -207,7 +209,7 @@ def test_reselection_retraces_only_when_counts_change(setup):
   state, step, batch = setup
   tx = freeze_unselected(optax.adam(1e-2))
   mesh = make_mesh()
-  state = replicate(create_train_state(MODEL.init(jax.random.key(0), X), tx), mesh)
+  state = replicate(create_train_state(VARIABLES, tx), mesh)
   fresh = _step(MODEL, tx, mesh)
   for i in range(3):
     trainable = select(state.params, LAYERS, "cwpl", 0.25)
@@ -222,7 +224,7 @@ def test_frozen_layer_params_do_not_move_through_the_full_step(setup):
   state, step, batch = setup
   tx = freeze_unselected(optax.adam(1e-2))
   mesh = make_mesh()
-  state = replicate(create_train_state(MODEL.init(jax.random.key(0), X), tx), mesh)
+  state = replicate(create_train_state(VARIABLES, tx), mesh)
   trainable = select(state.params, LAYERS, "lwpn", 0.5)
   state = state.replace(opt_state=set_trainable(state.opt_state, state.params, trainable))
   before = jax.device_get(state.params)

@@ -15,7 +15,7 @@ RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_acti
 MODEL = quantize(SmallCNN(features=(8, 16)), RULE)
 X = jax.random.uniform(jax.random.key(0), (8, 12, 12, 1))
 Y = jnp.arange(8) % 10
-VARIABLES = MODEL.init(jax.random.key(0), X)
+VARIABLES = jax.jit(MODEL.init)(jax.random.key(0), X)  # one program, not one per operation
 PARAMS = VARIABLES["params"]
 LAYERS = quantized_layers(MODEL, VARIABLES, X)
 OPTIMIZERS = {
@@ -152,7 +152,7 @@ def test_a_per_tensor_weight_scale_trains_only_with_its_whole_layer(mode, rho):
     ".*", weight=QuantSpec.for_weights(4, granularity="tensor"), input=QuantSpec.for_activations(4)
   )
   model = quantize(SmallCNN(features=(8, 16)), per_tensor)
-  variables = model.init(jax.random.key(0), X)
+  variables = jax.jit(model.init)(jax.random.key(0), X)  # one program, not one per operation
   params, layers = variables["params"], quantized_layers(model, variables, X)
   tx = freeze_unselected(optax.adam(1e-2))
   tset = select(params, layers, mode, rho)  # lwpn: one layer whole; cwpl: part of each
@@ -160,7 +160,7 @@ def test_a_per_tensor_weight_scale_trains_only_with_its_whole_layer(mode, rho):
   loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
     model.apply({"params": p}, X), Y
   ).mean()
-  updates, _ = tx.update(jax.grad(loss)(params), state, params)
+  updates, _ = jax.jit(tx.update)(jax.jit(jax.grad(loss))(params), state, params)
   after = optax.apply_updates(params, updates)
   for path, k in tset.counts:
     assert np.shape(params[path]["kernel_scale"]) == ()

@@ -21,7 +21,7 @@ from efqat_jax.train import create_train_state
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
 MODEL = quantize(SmallCNN(features=(8, 16)), RULE)  # Conv_0 (8), Conv_1 (16), Dense_0 (10)
-VARIABLES = MODEL.init(jax.random.key(0), jnp.ones((2, 12, 12, 1)))
+VARIABLES = jax.jit(MODEL.init)(jax.random.key(0), jnp.ones((2, 12, 12, 1)))
 LAYERS = quantized_layers(MODEL, VARIABLES, jnp.ones((2, 12, 12, 1)))
 TX = freeze_unselected(optax.adam(1e-2))
 

@@ -14,11 +14,11 @@ from efqat_jax.nn import quantized_layers
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
 CNN = quantize(SmallCNN(features=(8, 16)), RULE)
-CNN_VARIABLES = CNN.init(jax.random.key(0), jnp.ones((2, 12, 12, 1)))
+CNN_VARIABLES = jax.jit(CNN.init)(jax.random.key(0), jnp.ones((2, 12, 12, 1)))
 CNN_PARAMS = CNN_VARIABLES["params"]
 CNN_LAYERS = quantized_layers(CNN, CNN_VARIABLES, jnp.ones((2, 12, 12, 1)))
 TFM = quantize(Transformer(vocab_size=16, d_model=8, num_heads=2, mlp_dim=16, max_len=8), RULE)
-TFM_VARIABLES = TFM.init(jax.random.key(0), jnp.ones((2, 8), jnp.int32))
+TFM_VARIABLES = jax.jit(TFM.init)(jax.random.key(0), jnp.ones((2, 8), jnp.int32))
 TFM_PARAMS = TFM_VARIABLES["params"]
 TFM_LAYERS = quantized_layers(TFM, TFM_VARIABLES, jnp.ones((2, 8), jnp.int32))
 

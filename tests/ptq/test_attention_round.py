@@ -90,8 +90,8 @@ def correlated(rows=512, k=24, seed=0):
 def calibrated(model, x, weight_bits=3):
   rule = QuantRule(".*", QuantSpec.for_weights(weight_bits), QuantSpec.for_activations(8))
   qmodel = quantize(model, rule)
-  float_vars = model.init(jax.random.key(0), x[:4])
-  variables = merge_trees(qmodel.init(jax.random.key(0), x[:4]), float_vars)
+  float_vars = jax.jit(model.init)(jax.random.key(0), x[:4])
+  variables = merge_trees(jax.jit(qmodel.init)(jax.random.key(0), x[:4]), float_vars)
   batches = [x[i : i + 128] for i in range(0, x.shape[0], 128)]
   cal = calibrate(qmodel, variables, batches, len(batches))
   cal = {k: v for k, v in cal.items() if k != "quant_stats"}

@@ -50,7 +50,7 @@ class Stacked(nn.Module):
 
 def _layers(model, x):
   qmodel = quantize(model, RULE)
-  variables = qmodel.init(jax.random.key(0), x)
+  variables = jax.jit(qmodel.init)(jax.random.key(0), x)
   return qmodel, variables, quantized_layers(qmodel, variables, x)
 
 
@@ -97,7 +97,7 @@ def test_branches_equal_the_full_precision_model_when_no_block_is_low_precision(
   model, x, names, reading
 ):
   _, _, layers = _layers(model, x)
-  variables = model.init(jax.random.key(3), x)
+  variables = jax.jit(model.init)(jax.random.key(3), x)
   settings = Replacement(find_boundaries(layers, names), reading=reading)
   fp = partner_apply(model, variables)
   batch = {"inputs": x}
@@ -113,7 +113,7 @@ def test_branch_logits_have_the_shapes_of_the_low_precision_logits_and_differ_fr
 ):
   qmodel, qvariables, layers = _layers(Stacked(), STACKED_X)
   model = Stacked()
-  variables = model.init(jax.random.key(0), STACKED_X)
+  variables = jax.jit(model.init)(jax.random.key(0), STACKED_X)
   settings = Replacement(find_boundaries(layers, "units,head"), reading=reading)
   lp_apply = partner_apply(qmodel, qvariables)
   lp, teacher, out = all_logits(
@@ -143,15 +143,16 @@ def test_distillation_is_zero_for_equal_logits_and_scales_with_the_temperature_s
 # SmallCNN: Conv_0..2, Dense_0; boundaries at Conv_1 and Conv_2 (prefix: two branches).
 CNN = SmallCNN(features=(8, 16, 16))
 QCNN = quantize(CNN, RULE)
-CNN_LAYERS = quantized_layers(QCNN, QCNN.init(jax.random.key(0), CNN_X), CNN_X)
+QCNN_VARIABLES = jax.jit(QCNN.init)(jax.random.key(0), CNN_X)
+CNN_LAYERS = quantized_layers(QCNN, QCNN_VARIABLES, CNN_X)
 CNN_Y = jnp.arange(8) % 10
 
 
 @pytest.fixture(scope="module")
 def cnn_setup():
   mesh, tx = make_mesh(), freeze_unselected(optax.adam(1e-2))
-  fp_variables = CNN.init(jax.random.key(0), CNN_X)
-  qvariables = QCNN.init(jax.random.key(0), CNN_X)
+  fp_variables = jax.jit(CNN.init)(jax.random.key(0), CNN_X)
+  qvariables = QCNN_VARIABLES
   settings = Replacement(find_boundaries(CNN_LAYERS, "Conv_1,Conv_2"))
   loss_fn = block_replacement_loss(CNN, fp_variables, settings)
   step = make_train_step(QCNN, tx, mesh, loss_fn, param_context=restrict_backward)

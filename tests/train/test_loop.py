@@ -38,7 +38,7 @@ class DropoutNet(nn.Module):
 
 
 MODEL, TX = DropoutNet(), optax.adamw(3e-2, weight_decay=1e-2)
-VARIABLES = MODEL.init(jax.random.key(1), X[:BATCH])
+VARIABLES = jax.jit(MODEL.init)(jax.random.key(1), X[:BATCH])
 STEP = make_train_step(MODEL, TX, MESH)
 
 

@@ -121,7 +121,7 @@ def contrastive_loss(apply, batch, rng, train):
 
 
 def _state(model, tx, *inputs):
-  variables = model.init(jax.random.key(1), *inputs)
+  variables = jax.jit(model.init)(jax.random.key(1), *inputs)
   return replicate(create_train_state(variables, tx), MESH)
 
 

@@ -31,7 +31,7 @@ Y = jnp.arange(8) % 10
 def _setup(model, tx=None):
   tx = tx or optax.adam(1e-2)
   mesh = make_mesh()
-  state = replicate(create_train_state(model.init(jax.random.key(0), X), tx), mesh)
+  state = replicate(create_train_state(jax.jit(model.init)(jax.random.key(0), X), tx), mesh)
   return mesh, tx, state
 
 
@@ -129,7 +129,8 @@ EIGHT_DEVICES = textwrap.dedent(
 
 
 def test_eight_simulated_devices_match_one_device_and_reject_indivisible_batches():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   result = subprocess.run(
     [sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True, text=True, timeout=300
   )
