@@ -3,9 +3,17 @@
 One process. Per model, every variant is its own compiled step (``make_train_step``) with its
 own copy of the state: the loss forward alone, QAT (every weight gradient), and EfQAT in each
 mode at rho 5%, 10%, 25%, 50% (plus CWPL at 100%, everything selected but through the EfQAT
-path). All are compiled first, then run interleaved (one step each per round, after 3 warm-up
-rounds), and the figures are medians over rounds. ``backward_ms`` is step minus forward: the
-backward pass plus the optimizer. Every Dense, Conv and DenseGeneral is quantized W4A4.
+path), with biases, norms and quantizer params training in every layer (``cheap_params`` =
+all_layers); each mode at rho 10% again with them training only in the selected layers
+(selected_layers); and the floor of each (``ptq``: no kernel trains). All are compiled first,
+then run interleaved (one step each per round, after 3 warm-up rounds), and the figures are
+medians over rounds. ``backward_ms`` is step minus forward: the backward pass plus the
+optimizer. Every Dense, Conv and DenseGeneral is quantized W4A4.
+
+``attainable_realised`` = (QAT - mode) / (QAT - ideal) on backward times, with ideal = floor +
+param_fraction x (QAT - floor) and floor the all_layers ``ptq`` row: the share of the saving a
+backward pass whose weight-gradient cost followed the trained share exactly would make. Above 1
+means the mode also skips work the all_layers floor keeps (selected_layers).
 
   python bench/efqat_speedup.py           # all models, writes bench/results/efqat_speedup.json
   python bench/efqat_speedup.py --quick   # resnet20 and transformer at rho 10%, nothing written
@@ -20,6 +28,7 @@ It restarts itself under jemalloc when that is installed (``apt-get install libj
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
 from collections.abc import Callable
@@ -42,6 +51,7 @@ from efqat_jax.train import (
   replicate,
   shard_batch,
 )
+from efqat_jax.train.step import TrainStep
 
 MODES = ("cwpl", "cwpn", "lwpn")
 RHOS = (0.05, 0.10, 0.25, 0.50)
@@ -51,12 +61,15 @@ COLUMNS = [
   "model",
   "mode",
   "rho",
+  "cheap_params",
   "step_ms",
   "backward_ms",
   "step_speedup",
   "backward_speedup",
-  "channel_fraction",
+  "attainable_realised",
+  "param_fraction",
 ]
+CHEAP_PARAMS_RHO = 0.1  # the rho at which selected_layers is timed beside all_layers
 
 
 def _images(key: jax.Array):
@@ -116,29 +129,39 @@ def _forward(qmodel):
 
 
 def _compiled(name: str, jitted, *args):
-  """``jitted`` compiled for ``args``, with the compile time printed."""
+  """``jitted`` compiled for ``args``, with the compile time printed. For a train step, a call
+  ``(state, batch, rng, extra)`` of the executable (which also takes the step's loss)."""
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   print(f"  {name}: compiled in {time.perf_counter() - start:.1f} s", flush=True)
-  return compiled
+  if not isinstance(jitted, TrainStep):
+    return compiled
+  return lambda state, batch, rng, extra: compiled(state, batch, rng, extra, jitted.loss_fn)
 
 
-def _variants(rhos) -> list[tuple[str, float]]:
-  """(mode, rho) of every timed step: QAT, each mode at each rho, CWPL at rho 1 (everything
-  selected, through the EfQAT path) and PTQ (no kernel trains: the floor of the backward pass
-  while biases, normalisation and activation-quantizer params train)."""
+def _variants(rhos) -> list[tuple[str, float, str]]:
+  """(mode, rho, cheap_params) of every timed step: QAT, each mode at each rho, CWPL at rho 1
+  (everything selected, through the EfQAT path) and PTQ (no kernel trains: the floor of the
+  backward pass while biases, normalisation and activation-quantizer params train), all with
+  cheap params in every layer; then each mode at ``CHEAP_PARAMS_RHO`` and PTQ with cheap params
+  in the selected layers only."""
   return [
-    ("qat", 1.0),
-    *((mode, rho) for mode in MODES for rho in rhos),
-    ("cwpl", 1.0),
-    ("ptq", 0.0),
+    ("qat", 1.0, "all_layers"),
+    *((mode, rho, "all_layers") for mode in MODES for rho in rhos),
+    ("cwpl", 1.0, "all_layers"),
+    ("ptq", 0.0, "all_layers"),
+    *((mode, CHEAP_PARAMS_RHO, "selected_layers") for mode in MODES),
+    ("ptq", 0.0, "selected_layers"),
   ]
 
 
-def _efqat_state(base, layers, mode: str, rho: float, bucket: int, mesh):
-  """A copy of ``base`` with the selection of ``mode`` at ``rho`` installed, and that selection."""
+def _efqat_state(base, layers, variant, bucket: int, mesh):
+  """A copy of ``base`` with the selection of ``variant`` (mode, rho, cheap_params) installed,
+  and that selection."""
+  mode, rho, cheap = variant
   state = jax.tree.map(jnp.copy, base)
-  trainable = replicate(select(state.params, layers, mode, rho, bucket=bucket), mesh)
+  trainable = select(state.params, layers, mode, rho, bucket=bucket, cheap_params=cheap)
+  trainable = replicate(trainable, mesh)
   opt_state = set_trainable(state.opt_state, state.params, trainable)
   return replicate(state.replace(opt_state=opt_state), mesh), trainable
 
@@ -161,34 +184,40 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
   forward = _compiled("forward", _forward(qmodel), base, batch, rng)
   runs = {"forward": lambda: forward(base, batch, rng).block_until_ready()}
   fractions = {}
-  for mode, rho in _variants(rhos):
-    if mode == "qat":
-      state, args = jax.tree.map(jnp.copy, base), (batch, rng)
+  for variant in _variants(rhos):
+    if variant[0] == "qat":
+      state, args = jax.tree.map(jnp.copy, base), (batch, rng, None)
       trainable = select(base.params, layers, "qat")
     else:
-      state, trainable = _efqat_state(base, layers, mode, rho, bucket, mesh)
+      state, trainable = _efqat_state(base, layers, variant, bucket, mesh)
       args = (batch, rng, trainable)
-    step = _compiled(f"{mode} {rho:.2f}", jitted, state, *args)
-    runs[mode, rho] = timing.stepping_call(step, state, *args)
-    fractions[mode, rho] = trainable.summary()
+    step = _compiled(" ".join(map(str, variant)), jitted, state, *args)
+    runs[variant] = timing.stepping_call(step, state, *args)
+    fractions[variant] = trainable.summary()
 
   times = {k: timing.median(v) for k, v in timing.interleaved_ms(runs, rounds).items()}
-  forward_ms, qat_ms = times["forward"], times["qat", 1.0]
+  forward_ms = times["forward"]
+  qat_bw = times["qat", 1.0, "all_layers"] - forward_ms
+  floor_bw = times["ptq", 0.0, "all_layers"] - forward_ms
   rows = []
-  for mode, rho in _variants(rhos):
-    step_ms = times[mode, rho]
+  for variant in _variants(rhos):
+    mode, rho, cheap = variant
+    backward_ms, share = times[variant] - forward_ms, fractions[variant]["param_fraction"]
+    ideal_bw = floor_bw + share * (qat_bw - floor_bw)
     rows.append(
       dict(
         model=name,
         mode=mode,
         rho=rho,
-        step_ms=step_ms,
+        cheap_params=cheap,
+        step_ms=times[variant],
         forward_ms=forward_ms,
-        backward_ms=step_ms - forward_ms,
-        step_speedup=qat_ms / step_ms,
-        backward_speedup=(qat_ms - forward_ms) / (step_ms - forward_ms),
-        channel_fraction=fractions[mode, rho]["channel_fraction"],
-        param_fraction=fractions[mode, rho]["param_fraction"],
+        backward_ms=backward_ms,
+        step_speedup=(qat_bw + forward_ms) / times[variant],
+        backward_speedup=qat_bw / backward_ms,
+        attainable_realised=(qat_bw - backward_ms) / (qat_bw - ideal_bw) if share < 1 else None,
+        channel_fraction=fractions[variant]["channel_fraction"],
+        param_fraction=share,
         rounds=rounds,
         **timing.machine(),
       )
@@ -226,6 +255,16 @@ def _conv_weight_gradient_rows(rounds: int) -> list[dict]:
   return rows
 
 
+def _with_other_models(rows: list[dict]) -> list[dict]:
+  """``rows`` after the rows of the models they do not cover, from the JSON already written."""
+  path = timing.RESULTS / "efqat_speedup.json"
+  measured = {row["model"] for row in rows}
+  kept = (
+    [r for r in json.loads(path.read_text()) if r["model"] not in measured] if path.exists() else []
+  )
+  return kept + rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="two models, rho 10%%, 5 rounds")
@@ -247,7 +286,7 @@ def main():
   dw_rows = _conv_weight_gradient_rows(rounds)
   print(timing.markdown_table(dw_rows, list(dw_rows[0])))
   if not args.quick:
-    print(f"wrote {timing.write_rows('efqat_speedup', rows)}")
+    print(f"wrote {timing.write_rows('efqat_speedup', _with_other_models(rows))}")
     print(f"wrote {timing.write_rows('efqat_speedup_conv_dw', dw_rows)}")
 
 

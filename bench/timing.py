@@ -9,39 +9,26 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
 import jax
 
+from efqat_jax import allocator as efqat_allocator
+
 RESULTS = pathlib.Path(__file__).parent / "results"
-JEMALLOC_PATHS = (
-  "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-  "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-)
 
 
 def allocator() -> str:
   """``"jemalloc"`` if this process runs under jemalloc, else ``"default"``."""
-  return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "default"
+  return efqat_allocator.current()
 
 
 def use_jemalloc() -> None:
-  """Restarts this process under jemalloc (retaining freed pages) if it is installed.
-
-  XLA:CPU allocates a step's temporaries afresh on every call; with glibc's malloc, buffers over
-  its mmap threshold come back as fresh pages each step, and the page faults can cost more than
-  the arithmetic (measured on this project's 2-core CPU machine). jemalloc with decay off keeps them.
-  """
-  if allocator() == "jemalloc":
-    return
-  path = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
-  if path is None:
-    print("jemalloc not found (apt-get install libjemalloc2): timing with the default allocator")
-    return
-  env = dict(os.environ, LD_PRELOAD=path, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
-  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  """Restarts this process under jemalloc (retaining freed pages) if it is installed, as the
+  command line does (``efqat_jax.allocator``), and prints the allocator in use."""
+  efqat_allocator.use_jemalloc()
+  print(efqat_allocator.describe(), flush=True)
 
 
 def stepping_call(step, state, *args) -> Callable[[], None]:

@@ -9,7 +9,9 @@ A user's mistake (a bad flag or value, a typo'd field, a dataset that does not f
 that cannot be written or is in use by another run) is one line on stderr and exit status 2,
 before any file is written. A write the file system refuses (no space left, a read-only disk)
 is one line and status 1. Ctrl-C stops with one line (status 130), SIGTERM likewise (status
-143); each leaves a workdir that the same command resumes.
+143); each leaves a workdir that the same command resumes. The command restarts itself under
+jemalloc where it is installed (``efqat_jax.allocator``; ``EFQAT_JAX_ALLOCATOR=default`` opts
+out) and names the allocator under its table.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from efqat_jax import fields
+from efqat_jax import allocator, fields
 from efqat_jax.errors import ConfigError, StorageError, UserError, storage_reason
 from efqat_jax.train.interrupt import stop_on_signals
 
@@ -197,6 +199,7 @@ def main(argv):
     return
   results = run_pipeline(config, FLAGS["workdir"].value)
   print(results_table(results))
+  print(allocator.describe())
 
 
 def _storage_line(error: BaseException, reason: str) -> str:
@@ -216,6 +219,7 @@ def _storage_line(error: BaseException, reason: str) -> str:
 def cli() -> None:
   """The entry point: user errors, refused writes, Ctrl-C and SIGTERM end in one line, not a
   traceback."""
+  allocator.use_jemalloc()  # restarts this process under jemalloc where it is installed
   stop_on_signals(signal.SIGINT, signal.SIGTERM)  # even if inherited as ignored
   argv = sys.argv = _config_first(sys.argv)  # config_flags reads sys.argv itself
   try:

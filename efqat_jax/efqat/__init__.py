@@ -1,7 +1,6 @@
 """EfQAT: train only the most important channels or layers of a quantized model."""
 
 from efqat_jax.efqat.backward import (
-  frozen_layers,
   partial_layers,
   restrict_backward,
   stop_frozen_layers,
@@ -15,16 +14,16 @@ from efqat_jax.efqat.masking import (
   trainable_masks,
 )
 from efqat_jax.efqat.reselect import ReselectingStep
-from efqat_jax.efqat.selection import MODES, TrainableSet, select
+from efqat_jax.efqat.selection import CHEAP_PARAMS, MODES, TrainableSet, select
 
 __all__ = [
+  "CHEAP_PARAMS",
   "MODES",
   "ReselectingStep",
   "FreezeState",
   "TrainableSet",
   "channel_importance",
   "freeze_unselected",
-  "frozen_layers",
   "layer_importance",
   "partial_layers",
   "restrict_backward",

@@ -10,9 +10,13 @@ Inside the step, ``restrict_backward`` turns the static counts of a TrainableSet
     (``efqat_jax.nn.GRAD_CHANNELS``), which ``nn.scan`` / ``nn.vmap`` slice per layer like any
     param. The layers of a stack run one program, so they share the largest count of the
     stack; units with fewer pad with an index past the last channel (no gradient);
-  - a fully trainable layer is left alone.
-Input gradients still flow through every layer wherever a param below it trains (biases and
-activation-quantizer params always do). The step is retraced only when the counts change.
+  - a fully trainable layer is left alone;
+  - with ``cheap_params="selected_layers"``, a frozen layer's other params (bias, activation
+    quantizer) and those of its attached modules (its norm) are constant too.
+Input gradients flow through every layer wherever a param below it trains: with
+``cheap_params="all_layers"`` (biases, norms and activation-quantizer params train everywhere),
+down to the first layer; with ``"selected_layers"``, down to the lowest layer with selected
+weights. The step is retraced only when the counts change.
 """
 
 from __future__ import annotations
@@ -34,11 +38,6 @@ def _max_counts(trainable: TrainableSet) -> dict[str, int]:
   return {
     layer.path: max(trainable.count(unit) for unit in layer.units()) for layer in trainable.layers
   }
-
-
-def frozen_layers(trainable: TrainableSet) -> frozenset[str]:
-  """Paths of the layers none of whose units trains a channel."""
-  return frozenset(path for path, k in _max_counts(trainable).items() if k == 0)
 
 
 def partial_layers(trainable: TrainableSet) -> dict[str, jax.Array]:
@@ -65,18 +64,16 @@ def partial_layers(trainable: TrainableSet) -> dict[str, jax.Array]:
 
 def stop_frozen_layers(params: Any, trainable: TrainableSet) -> Any:
   """``params`` with the weights (and, unless ``trainable.train_frozen_scales``, the weight
-  scales) of fully frozen layers made constant."""
+  scales) of fully frozen layers made constant, and the cheap params that stay frozen."""
   flat = flatten_dict(params)
-  frozen = frozen_layers(trainable)
-  for layer in trainable.layers:
-    if layer.path not in frozen:
-      continue
+  keys = list(trainable.frozen_cheap_params(params))
+  for layer in trainable.frozen_layers():
     names = (layer.weight_name,) if trainable.train_frozen_scales else (
       layer.weight_name, layer.scale_name,
     )  # fmt: skip
-    for name in names:
-      key = (*layer.path.split("/"), name)
-      flat[key] = jax.lax.stop_gradient(flat[key])
+    keys += [(*layer.path.split("/"), name) for name in names]
+  for key in keys:
+    flat[key] = jax.lax.stop_gradient(flat[key])
   return unflatten_dict(flat)
 
 

@@ -6,11 +6,13 @@ becomes trainable again resumes with the moments it had (EfQAT, arXiv 2411.11038
 The state therefore keeps its full size; what the frozen entries cost is its memory, not
 optimizer arithmetic that changes anything.
 
-What trains besides the selected weight channels: every param that is not a quantized weight
-(biases, normalisation params, activation quantizer params) and, unless the TrainableSet says
-``train_frozen_scales``, the weight scales all of whose entries lie in selected channels (a
-scale that covers a frozen channel, e.g. a per-tensor scale of a partly trained layer, would
-need that channel's full weight gradient).
+What trains besides the selected weight channels: the params that are not quantized weights
+(biases, normalisation params, activation quantizer params) in every layer, or with
+``cheap_params="selected_layers"`` only in the layers with selected weights (see
+``efqat_jax.efqat.select``), and, unless the TrainableSet says ``train_frozen_scales``, the
+weight scales all of whose entries lie in selected channels (a scale that covers a frozen
+channel, e.g. a per-tensor scale of a partly trained layer, would need that channel's full
+weight gradient).
 
 The masks are data in the optimizer state, so re-selecting never recompiles the step. This
 wrapper fixes the semantics; the train step removes the frozen weight-gradient work
@@ -19,6 +21,7 @@ wrapper fixes the semantics; the train step removes the frozen weight-gradient w
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -73,6 +76,8 @@ def trainable_masks(params: Any, trainable: TrainableSet) -> Any:
     flat[weight] = stack(weight_masks, flat[weight])
     if not trainable.train_frozen_scales:
       flat[scale] = stack(scale_masks, flat[scale])
+  for key in trainable.frozen_cheap_params(params):
+    flat[key] = jnp.zeros_like(flat[key])
   return unflatten_dict(flat)
 
 
@@ -106,7 +111,12 @@ def set_trainable(state: FreezeState, params: Any, trainable: TrainableSet) -> F
   """The optimizer state of ``freeze_unselected`` with a new selection installed."""
   if not isinstance(state, FreezeState):
     raise ValueError(f"expected the state of freeze_unselected, got {type(state).__name__}")
-  return state._replace(masks=trainable_masks(params, trainable))
+  return state._replace(masks=_compiled_masks(params, trainable))
+
+
+# One program per selection's counts (like the step), instead of one per eager operation: the
+# first selection of a run then costs one compilation rather than hundreds.
+_compiled_masks = jax.jit(trainable_masks)
 
 
 def trainable_from_state(
@@ -115,7 +125,8 @@ def trainable_from_state(
   """The selection installed in ``state`` (e.g. restored from a checkpoint).
 
   Its channels come in ascending order rather than by importance, which changes nothing that
-  trains; ``train_frozen_scales`` is read off the weight-scale masks.
+  trains; ``train_frozen_scales`` is read off the weight-scale masks, and ``cheap_params`` off
+  the masks of the frozen layers' other params.
   """
   layers = dict(sorted(layers.items()))
   counts, channels = {}, {}
@@ -131,12 +142,20 @@ def trainable_from_state(
     bool(np.any(np.asarray(params_at(state.masks, layer.path)[layer.scale_name]) != expected))
     for layer, expected in _scale_masks(params, selection)
   )
-  return TrainableSet(selection.counts, selection.layers, channels, frozen_scales_train)
+  frozen_cheap = dataclasses.replace(selection, cheap_params="selected_layers")
+  flat_masks = flatten_dict(state.masks)
+  cheap = frozen_cheap.frozen_cheap_params(params)
+  cheap_params = (
+    "selected_layers" if any(not np.any(flat_masks[k]) for k in cheap) else "all_layers"
+  )
+  return TrainableSet(
+    selection.counts, selection.layers, channels, frozen_scales_train, cheap_params
+  )
 
 
 def _scale_masks(params: Any, trainable: TrainableSet):
   """``(layer, its weight-scale mask)`` for every layer, scales of frozen channels frozen."""
-  masks = trainable_masks(params, trainable)
+  masks = _compiled_masks(params, trainable)
   for layer in trainable.layers:
     yield layer, np.asarray(params_at(masks, layer.path)[layer.scale_name])
 

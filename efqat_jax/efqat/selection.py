@@ -6,6 +6,17 @@ Modes (``rho`` is the unfrozen fraction; a unit is a layer, or one layer of a st
         together by raw mean |w|, so units get different counts;
   lwpn  the ceil(rho * L) most important of the L units, each trained whole;
   qat   everything (rho is ignored);  ptq  nothing.
+
+What else trains (``cheap_params``): the params that are not quantized weights (biases,
+normalisation params, activation-quantizer params, unfrozen weight scales) cost O(C) each.
+  all_layers       they train in every layer (the paper's reading of "quantization parameters
+                   are always trained"); the input gradient then runs down to the first layer;
+  selected_layers  they train only in the layers that have selected weights, with the modules
+                   attached to them (``efqat_jax.nn.quantized_layers``: a conv's BatchNorm, the
+                   embedding before the first layer); one reading of "the quantization
+                   parameters are updated only for the non-frozen weights" (arXiv 2411.11038).
+                   Nothing below the lowest trainable layer trains, so the backward pass stops
+                   there. A stack (``nn.scan``) counts as selected when any of its units is.
 """
 
 from __future__ import annotations
@@ -21,15 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from efqat_jax.efqat.importance import channel_importance, layer_importance, unit_weights
-from efqat_jax.nn.layer_table import QuantizedLayer
+from efqat_jax.nn.layer_table import QuantizedLayer, own_params
 
 MODES = ("cwpl", "cwpn", "lwpn", "qat", "ptq")
+CHEAP_PARAMS = ("all_layers", "selected_layers")
 
 
 @functools.partial(
   jax.tree_util.register_dataclass,
   data_fields=["channels"],
-  meta_fields=["counts", "layers", "train_frozen_scales"],
+  meta_fields=["counts", "layers", "train_frozen_scales", "cheap_params"],
 )
 @dataclasses.dataclass(frozen=True)
 class TrainableSet:
@@ -42,12 +54,14 @@ class TrainableSet:
     channels: ``{unit: int32[k]}``, the trainable channels, most important first.
     train_frozen_scales: whether the weight scales of frozen channels train anyway (their
       gradient then needs the layer's full weight gradient).
+    cheap_params: where the params other than quantized weights train (``CHEAP_PARAMS``).
   """
 
   counts: tuple[tuple[str, int], ...]
   layers: tuple[QuantizedLayer, ...]
   channels: dict[str, jax.Array]
   train_frozen_scales: bool = False
+  cheap_params: str = "all_layers"
 
   def count(self, unit: str) -> int:
     return dict(self.counts)[unit]
@@ -79,13 +93,34 @@ class TrainableSet:
       out[f"{unit}/channel_fraction"] = out[f"{unit}/param_fraction"] = share
     return out
 
+  def frozen_layers(self) -> tuple[QuantizedLayer, ...]:
+    """The layers none of whose units trains a channel."""
+    return tuple(layer for layer in self.layers if not any(self.count(u) for u in layer.units()))
+
+  def frozen_cheap_params(self, params: Any) -> list[tuple[str, ...]]:
+    """Flat keys (as ``flax.traverse_util.flatten_dict`` gives them) of the params other than
+    quantized weights and their scales that stay frozen: none with ``cheap_params`` =
+    ``all_layers``; with ``selected_layers``, those of frozen layers and their attached modules."""
+    if self.cheap_params == "all_layers":
+      return []
+    keys = []
+    for layer in self.frozen_layers():
+      skip = {layer.weight_name, layer.scale_name}
+      for path in (layer.path, *layer.attached):
+        prefix = tuple(path.split("/")) if path else ()
+        own = own_params(params, path)
+        keys += [(*prefix, name) for name in own if path != layer.path or name not in skip]
+    return keys
+
   def _unit_layer(self) -> dict[str, QuantizedLayer]:
     return {unit: layer for layer in self.layers for unit in layer.units()}
 
 
-def _validate(mode: str, rho: float, bucket: int) -> None:
+def _validate(mode: str, rho: float, bucket: int, cheap_params: str) -> None:
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if cheap_params not in CHEAP_PARAMS:
+    raise ValueError(f"cheap_params must be one of {CHEAP_PARAMS}, got {cheap_params!r}")
   if not 0.0 <= rho <= 1.0:
     raise ValueError(f"rho must be in [0, 1], got {rho!r}")
   if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
@@ -103,6 +138,7 @@ def select(
   rho: float = 0.1,
   bucket: int = 1,
   train_frozen_scales: bool = False,
+  cheap_params: str = "all_layers",
 ) -> TrainableSet:
   """Chooses the trainable output channels of every unit.
 
@@ -114,11 +150,12 @@ def select(
     bucket: for cwpn, per-unit counts are rounded up to a multiple of ``bucket`` (capped at
       C), so that re-selections change the static counts, and recompile the step, less often.
     train_frozen_scales: let the weight scales of frozen channels train.
+    cheap_params: where the params other than quantized weights train (see the module doc).
 
   Returns:
     The TrainableSet.
   """
-  _validate(mode, rho, bucket)
+  _validate(mode, rho, bucket, cheap_params)
   if not layers:
     raise ValueError("layers is empty: the model has no quantized layer, nothing to select")
   layers = dict(sorted(layers.items()))
@@ -147,5 +184,9 @@ def select(
     for unit in sizes
   }
   return TrainableSet(
-    tuple(sorted(counts.items())), tuple(layers.values()), channels, train_frozen_scales
+    tuple(sorted(counts.items())),
+    tuple(layers.values()),
+    channels,
+    train_frozen_scales,
+    cheap_params,
   )

@@ -22,9 +22,10 @@ import contextvars
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 from efqat_jax.quant.spec import QuantSpec
@@ -47,6 +48,8 @@ class QuantizedLayer:
       flattened over them in C order).
     op: ``(name, value)`` pairs of the op's settings (``op``, ``dimension_numbers``, ...).
     stack_shape: the leading axes that ``nn.scan`` / ``nn.vmap`` add to the stored weight.
+    attached: the modules without a quantized weight whose params go with this layer (see
+      ``quantized_layers``), by path.
   """
 
   path: str
@@ -57,6 +60,7 @@ class QuantizedLayer:
   out_axes: tuple[int, ...]
   op: tuple[tuple[str, Any], ...]
   stack_shape: tuple[int, ...] = ()
+  attached: tuple[str, ...] = ()
 
   @property
   def scale_name(self) -> str:
@@ -120,7 +124,8 @@ def with_params_at(params: Any, path: str, entries: dict[str, Any]) -> Any:
 
 
 def quantized_layers(model: Any, variables: Any, *args, **kwargs) -> dict[str, QuantizedLayer]:
-  """Every quantized layer ``model.apply(variables, *args, **kwargs)`` runs, by path.
+  """Every quantized layer ``model.apply(variables, *args, **kwargs)`` runs, by path, in the
+  order they first run, with the modules attached to each.
 
   Traces abstractly (``jax.eval_shape``): nothing is computed. Pass the arguments of an
   evaluation call (e.g. ``train=False``), so that no rng is needed.
@@ -129,14 +134,52 @@ def quantized_layers(model: Any, variables: Any, *args, **kwargs) -> dict[str, Q
     ValueError: if the model runs no quantized layer.
   """
   root = "/".join(model.scope.path) if model.scope is not None else ""
-  with recording() as layers:
+  relative = lambda path: path[len(root) + 1 :] if root and path.startswith(root + "/") else path
+  called: dict[str, None] = {}
+
+  def record_call(next_fun, call_args, call_kwargs, context):
+    if context.module.scope is not None:
+      called.setdefault(relative("/".join(context.module.scope.path)), None)
+    return next_fun(*call_args, **call_kwargs)
+
+  with recording() as layers, nn.intercept_methods(record_call):
     jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), variables)
   if not layers:
     raise ValueError(f"{type(model).__name__} runs no quantized layer (with a quantized weight)")
   table = {}
   for path, layer in layers.items():
-    path = path[len(root) + 1 :] if root and path.startswith(root + "/") else path
+    path = relative(path)
     weight = params_at(variables["params"], path)[layer.weight_name]
     stack = tuple(weight.shape[: weight.ndim - len(layer.weight_shape)])
     table[path] = dataclasses.replace(layer, path=path, stack_shape=stack)
-  return table
+  attached = _attach(list(called), table, variables["params"])
+  return {
+    path: dataclasses.replace(layer, attached=attached[path]) for path, layer in table.items()
+  }
+
+
+def own_params(params: Any, path: str) -> dict[str, Any]:
+  """The params of the module at ``path`` itself (not of its submodules); empty if none."""
+  try:
+    node = params_at(params, path)
+  except (KeyError, TypeError):
+    return {}
+  return {name: value for name, value in node.items() if not isinstance(value, Mapping)}
+
+
+def _attach(
+  called: list[str], layers: Mapping[str, QuantizedLayer], params: Any
+) -> dict[str, tuple[str, ...]]:
+  """Per layer path, the modules with params of their own (and no quantized weight) attached to
+  it (see the module docstring), in call order."""
+  order = {path: i for i, path in enumerate(called)}
+  ranked = sorted(layers, key=lambda path: order.get(path, len(order)))
+  attached: dict[str, list[str]] = {path: [] for path in layers}
+  for path in called:
+    if path in layers or not own_params(params, path):
+      continue
+    parent = path.rpartition("/")[0]
+    near = [layer for layer in ranked if layer.startswith(parent + "/")] if parent else ranked
+    before = [layer for layer in near or ranked if order.get(layer, len(order)) < order[path]]
+    attached[before[-1] if before else (near or ranked)[0]].append(path)
+  return {path: tuple(paths) for path, paths in attached.items()}

@@ -105,9 +105,15 @@ def _run_stage(stage: str) -> Callable[[Run, dict[str, ModelState]], ModelState]
       run, stage, qmodel, ptq.variables, run.config[stage], constrain=constrain, loss_fn=loss_fn
     )
     if stage not in run.results:
+      trained = time.perf_counter()
       result = run.evaluate(qmodel, state, stage)
       wall = time.perf_counter() - start
-      fields = {"wall_time_s": wall, "method": method, "qat_loss": loss, **extra}
+      times = {
+        "wall_time_s": wall,
+        "train_time_s": trained - start,
+        "eval_time_s": wall - (trained - start),
+      }
+      fields = {**times, "method": method, "qat_loss": loss, **extra}
       run.record(stage, {**result, **fields})
     return ModelState(jax.device_get(state.variables), ptq.formats)
 

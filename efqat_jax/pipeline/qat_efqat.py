@@ -1,6 +1,6 @@
 """QAT variant ``efqat``: train the channels or layers selected by importance (mean |w|),
-re-selected every ``reselect_every`` steps, plus every non-weight param; the optimizer freezes
-the rest and the backward pass skips their weight gradients."""
+re-selected every ``reselect_every`` steps, plus the non-weight params (where ``cheap_params``
+says); the optimizer freezes the rest and the backward pass skips their weight gradients."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import jax
 import tqdm
 
 from efqat_jax.efqat import (
+  CHEAP_PARAMS,
   MODES,
   ReselectingStep,
   freeze_unselected,
@@ -36,6 +37,12 @@ EFQAT_FIELDS = {
   "train_frozen_scales": Field(
     False, "True: frozen channels' weight scales train too (full weight-gradient cost)", boolean()
   ),
+  "cheap_params": Field(
+    "all_layers",
+    "where biases, norms and quantizer params train: all_layers, or selected_layers (only in"
+    " layers with selected weights; the backward pass stops below the lowest one)",
+    one_of(*CHEAP_PARAMS),
+  ),
 }
 
 
@@ -47,7 +54,13 @@ def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
 
   def selector(params):
     return select(
-      params, layers, settings.mode, settings.rho, settings.bucket, settings.train_frozen_scales
+      params,
+      layers,
+      settings.mode,
+      settings.rho,
+      settings.bucket,
+      settings.train_frozen_scales,
+      settings.cheap_params,
     )
 
   def reselecting(step_fn, writer):
@@ -77,6 +90,7 @@ def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
   return state, {
     "mode": settings.mode,
     "rho": settings.rho,
+    "cheap_params": last.cheap_params,
     "channel_fraction": summary["channel_fraction"],
     "param_fraction": summary["param_fraction"],
     "selections": 1 if every is None else math.ceil(cfg.steps / every),

@@ -61,6 +61,25 @@ def test_compiled_step_has_weight_gradients_only_for_layers_that_train(
   )
 
 
+@pytest.mark.parametrize("mode, rho", [("ptq", 0.0), ("lwpn", 0.25), ("lwpn", 0.5)])
+def test_with_cheap_params_in_selected_layers_only_the_backward_stops_at_the_lowest_one(
+  setup, mode, rho
+):
+  """Layers in call order Conv_0..2, Dense_0: an input gradient for the lowest selected layer
+  (its input quantizer's scale trains) and every layer above it, a weight gradient for every
+  selected one, nothing below."""
+  state, step, batch = setup
+  trainable = select(state.params, LAYERS, mode, rho, cheap_params="selected_layers")
+  order = list(LAYERS)
+  selected = [i for i, path in enumerate(order) if trainable.count(path)]
+  lowest = min(selected, default=len(order))
+  is_conv = [path.startswith("Conv") for path in order]
+  above = [i for i in range(len(order)) if i >= lowest]
+  convolutions = 3 + sum(is_conv[i] for i in above) + sum(is_conv[i] for i in selected)
+  dots = 1 + sum(not is_conv[i] for i in above) + sum(not is_conv[i] for i in selected)
+  assert _op_counts(step, state, batch, trainable) == (convolutions, dots)
+
+
 def _backward_output_shapes(step, state, batch, trainable):
   """Sorted output shapes of the convolutions and dots that are not in the forward pass."""
   hlo = step.lower(state, batch, jax.random.key(0), trainable).compile().as_text()

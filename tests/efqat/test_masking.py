@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from efqat_jax import QuantRule, QuantSpec, quantize
-from efqat_jax.efqat import freeze_unselected, select, set_trainable
+from efqat_jax.efqat import freeze_unselected, select, set_trainable, trainable_from_state
 from efqat_jax.models import SmallCNN
 from efqat_jax.nn import quantized_layers
 
@@ -101,6 +101,22 @@ def test_train_frozen_scales_lets_every_kernel_scale_move():
   params, _, _ = _run(tx, PARAMS, state, 2)
   np.testing.assert_array_equal(params["Conv_1"]["kernel"], PARAMS["Conv_1"]["kernel"])
   assert not np.array_equal(params["Conv_1"]["kernel_scale"], PARAMS["Conv_1"]["kernel_scale"])
+
+
+def test_cheap_params_of_frozen_layers_stay_put_with_selected_layers_and_read_back():
+  tx = freeze_unselected(optax.adam(1e-2))
+  tset = select(PARAMS, LAYERS, "lwpn", 0.3, cheap_params="selected_layers")  # one layer of 3
+  (selected,) = [path for path, k in tset.counts if k]
+  state = set_trainable(tx.init(PARAMS), PARAMS, tset)
+  params, state, _ = _run(tx, PARAMS, state, 2)
+  for path in LAYERS:
+    moved = {n for n in PARAMS[path] if not np.array_equal(params[path][n], PARAMS[path][n])}
+    assert moved >= {"kernel", "bias", "input_scale"} if path == selected else not moved, path
+  restored = trainable_from_state(state, params, LAYERS)
+  assert (restored.cheap_params, restored.counts) == ("selected_layers", tset.counts)
+  everywhere = select(PARAMS, LAYERS, "lwpn", 0.3)
+  state = set_trainable(tx.init(PARAMS), PARAMS, everywhere)
+  assert trainable_from_state(state, PARAMS, LAYERS).cheap_params == "all_layers"
 
 
 def test_set_trainable_rejects_a_foreign_state():

@@ -9,7 +9,7 @@ import pytest
 
 from efqat_jax import QuantRule, QuantSpec, quantize
 from efqat_jax.efqat import channel_importance, layer_importance, select, unit_weights
-from efqat_jax.models import SmallCNN, Transformer
+from efqat_jax.models import ResNet, SmallCNN, Transformer
 from efqat_jax.nn import quantized_layers
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
@@ -49,6 +49,29 @@ def test_quantized_layers_are_found_with_their_output_channels():
   query = "TransformerBlock_0/MultiHeadDotProductAttention_0/query"
   assert tset.size(query) == 8  # heads x head_dim
   assert tset.size("Embed_0") == 16  # an embedding table's channels are its rows
+
+
+def test_modules_without_a_quantized_weight_go_with_the_layer_run_before_them():
+  resnet = quantize(ResNet(num_classes=10, depth=8), RULE)
+  x = jnp.ones((2, 8, 8, 1))
+  variables = jax.eval_shape(lambda: resnet.init(jax.random.key(0), x, train=False))
+  layers = quantized_layers(resnet, variables, x, train=False)
+  assert layers["Conv_0"].attached == ("BatchNorm_0",)
+  assert layers["BasicBlock_0/Conv_1"].attached == ("BasicBlock_0/BatchNorm_1",)
+  assert layers["Dense_0"].attached == ()
+  # Pre-LN Transformer with a quantized token embedding: the position embedding (the model's
+  # own param) goes with the first layer; a block's norms with the block's layers (the first
+  # before the attention, the second before the MLP); the final norm with the last layer.
+  attention = "TransformerBlock_0/MultiHeadDotProductAttention_0"
+  assert TFM_LAYERS["Embed_0"].attached == ("",)
+  assert TFM_LAYERS[f"{attention}/query"].attached == ("TransformerBlock_0/LayerNorm_0",)
+  assert TFM_LAYERS[f"{attention}/out"].attached == ("TransformerBlock_0/LayerNorm_1",)
+  last = [path for path in TFM_LAYERS if path.startswith("TransformerBlock")][-1]
+  assert TFM_LAYERS[last].attached == ("LayerNorm_0",)
+  attached = [m for layer in TFM_LAYERS.values() for m in layer.attached]
+  assert len(attached) == len(set(attached))
+  with pytest.raises(ValueError, match="cheap_params"):
+    select(CNN_PARAMS, CNN_LAYERS, "cwpl", 0.1, cheap_params="some_layers")
 
 
 @pytest.mark.parametrize("rho", [0.05, 0.25, 0.5, 1.0])

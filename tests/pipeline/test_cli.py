@@ -128,7 +128,7 @@ def test_sigterm_and_ctrl_c_stop_with_one_line_and_the_same_command_resumes(data
   assert _latest_step(tmp_path / "fp") > after  # the second run resumed and went on
   out = _cli(*args)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "| fp | accuracy" in out.stdout
+  assert "| fp | accuracy" in out.stdout and "allocator: " in out.stdout
 
 
 def test_the_stage_table_has_a_line_per_finished_stage(finished):

@@ -25,6 +25,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 _config = faults_config
 
 
+TIMES = ("wall_time_s", "train_time_s", "eval_time_s")
+
+
 def _outcome(workdir):
   """What a run leaves: every stage's final params, the export bytes, the metrics."""
   params = {}
@@ -33,7 +36,7 @@ def _outcome(workdir):
       params[stage] = (ckpt.latest_step(), ckpt.read()["params"])
   results = json.loads((workdir / "results.json").read_text())
   metrics = {
-    s: {k: v for k, v in r.items() if k not in ("wall_time_s", "recompiles_this_process", "digest")}
+    s: {k: v for k, v in r.items() if k not in TIMES + ("recompiles_this_process", "digest")}
     for s, r in results.items()
   }
   return params, (workdir / "export" / "layers.npz").read_bytes(), metrics

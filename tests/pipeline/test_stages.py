@@ -30,6 +30,9 @@ def test_every_stage_runs_for_classification_and_for_a_language_model(
   for stage in ("fp", "ptq", "efqat"):
     assert np.isfinite(results[stage][metric]) and results[stage]["wall_time_s"] > 0
   assert results["efqat"]["method"] == "efqat"
+  times = results["efqat"]
+  assert times["train_time_s"] + times["eval_time_s"] == pytest.approx(times["wall_time_s"])
+  assert min(times["train_time_s"], times["eval_time_s"]) > 0
   assert results["export"]["prediction_agreement"] > 0.9 and results["export"]["source"] == "efqat"
   assert json.loads((tmp_path / "results.json").read_text()) == results
   for stage in ("fp", "ptq", "efqat"):  # eval metrics in TensorBoard, at the last step
