@@ -27,6 +27,7 @@ from flax.core.scope import Scope
 from jax import lax
 
 from efqat_jax.nn import layer_table
+from efqat_jax.nn.conv_weight_grad import conv_settings
 from efqat_jax.nn.einsum import einsum_plan
 from efqat_jax.nn.partial_grad import channel_subset_grad
 from efqat_jax.quant import granularity, integer, ranges
@@ -388,7 +389,8 @@ class QuantizedOps:
       in_features = lhs.shape[settings["dimension_numbers"].lhs_spec[1]]
       if not groups == in_features == rhs.shape[-1]:
         return float_op(lhs, rhs)
-    return channel_subset_grad(float_op, lhs, rhs, channels, len(out_axes), depthwise)
+    conv = conv_settings(float_op) if op == "conv" else None  # None for grouped convs
+    return channel_subset_grad(float_op, lhs, rhs, channels, len(out_axes), depthwise, conv)
 
   def _params(self, lhs, rhs, kernel_spec, input_spec) -> dict[str, jax.Array]:
     """Creates (at init) or reads the quantization params, as the valid values they stand

@@ -10,6 +10,12 @@ gathers ``g``'s selected channels and scatters the k-channel weight gradient int
 kernel. Laying the trainable channels out first (which needs a channel permutation through the
 network) was no faster on ResNet-20, and for the Transformer's Dense kernels the scatter was
 faster than expanding with a one-hot matmul or a gather. So the network is never permuted.
+
+The weight gradient of the k channels is the op's own vjp on ``w``'s and ``g``'s selected
+channels, except for a convolution given its ``ConvSettings``, which on CPU runs as one matmul
+where that is cheaper (``efqat_jax.nn.conv_weight_grad`` has the layouts, the rule and the
+measurements): XLA:CPU's filter-gradient convolution costs about a third of the full dW even
+at k = 1, the matmul about a tenth.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from efqat_jax.nn.conv_weight_grad import LAYOUTS, ConvSettings, cpu_layout
 
 LinearOp = Callable[..., jax.Array]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6))
 def channel_subset_grad(
   op: LinearOp,
   x: jax.Array,
@@ -32,6 +41,7 @@ def channel_subset_grad(
   channels: jax.Array,
   num_out_axes: int = 1,
   depthwise: bool = False,
+  conv: ConvSettings | None = None,
 ) -> jax.Array:
   """``op(x, w)``, differentiated w.r.t. ``w`` only for the output ``channels``.
 
@@ -47,6 +57,9 @@ def channel_subset_grad(
     num_out_axes: how many trailing axes of ``w`` are output channels (static).
     depthwise: ``op`` is a depthwise convolution (``feature_group_count`` = input channels =
       output channels), whose output channel c reads input channel c only.
+    conv: ``op``'s settings if it is a convolution with one feature group
+      (``conv_weight_grad.conv_settings(op)``, static): lets the backward pass compute the weight
+      gradient as a matmul where that is cheaper. None: always the op's vjp.
 
   Returns:
     ``op(x, w)``.
@@ -54,11 +67,11 @@ def channel_subset_grad(
   return op(x, w)
 
 
-def _fwd(op, x, w, channels, num_out_axes, depthwise):
+def _fwd(op, x, w, channels, num_out_axes, depthwise, conv):
   return op(x, w), (x, w, channels)
 
 
-def _bwd(op, num_out_axes, depthwise, residuals, g):
+def _bwd(op, num_out_axes, depthwise, conv, residuals, g):
   x, w, channels = residuals
   (dx,) = jax.vjp(lambda x_: op(x_, w), x)[1](g)
   if channels.shape[0] == 0:
@@ -70,11 +83,22 @@ def _bwd(op, num_out_axes, depthwise, residuals, g):
   if depthwise:
     op = functools.partial(op, feature_group_count=channels.shape[0])
     x = take(x)
-  (dw_sel,) = jax.vjp(lambda w_: op(x, w_), w_sel)[1](g_sel)
+  dw_sel = _weight_grad(op, x, w_sel, g_sel, conv)
   dw = (
     jnp.zeros((*dw_sel.shape[:-1], size), dw_sel.dtype).at[..., channels].set(dw_sel, mode="drop")
   )
   return dx, dw.reshape(w.shape), None
+
+
+def _weight_grad(op, x, w, g, conv: ConvSettings | None) -> jax.Array:
+  """The gradient of ``sum(op(x, w) * g)`` w.r.t. ``w``: on CPU in the layout that
+  ``conv_weight_grad.cpu_layout`` picks, elsewhere (and where it picks ``"vjp"``) the op's vjp."""
+  vjp = lambda x_, g_: jax.vjp(lambda w_: op(x_, w_), w)[1](g_)[0]
+  layout = "vjp" if conv is None else cpu_layout(x.shape, w.shape, conv)
+  if layout == "vjp":
+    return vjp(x, g)
+  cpu = lambda x_, g_: LAYOUTS[layout](x_, g_, w.shape, conv).astype(w.dtype)
+  return lax.platform_dependent(x, g, cpu=cpu, default=vjp)
 
 
 channel_subset_grad.defvjp(_fwd, _bwd)
