@@ -5,17 +5,35 @@ Settings: ResNet-20 and the MobileNetV2-style model on mnist5k, the Transformer 
 (configs/<model>.py: first and last layer at 8 bits), at W4 and W3 with A8 and A4. Each bits mode
 is a set of per-layer weight widths: ``uniform`` (every other layer at W), ``coding_length``
 (Attention Round's mixed precision) and ``sensitivity`` (the baseline: the loss increase of each
-layer rounded alone), both mixed ones within the weight memory of ``uniform``. Per bits mode:
-- ``rtn``, ``optq``, ``attention_round``: the PTQ stage; ``wall_s`` is its wall time;
-- ``qat``: QAT from the ``rtn`` model with as many steps as fit in Attention Round's wall time
-  (QAT's compiled step timed on its own, its fixed cost from a probe run of 20 steps);
-- ``attention_round+efqat``: EfQAT (rho 0.1, QAT's steps and optimizer) from Attention Round.
-Rows of ``bench/results/attention_round.json``: model, weight_bits, act_bits, bits_mode, method,
-metric_name, metric (accuracy in %, or bits per character), wall_s.
+layer rounded alone), both mixed ones within the weight memory of ``uniform``. The float model is
+trained once; each cell runs with --seeds seeds (Attention Round's minibatches and noise:
+``ptq.attention_round.seed``; QAT's and EfQAT's data order and dropout: ``train_seed``). Per bits
+mode:
+- ``rtn``, ``optq``: the PTQ stage, run once: neither draws random numbers, so every seed has
+  the same value (spread 0);
+- ``attention_round``: the PTQ stage, once per seed;
+- ``attention_round+efqat``: EfQAT (rho 0.1, QAT's optimizer) from each seed's Attention Round
+  model; its time is both stages' together;
+- ``qat@attention_round``, ``qat@attention_round+efqat``: QAT from the one ``rtn`` model, with as
+  many steps as fit in that pipeline's time, charged the ``rtn`` stage too.
+The step budgets come from step times measured side by side: QAT's step, EfQAT's step and
+Attention Round's Adam step of every block, interleaved in one process. A pipeline's time is its
+steps at those step times plus its fixed cost (compilation, calibration, capture passes,
+evaluation: a probe run's wall time less its probe steps at the same step times):
+  attention_round = fixed + steps per block x sum over blocks of its step time
+  + efqat         = that + EfQAT's fixed + EfQAT's steps x its step time
+  qat steps       = (pipeline time - rtn stage - QAT's fixed) / QAT's step time
+The timings, probes and budgets of a bits mode are kept in ``<root>/<setting>/<mode>_budget.json``
+(a resumed sweep keeps its budgets). Rows of ``bench/results/attention_round.json``: model,
+weight_bits, act_bits, bits_mode, method, steps, metric_name, metric (mean over the seeds of the
+accuracy in %, or bits per character), metric_std / _min / _max / _seeds, seeds, versus and
+verdict (the row against the method named in ``versus``: better or worse by more than the spread
+(max - min) of either, else within spread; ``sweep.differs``), wall_s (measured, mean over the
+seeds; a pipeline's stages added up) and budget_s (the side-by-side estimate the budgets use).
 
-  python bench/attention_round.py                                  # every setting (long)
-  python bench/attention_round.py --settings=resnet20_mnist5k_w3a4
-  python bench/attention_round.py --quick                          # ResNet-8 W4A8, short
+  python bench/attention_round.py                         # every setting (long)
+  python bench/attention_round.py --settings=resnet20_mnist5k_w3a4 --seeds=5
+  python bench/attention_round.py --quick                 # ResNet-8 W4A8, 2 seeds (~22 min)
   python bench/attention_round.py --plots-only
 
 Runs resume: each keeps its results under --root and is skipped once finished.
@@ -23,8 +41,11 @@ Runs resume: each keeps its results under --root and is skipped once finished.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import pathlib
+from collections.abc import Callable
 
 import jax
 import sweep
@@ -33,6 +54,10 @@ from reference_results import load_config
 from stage_runs import metric_of, stage_results
 
 from efqat_jax import pipeline
+from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
+from efqat_jax.nn import quantized_layers
+from efqat_jax.ptq.attention_round import BlockReconstruction
+from efqat_jax.ptq.methods import PTQ_METHODS
 from efqat_jax.train import (
   classification_loss,
   create_train_state,
@@ -44,11 +69,21 @@ from efqat_jax.train import (
 MODELS = ("resnet20_mnist5k", "mobilenetv2_mnist5k", "transformer_shakespeare")
 SETTINGS = tuple((m, w, a) for m in MODELS for w in (4, 3) for a in (8, 4))
 BITS_MODES = ("uniform", "coding_length", "sensitivity")
-PTQ_METHODS = ("rtn", "optq", "attention_round")
-PROBE_STEPS = 20
-ROUNDS = 20
+PTQ_ONCE = ("rtn", "optq")  # PTQ methods that draw no random numbers: one run serves every seed
+AR, AR_EFQAT = "attention_round", "attention_round+efqat"
+# Each method's reference in the tables: QAT's is the pipeline whose time it was given.
+REFERENCES = {
+  "optq": "rtn",
+  AR: "optq",
+  AR_EFQAT: AR,
+  f"qat@{AR}": AR,
+  f"qat@{AR_EFQAT}": AR_EFQAT,
+}
+PROBE_STEPS = {False: 20, True: 5}  # by --quick
+ROUNDS = {False: 20, True: 5}
 COLUMNS = [
-  "model", "weight_bits", "act_bits", "bits_mode", "method", "metric_name", "metric", "wall_s",
+  "model", "weight_bits", "act_bits", "bits_mode", "method", "steps", "metric_name", "metric",
+  "metric_std", "metric_min", "metric_max", "seeds", "versus", "verdict", "wall_s", "budget_s",
 ]  # fmt: skip
 
 
@@ -74,76 +109,239 @@ def with_bits_mode(config, bits_mode: str):
   return config
 
 
-def qat_step_seconds(config, workdir: pathlib.Path, fp) -> float:
-  """Median seconds of QAT's compiled train step on one training batch (interleaved rounds after
-  warm-up), for the finished PTQ stage of ``workdir``."""
+def ptq_config(config, method: str):
+  config = config.copy_and_resolve_references()
+  config.ptq.method = method
+  return config
+
+
+def qat_config(config, steps: int, index: int = 0):
+  config = sweep.with_train_seed(config, index)
+  config.qat.steps = steps
+  return config
+
+
+def attention_round_config(config, index: int = 0, steps: int | None = None):
+  """Attention Round with seed number ``index`` (its own seed and EfQAT's train seed), then
+  EfQAT at rho 0.1 with QAT's optimizer settings."""
+  cfg = sweep.with_train_seed(ptq_config(config, AR), index)
+  cfg.ptq.attention_round.seed = config.ptq.attention_round.seed + index
+  if steps is not None:
+    cfg.ptq.attention_round.steps = steps
+  cfg.efqat.update({k: v for k, v in config.qat.to_dict().items() if k != "method"})
+  cfg.efqat.update(rho=0.1, steps=config.efqat.steps)
+  return cfg
+
+
+def ptq_model(config, workdir: pathlib.Path, fp):
+  """The run in ``workdir`` and its PTQ model (quantized now, or restored once finished)."""
   run = pipeline.Run(config, workdir)
-  ptq = pipeline.STAGES.get("ptq").run(run, {"fp": fp})  # restored: it is finished
-  qmodel = run.quantized_model(ptq.formats)
-  tx, _ = make_optimizer(config.qat.optimizer, learning_rate=1e-4, steps=10**6)
-  step = make_train_step(qmodel, tx, run.mesh, classification_loss)
-  state = replicate(create_train_state(ptq.variables, tx), run.mesh)
-  call = timing.stepping_call(step, state, next(run.train_batches(0)), jax.random.key(0), None)
-  return timing.median(timing.interleaved_ms({"qat": call}, rounds=ROUNDS)["qat"]) / 1e3
+  return run, pipeline.STAGES.get("ptq").run(run, {"fp": fp})
 
 
-def qat_steps_within(config, seconds: float, workdir: pathlib.Path, fp) -> int:
-  """QAT steps whose stage (compilation and evaluation included) takes ``seconds``: the compiled
-  step's time, and the fixed cost from a probe run of ``PROBE_STEPS`` steps (its wall time less
-  those steps). The stage's own per-step work (data, logging) is not in the step's time, so QAT
-  may run somewhat over; the table gives each wall time as measured."""
-  probe = config.copy_and_resolve_references()
-  probe.qat.steps = PROBE_STEPS
-  probe_dir = workdir / f"{PROBE_STEPS}_steps"
-  wall = stage_results(probe, probe_dir, fp, ("ptq", "qat"))["qat"]["wall_time_s"]
-  per_step = qat_step_seconds(probe, probe_dir, fp)
-  fixed = max(0.0, wall - PROBE_STEPS * per_step)
-  return max(1, math.floor((seconds - fixed) / per_step))
+# --- step times, side by side -------------------------------------------------------------------
 
 
-def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
+def carrying_call(step, carry, data) -> Callable[[], None]:
+  """A call of Attention Round's ``step(t, carry, data) -> carry`` carrying its state on."""
+  holder = [carry]
+
+  def call():
+    holder[0] = step(0, holder[0], data)
+    jax.block_until_ready(holder[0])
+
+  return call
+
+
+def attention_round_calls(run, ar) -> dict[str, Callable[[], None]]:
+  """A call of Attention Round's Adam step for each block of the model ``ar`` of ``run``, on
+  the calibration samples its PTQ stage reconstructs from."""
+  c = run.config
+  settings = c.ptq.attention_round
+  samples = PTQ_METHODS.get(AR).samples(settings)
+  wanted = max(c.ptq.calibration_batches, math.ceil(samples / c.batch_size))
+  batches = [b["inputs"] for b in itertools.islice(run.train_batches(0), wanted)]
+  qmodel = run.quantized_model(ar.formats)
+  layers = quantized_layers(qmodel, ar.variables, batches[0], train=False)
+  blocks = BlockReconstruction(qmodel, ar.variables, layers, batches, settings, {"train": False})
+  calls = {}
+  for block in blocks.blocks:
+    program = blocks.program(ar.variables["params"], block)
+    if program is not None:
+      calls[f"{AR} {block.path}"] = carrying_call(*program)
+  return calls
+
+
+def train_call(run, state, efqat: bool) -> Callable[[], None]:
+  """A call of the compiled QAT step (EfQAT's with its first selection) from ``state``."""
+  qmodel = run.quantized_model(state.formats)
+  tx, _ = make_optimizer(run.config.qat.optimizer, learning_rate=1e-4, steps=10**6)
+  tx = freeze_unselected(tx) if efqat else tx
+  train_state = create_train_state(state.variables, tx)
+  extra = None
+  if efqat:
+    s = run.config.efqat
+    layers = quantized_layers(qmodel, state.variables, run.sample_inputs, train=False)
+    extra = select(
+      train_state.params, layers, s.mode, s.rho, s.bucket, s.train_frozen_scales, s.cheap_params
+    )
+    opt_state = set_trainable(train_state.opt_state, train_state.params, extra)
+    train_state = train_state.replace(opt_state=opt_state)
+  context = restrict_backward if efqat else None
+  step = make_train_step(qmodel, tx, run.mesh, classification_loss, param_context=context)
+  batch = next(run.train_batches(0))
+  state = replicate(train_state, run.mesh)
+  return timing.stepping_call(step, state, batch, jax.random.key(0), extra)
+
+
+def step_seconds(rtn_run, rtn, ar_run, ar, rounds: int) -> dict[str, float]:
+  """Median seconds of QAT's step (from ``rtn``), EfQAT's (from ``ar``) and the sum over blocks
+  of Attention Round's (one Adam step of each block), interleaved in this process."""
+  calls = {"qat": train_call(rtn_run, rtn, False), "efqat": train_call(ar_run, ar, True)}
+  calls |= attention_round_calls(ar_run, ar)
+  ms = {name: timing.median(t) for name, t in timing.interleaved_ms(calls, rounds).items()}
+  blocks = sum(v for name, v in ms.items() if name.startswith(AR))
+  return {"qat": ms["qat"] / 1e3, "efqat": ms["efqat"] / 1e3, AR: blocks / 1e3}
+
+
+# --- budgets ------------------------------------------------------------------------------------
+
+
+def fixed_seconds(wall_s: float, steps: int, step_s: float) -> float:
+  """A run's fixed cost: its wall time less its steps at the measured step time."""
+  return max(0.0, wall_s - steps * step_s)
+
+
+def qat_steps(budget_s: float, fixed_s: float, step_s: float) -> int:
+  """QAT steps that fit in ``budget_s`` after a fixed cost of ``fixed_s`` (at least 1)."""
+  return max(1, math.floor((budget_s - fixed_s) / step_s))
+
+
+def budgets(step_s: dict, fixed_s: dict, steps: dict, rtn_s: float) -> dict:
+  """Seconds of the Attention Round and Attention Round + EfQAT pipelines (side-by-side step
+  times plus fixed costs) and the QAT steps that fit in each, after the ``rtn`` stage and QAT's
+  fixed cost."""
+  ar_s = fixed_s[AR] + steps[AR] * step_s[AR]
+  ar_efqat_s = ar_s + fixed_s["efqat"] + steps["efqat"] * step_s["efqat"]
+  qat_fixed_s = rtn_s + fixed_s["qat"]
+  return {
+    "budget_s": {AR: ar_s, AR_EFQAT: ar_efqat_s},
+    "qat_fixed_s": qat_fixed_s,
+    "qat_steps": {
+      AR: qat_steps(ar_s, qat_fixed_s, step_s["qat"]),
+      AR_EFQAT: qat_steps(ar_efqat_s, qat_fixed_s, step_s["qat"]),
+    },
+  }
+
+
+def measure_budgets(config, here: pathlib.Path, bits_mode: str, fp, rtn, quick: bool) -> dict:
+  """Step times side by side, fixed costs from probe runs of ``PROBE_STEPS`` steps (Attention
+  Round and EfQAT after it; QAT from the ``rtn`` model), and the budgets they give."""
+  probe = PROBE_STEPS[quick]
+  probe_cfg = attention_round_config(config, steps=probe)
+  probe_cfg.efqat.steps = probe
+  probe_dir = here / f"{bits_mode}_{AR}_probe"
+  ar_probe = stage_results(probe_cfg, probe_dir, fp, ("ptq", "efqat"))
+  ar_run, ar = ptq_model(probe_cfg, probe_dir, fp)  # restored: same shapes as every seed's
+  rtn_run, rtn_model = rtn
+  qat_probe = sweep.stage_result(
+    qat_config(config, probe), here / f"{bits_mode}_qat_probe", "qat", {"ptq": rtn_model}
+  )
+  step_s = step_seconds(rtn_run, rtn_model, ar_run, ar, ROUNDS[quick])
+  walls = {AR: ar_probe["ptq"], "efqat": ar_probe["efqat"], "qat": qat_probe}
+  fixed_s = {k: fixed_seconds(r["wall_time_s"], probe, step_s[k]) for k, r in walls.items()}
+  steps = {AR: config.ptq.attention_round.steps, "efqat": config.efqat.steps}
+  rtn_s = rtn_run.results["ptq"]["wall_time_s"]
+  return {"step_s": step_s, "fixed_s": fixed_s, **budgets(step_s, fixed_s, steps, rtn_s)}
+
+
+# --- one setting ----------------------------------------------------------------------------------
+
+
+def metric_name_of(config) -> str:
+  return "bits_per_char" if config.task == "lm" else "accuracy"
+
+
+def cell(runs: list[dict], stages: tuple[str, ...], metric_name: str, **fields) -> dict:
+  """A cell from its runs' results (one per seed): the metric of the last of ``stages``, and
+  ``wall_s``, the wall time of all of them (plus ``extra_s``), mean over the runs."""
+  extra_s = fields.pop("extra_s", 0.0)
+  values = [metric_of(r[stages[-1]], metric_name) for r in runs]
+  walls = [extra_s + sum(r[s]["wall_time_s"] for s in stages) for r in runs]
+  return dict(sweep.seed_stats(values), wall_s=sum(walls) / len(walls), **fields)
+
+
+def attention_round_runs(config, workdir: pathlib.Path, fp, seeds: int) -> list[dict]:
+  """``results.json`` of Attention Round, then EfQAT from its model, for each seed."""
+  return [
+    stage_results(
+      attention_round_config(config, i), sweep.seed_dir(workdir, i), fp, ("ptq", "efqat")
+    )
+    for i in range(seeds)
+  ]
+
+
+def qat_runs(config, workdir: pathlib.Path, rtn, steps: int, seeds: int) -> list[dict]:
+  """``{"qat": result}`` of QAT with ``steps`` steps from the ``rtn`` model, for each seed."""
+  return [
+    {"qat": sweep.stage_result(qat_config(config, steps, i), sweep.seed_dir(workdir, i), "qat",
+                               {"ptq": rtn})}
+    for i in range(seeds)
+  ]  # fmt: skip
+
+
+def bits_mode_cells(config, here: pathlib.Path, bits_mode: str, fp, quick: bool, seeds: int):
+  """``{method: cell}`` of one bits mode, in the table's order."""
+  name = metric_name_of(config)
+  ptq = {m: ptq_model(ptq_config(config, m), here / f"{bits_mode}_{m}", fp) for m in PTQ_ONCE}
+  ar_runs = attention_round_runs(config, here / f"{bits_mode}_{AR}", fp, seeds)
+  budget = sweep.cached_json(
+    here / f"{bits_mode}_budget.json",
+    lambda: measure_budgets(config, here, bits_mode, fp, ptq["rtn"], quick),
+  )
+  rtn_run, rtn = ptq["rtn"]
+  cells = {m: cell([run.results] * seeds, ("ptq",), name) for m, (run, _) in ptq.items()}
+  ar_steps = {AR: config.ptq.attention_round.steps, AR_EFQAT: config.efqat.steps}
+  for method, stages in ((AR, ("ptq",)), (AR_EFQAT, ("ptq", "efqat"))):
+    budget_s = budget["budget_s"][method]
+    cells[method] = cell(ar_runs, stages, name, steps=ar_steps[method], budget_s=budget_s)
+    n = budget["qat_steps"][method]
+    qat = qat_runs(config, here / f"{bits_mode}_qat_{n}_steps", rtn, n, seeds)
+    qat_s = budget["qat_fixed_s"] + n * budget["step_s"]["qat"]
+    rtn_s = rtn_run.results["ptq"]["wall_time_s"]
+    cells[f"qat@{method}"] = cell(qat, ("qat",), name, steps=n, budget_s=qat_s, extra_s=rtn_s)
+  return cells
+
+
+def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> list[dict]:
   model, weight_bits, act_bits = setting
   config = base_config(setting, root, quick)
-  metric_name = "bits_per_char" if config.task == "lm" else "accuracy"
+  metric_name = metric_name_of(config)
   fp_run = pipeline.Run(config, root / model)
   fp = pipeline.STAGES.get("fp").run(fp_run, {})
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
-  fp_result = fp_run.results["fp"]
-  rows = [
-    dict(base, bits_mode="uniform", method="fp", metric=metric_of(fp_result, metric_name),
-         wall_s=fp_result["wall_time_s"])
-  ]  # fmt: skip
+  fp_cell = cell([fp_run.results] * seeds, ("fp",), metric_name, steps=config.fp.steps)
+  rows = [dict(base, bits_mode="uniform", method="fp", **fp_cell)]
   here = root / sweep.setting_name(*setting)
   for bits_mode in BITS_MODES:
-    mode_config = with_bits_mode(config, bits_mode)
-    ptq = {}
-    for method in PTQ_METHODS:
-      cfg = mode_config.copy_and_resolve_references()
-      cfg.ptq.method = method
-      ptq[method] = stage_results(cfg, here / f"{bits_mode}_{method}", fp, ("ptq",))["ptq"]
-      rows.append(
-        dict(base, bits_mode=bits_mode, method=method, metric=metric_of(ptq[method], metric_name),
-             wall_s=ptq[method]["wall_time_s"])
-      )  # fmt: skip
-    budget = ptq["attention_round"]["wall_time_s"]
-    cfg = mode_config.copy_and_resolve_references()
-    cfg.qat.steps = qat_steps_within(cfg, budget, here / f"{bits_mode}_qat_probe", fp)
-    qat = stage_results(cfg, here / f"{bits_mode}_qat", fp, ("ptq", "qat"))["qat"]
-    rows.append(
-      dict(base, bits_mode=bits_mode, method=f"qat ({cfg.qat.steps} steps)",
-           metric=metric_of(qat, metric_name), wall_s=qat["wall_time_s"])
-    )  # fmt: skip
-    cfg = mode_config.copy_and_resolve_references()
-    cfg.ptq.method = "attention_round"
-    cfg.efqat.update({k: v for k, v in config.qat.to_dict().items() if k != "method"})
-    cfg.efqat.update(rho=0.1, steps=config.efqat.steps)
-    efqat = stage_results(cfg, here / f"{bits_mode}_attention_round", fp, ("ptq", "efqat"))
-    rows.append(
-      dict(base, bits_mode=bits_mode, method="attention_round+efqat",
-           metric=metric_of(efqat["efqat"], metric_name), wall_s=efqat["efqat"]["wall_time_s"])
-    )  # fmt: skip
+    cells = bits_mode_cells(with_bits_mode(config, bits_mode), here, bits_mode, fp, quick, seeds)
+    mode_rows = {m: dict(base, bits_mode=bits_mode, method=m, **c) for m, c in cells.items()}
+    rows += compare(mode_rows, lower_is_better=metric_name == "bits_per_char")
     print(f"{sweep.setting_name(*setting)}: {bits_mode} done", flush=True)
-  return rows
+  return [dict({c: None for c in COLUMNS}, **r) for r in rows]
+
+
+def compare(rows: dict, lower_is_better: bool) -> list[dict]:
+  """The rows of a bits mode, each against its reference in ``REFERENCES`` (``versus``,
+  ``verdict``)."""
+  out = []
+  for method, row in rows.items():
+    row = dict(row, versus=None, verdict=None)
+    if method in REFERENCES:
+      other = REFERENCES[method]
+      row = sweep.compared(row, rows[other], other, lower_is_better)
+    out.append(row)
+  return out
 
 
 def plot(rows: list[dict], stem: str) -> None:
@@ -161,9 +359,9 @@ def plot(rows: list[dict], stem: str) -> None:
   for ax, (title, group) in zip(axes, groups.items(), strict=True):
     for bits_mode, marker in zip(BITS_MODES, "osd", strict=True):
       points = [r for r in group if r["bits_mode"] == bits_mode and r["method"] != "fp"]
-      ax.scatter(
-        [r["wall_s"] for r in points], [r["metric"] for r in points], marker=marker,
-        label=bits_mode,
+      ax.errorbar(
+        [r["wall_s"] for r in points], [r["metric"] for r in points],
+        yerr=sweep.error_bars(points), fmt=marker, capsize=2, label=bits_mode,
       )  # fmt: skip
       for r in points:
         ax.annotate(r["method"].split(" ")[0], (r["wall_s"], r["metric"]), fontsize=6)
@@ -179,8 +377,11 @@ def plot(rows: list[dict], stem: str) -> None:
 
 
 def main():
-  args = sweep.parse(__doc__, "attention_round", SETTING_NAMES, "ResNet-8 W4A8, short schedules")
-  sweep.run(args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, sweep.row_setting, plot)
+  args = sweep.parse(
+    __doc__, "attention_round", SETTING_NAMES, "ResNet-8 W4A8, short schedules", seeded=True
+  )
+  run = functools.partial(run_setting, seeds=args.seeds)
+  sweep.run(args, SETTINGS, SETTING_NAMES, run, COLUMNS, sweep.row_setting, plot)
 
 
 if __name__ == "__main__":

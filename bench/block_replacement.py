@@ -2,20 +2,25 @@
 and EfQAT (rho 0.1) with and without it.
 
 Settings: ResNet-20 on mnist5k (blocks: its three stages) and the Transformer char-LM (blocks:
-its two layers), configs/<model>.py, at W2A2, W3A3 and W4A4 (first and last layer at 8 bits),
-every run from the same round-to-nearest PTQ model. Methods:
+its two layers), configs/<model>.py, at W2A2, W3A3 and W4A4 (first and last layer at 8 bits).
+Per setting the float model and the round-to-nearest PTQ model are made once; every run starts
+from that PTQ model, with --seeds seeds (data order and dropout: ``config.train_seed``). Methods:
 - ``qat`` / ``qat+br``: the qat stage with the task loss / with ``loss = block_replacement``
   (prefix reading, beta = gamma = tau = 1), the config's steps (budget ``steps``);
 - ``qat`` at budget ``time``: as many steps as ``qat+br``'s steps take at the measured step times;
 - ``efqat`` / ``efqat+br``: the efqat stage (CWPL, rho 0.1), the same steps, without / with it.
 ``step_ms`` is each compiled step's median time on one training batch, the four steps timed
-side by side in one process (interleaved rounds after warm-up; EfQAT with its first selection).
-Rows of ``bench/results/block_replacement.json``: model, weight_bits, act_bits, method, budget,
-steps, metric_name, metric (accuracy in %, or bits per character), step_ms.
+side by side in one process (interleaved rounds after warm-up; EfQAT with its first selection),
+once per setting (kept in ``<root>/<setting>/step_ms.json``, so a resumed sweep keeps its
+budget). Rows of ``bench/results/block_replacement.json``: model, weight_bits, act_bits, method,
+budget, steps, metric_name, metric (the mean over the seeds of the accuracy in %, or bits per
+character), metric_std / _min / _max / _seeds, seeds, versus and verdict (the row against the
+method named in ``versus``: better or worse by more than the spread (max - min) of either, else
+within spread; ``sweep.differs``), step_ms, wall_time_s (mean over the seeds).
 
-  python bench/block_replacement.py                                  # every setting (long)
-  python bench/block_replacement.py --settings=resnet20_mnist5k_w2a2
-  python bench/block_replacement.py --quick                          # ResNet-8 W2A2, short
+  python bench/block_replacement.py                       # every setting (long)
+  python bench/block_replacement.py --settings=resnet20_mnist5k_w2a2 --seeds=5
+  python bench/block_replacement.py --quick               # ResNet-8 W2A2, 2 seeds (~4 min)
   python bench/block_replacement.py --plots-only
 
 Runs resume: each keeps its results under --root and is skipped once finished.
@@ -23,13 +28,14 @@ Runs resume: each keeps its results under --root and is skipped once finished.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
 import sweep
 import timing
 from reference_results import load_config
-from stage_runs import metric_of, stage_results
+from stage_runs import metric_of
 
 from efqat_jax import pipeline
 from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
@@ -49,7 +55,7 @@ RHO = 0.1
 ROUNDS = 20
 COLUMNS = [
   "model", "weight_bits", "act_bits", "method", "budget", "steps", "metric_name", "metric",
-  "step_ms",
+  "metric_std", "metric_min", "metric_max", "seeds", "versus", "verdict", "step_ms",
 ]  # fmt: skip
 
 
@@ -78,10 +84,9 @@ def variant(config, stage: str, guided: bool, steps: int | None = None):
   return config
 
 
-def step_times(config, workdir: pathlib.Path, fp) -> dict[str, float]:
-  """Median ms of the compiled qat / qat+br / efqat / efqat+br steps on one batch, interleaved."""
-  run = pipeline.Run(config, workdir)
-  ptq = pipeline.STAGES.get("ptq").run(run, {"fp": fp})  # restored: it is finished
+def step_times(config, run, ptq, fp) -> dict[str, float]:
+  """Median ms of the compiled qat / qat+br / efqat / efqat+br steps on one batch, interleaved,
+  from the ``ptq`` model of ``run``."""
   qmodel = run.quantized_model(ptq.formats)
   layers = quantized_layers(qmodel, ptq.variables, run.sample_inputs, train=False)
   guided = QAT_LOSSES.get("block_replacement").make(
@@ -108,35 +113,67 @@ def step_times(config, workdir: pathlib.Path, fp) -> dict[str, float]:
   return {name: timing.median(ms) for name, ms in times.items()}
 
 
-def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
+def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> list[dict]:
   model, weight_bits, act_bits = setting
   config = base_config(setting, root, quick)
   metric_name = "bits_per_char" if config.task == "lm" else "accuracy"
   fp_run = pipeline.Run(config, root / model)
   fp = pipeline.STAGES.get("fp").run(fp_run, {})
   here = root / sweep.setting_name(*setting)
-  base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
+  ptq_run = pipeline.Run(config, here / "ptq")
+  ptq = pipeline.STAGES.get("ptq").run(ptq_run, {"fp": fp})
+  guided = variant(config, "qat", True)
+  ms = sweep.cached_json(here / "step_ms.json", lambda: step_times(guided, ptq_run, ptq, fp))
   steps = config.qat.steps
-  rows = []
-
-  def add(method, stage, guided, budget, n):
-    cfg = variant(config, stage, guided, n)
-    name = method if budget == "steps" else f"{method}_time"
-    result = stage_results(cfg, here / name, fp, ("ptq", stage))[stage]
-    rows.append(
-      dict(base, method=method, budget=budget, steps=n, metric=metric_of(result, metric_name))
+  time_steps = round(steps * ms["qat+br"] / ms["qat"])
+  base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
+  rows = {}
+  for method, stage, br, budget, n in (
+    ("qat", "qat", False, "steps", steps),
+    ("qat+br", "qat", True, "steps", steps),
+    ("qat", "qat", False, "time", time_steps),
+    ("efqat", "efqat", False, "steps", steps),
+    ("efqat+br", "efqat", True, "steps", steps),
+  ):
+    cfg = variant(config, stage, br, n)
+    workdir = here / (method if budget == "steps" else f"{method}_{n}_steps")
+    results = [
+      sweep.stage_result(
+        sweep.with_train_seed(cfg, i), sweep.seed_dir(workdir, i), stage, {"ptq": ptq, "fp": fp}
+      )
+      for i in range(seeds)
+    ]
+    rows[method, budget] = dict(
+      base,
+      method=method,
+      budget=budget,
+      steps=n,
+      **sweep.seed_stats([metric_of(r, metric_name) for r in results]),
+      step_ms=ms[method],
+      wall_time_s=sum(r["wall_time_s"] for r in results) / seeds,
     )
     print(f"{sweep.setting_name(*setting)}: {method} ({budget}) done", flush=True)
+  return compare(rows, lower_is_better=metric_name == "bits_per_char")
 
-  add("qat", "qat", False, "steps", steps)
-  add("qat+br", "qat", True, "steps", steps)
-  ms = step_times(variant(config, "qat", True), here / "qat+br", fp)
-  add("qat", "qat", False, "time", round(steps * ms["qat+br"] / ms["qat"]))
-  add("efqat", "efqat", False, "steps", steps)
-  add("efqat+br", "efqat", True, "steps", steps)
-  for row in rows:
-    row["step_ms"] = ms[row["method"]]
-  return rows
+
+def compare(rows: dict, lower_is_better: bool) -> list[dict]:
+  """The rows, each against its reference (``versus``, ``verdict``): QAT + BR and EfQAT against
+  QAT at the same steps, QAT at BR's time against QAT + BR, EfQAT + BR against EfQAT."""
+  references = {
+    ("qat+br", "steps"): ("qat", "steps"),
+    ("qat", "time"): ("qat+br", "steps"),
+    ("efqat", "steps"): ("qat", "steps"),
+    ("efqat+br", "steps"): ("efqat", "steps"),
+  }
+  out = []
+  for key, row in rows.items():
+    row = dict(row, versus=None, verdict=None)
+    if key in references:
+      other = references[key]
+      label = f"{other[0]} ({other[1]})"
+      row = sweep.compared(row, rows[other], label, lower_is_better)
+    out.append(row)
+  return out
 
 
 def plot(rows: list[dict], stem: str) -> None:
@@ -157,11 +194,11 @@ def plot(rows: list[dict], stem: str) -> None:
     bits = sorted({r["weight_bits"] for r in group})
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
-      values = {
-        r["weight_bits"]: r["metric"] for r in group if f"{r['method']} ({r['budget']})" == label
-      }
-      ax.bar([b + (i - len(labels) / 2) * width for b in bits], [values.get(b) for b in bits],
-             width, label=label)  # fmt: skip
+      by_bits = {r["weight_bits"]: r for r in group if f"{r['method']} ({r['budget']})" == label}
+      shown = [b for b in bits if b in by_bits]
+      points = [by_bits[b] for b in shown]
+      ax.bar([b + (i - len(labels) / 2) * width for b in shown], [r["metric"] for r in points],
+             width, yerr=sweep.error_bars(points), capsize=2, label=label)  # fmt: skip
     ax.set_xticks(bits, [f"W{b}A{b}" for b in bits])
     ax.set_title(title)
     ax.set_ylabel(group[0]["metric_name"])
@@ -171,8 +208,11 @@ def plot(rows: list[dict], stem: str) -> None:
 
 
 def main():
-  args = sweep.parse(__doc__, "block_replacement", SETTING_NAMES, "ResNet-8 W2A2, short")
-  sweep.run(args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, sweep.row_setting, plot)
+  args = sweep.parse(
+    __doc__, "block_replacement", SETTING_NAMES, "ResNet-8 W2A2, short", seeded=True
+  )
+  run = functools.partial(run_setting, seeds=args.seeds)
+  sweep.run(args, SETTINGS, SETTING_NAMES, run, COLUMNS, sweep.row_setting, plot)
 
 
 if __name__ == "__main__":

@@ -3,22 +3,27 @@ fraction rho of the weights (modes cwpl, cwpn, lwpn; rho 0, 0.05, 0.1, 0.25, 0.5
 
 Settings: the CNN and ResNet-20 on mnist5k at W4A4 and W2A2, and the Transformer LM on
 shakespeare_char at W4A4 (configs/<model>.py; first and last layer at 8 bits). Per setting the
-float model, PTQ and QAT run once; every EfQAT run starts from that PTQ model with QAT's optimizer
+float model and PTQ run once; QAT and every EfQAT run train with --seeds seeds (data order and
+dropout: ``config.train_seed``), each from that same PTQ model, EfQAT with QAT's optimizer
 settings and number of steps, so EfQAT and QAT have the same step budget. At rho 0 (no kernel
 channel trains) and rho 1 (every channel trains) the three modes select the same set, so those
-run once and share their row values.
+run once per seed and share their row values.
+
+Each row gives the mean over the seeds (``metric``), their standard deviation, min and max;
+``vs_ptq`` and ``vs_qat`` say whether the row is better or worse than PTQ / QAT for real, that
+is by more than the spread (max - min) of either, or within it (``sweep.differs``).
 
   gap_recovered = (efqat - ptq) / (qat - ptq)
 
-on the setting's metric (accuracy in %, or bits per character for the LM, where lower is better;
-the ratio reads the same for both): 0 is no better than PTQ, 1 matches QAT. It is None when QAT
-and PTQ differ by less than 0.5 accuracy points (0.02 bits per char): the ratio of two small
-differences is then noise. wall_time_s is a stage's recorded wall time (training, compilation and
-the final evaluation; PTQ: calibration and evaluation).
+on the means of the setting's metric (accuracy in %, or bits per character for the LM, where
+lower is better; the ratio reads the same for both): 0 is no better than PTQ, 1 matches QAT. It
+is None when QAT and PTQ differ by less than 0.5 accuracy points (0.02 bits per char): the ratio
+of two small differences is then noise. wall_time_s is a stage's recorded wall time (training,
+compilation and the final evaluation; PTQ: calibration and evaluation), the mean over the seeds.
 
-  python bench/efqat_accuracy.py                  # all settings (long: each trains fp, qat, 14 EfQAT)
-  python bench/efqat_accuracy.py --settings=cnn_mnist5k_w4a4,cnn_mnist5k_w2a2
-  python bench/efqat_accuracy.py --quick          # CNN W4A4, 20 steps, rho 0.1 and 1 (~1 min)
+  python bench/efqat_accuracy.py                  # all settings (long: each trains fp, 3 x 15 runs)
+  python bench/efqat_accuracy.py --settings=cnn_mnist5k_w4a4,cnn_mnist5k_w2a2 --seeds=5
+  python bench/efqat_accuracy.py --quick   # CNN W4A4, 20 steps, rho 0.1 and 1, 2 seeds (~1.5 min)
   python bench/efqat_accuracy.py --plots-only     # re-plot from the JSON
 
 Writes bench/results/efqat_accuracy.json (rows of other settings already there are kept), and
@@ -30,7 +35,7 @@ where it stopped.
 
 from __future__ import annotations
 
-import json
+import functools
 import pathlib
 
 import sweep
@@ -52,19 +57,10 @@ QUICK_STEPS = 20
 MIN_GAP = {"accuracy": 0.5, "bits_per_char": 0.02}  # |qat - ptq| below this: no gap_recovered
 COLORS = {"cwpl": "C0", "cwpn": "C1", "lwpn": "C2", "fp": "C7", "ptq": "C3", "qat": "k"}
 COLUMNS = [
-  "model",
-  "weight_bits",
-  "act_bits",
-  "method",
-  "mode",
-  "rho",
-  "steps",
-  "metric_name",
-  "metric",
-  "gap_recovered",
-  "param_fraction",
-  "wall_time_s",
-]
+  "model", "weight_bits", "act_bits", "method", "mode", "rho", "steps", "metric_name", "metric",
+  "metric_std", "metric_min", "metric_max", "seeds", "vs_ptq", "vs_qat", "gap_recovered",
+  "param_fraction", "wall_time_s",
+]  # fmt: skip
 
 
 SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
@@ -89,19 +85,20 @@ def efqat_config(config, mode: str, rho: float):
   return cfg
 
 
-def efqat_result(cfg, workdir: pathlib.Path, ptq: pipeline.ModelState) -> dict:
-  """``results["efqat"]`` of the run in ``workdir``, training (or resuming) it unless finished."""
-  path = workdir / "results.json"
-  finished = json.loads(path.read_text()) if path.exists() else {}
-  if "efqat" in finished:
-    return finished["efqat"]
-  run = pipeline.Run(cfg, workdir)
-  pipeline.STAGES.get("efqat").run(run, {"ptq": ptq})
-  return run.results["efqat"]
+def seeded_results(cfg, workdir: pathlib.Path, stage: str, ptq, seeds: range) -> list[dict]:
+  """``results[stage]`` of each seed number in ``seeds`` of the run in ``workdir``, each from
+  the same ``ptq`` model."""
+  return [
+    sweep.stage_result(
+      sweep.with_train_seed(cfg, i), sweep.seed_dir(workdir, i), stage, {"ptq": ptq}
+    )
+    for i in seeds
+  ]
 
 
-def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
-  """Trains (or resumes) fp, ptq, qat and every EfQAT run of a setting; returns its rows."""
+def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> list[dict]:
+  """Trains (or resumes) fp and ptq once, and qat and every EfQAT run with ``seeds`` seeds from
+  that PTQ model; returns the setting's rows."""
   config = setting_config(setting, root, quick)
   rhos = QUICK_RHOS if quick else RHOS
   configs = {(mode, rho): efqat_config(config, mode, rho) for mode in MODES for rho in rhos}
@@ -111,51 +108,59 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
   run = pipeline.Run(config, workdir)
   fp = pipeline.STAGES.get("fp").run(run, {})
   ptq = pipeline.STAGES.get("ptq").run(run, {"fp": fp})
-  pipeline.STAGES.get("qat").run(run, {"ptq": ptq})
+  pipeline.STAGES.get("qat").run(run, {"ptq": ptq})  # seed 0, beside fp and ptq
+  qat = [run.results["qat"], *seeded_results(config, workdir / "qat", "qat", ptq, range(1, seeds))]
   efqat = {}
   for (mode, rho), cfg in configs.items():
     if rho in (0.0, 1.0) and mode != MODES[0]:  # no channel or every channel: same run
       efqat[mode, rho] = efqat[MODES[0], rho]
       continue
-    efqat[mode, rho] = efqat_result(cfg, workdir / f"efqat_{mode}_{rho}", ptq)
-    seconds = efqat[mode, rho]["wall_time_s"]
+    efqat_dir = workdir / f"efqat_{mode}_{rho}"
+    efqat[mode, rho] = seeded_results(cfg, efqat_dir, "efqat", ptq, range(seeds))
+    seconds = sum(r["wall_time_s"] for r in efqat[mode, rho])
     print(f"{workdir.name}: efqat {mode} rho={rho} done ({seconds:.0f} s)", flush=True)
-  return setting_rows(setting, config, run.results, efqat)
+  return setting_rows(setting, config, run.results, qat, efqat)
 
 
-def setting_rows(setting, config, results: dict, efqat: dict) -> list[dict]:
-  """One row for each of fp, ptq, qat and every EfQAT (mode, rho)."""
+def setting_rows(setting, config, results: dict, qat: list, efqat: dict) -> list[dict]:
+  """One row for each of fp, ptq, qat and every EfQAT (mode, rho), each over its seeds (fp and
+  ptq: the one model every seed starts from, so each seed has its value)."""
   model, weight_bits, act_bits = setting
   metric_name = "bits_per_char" if config.task == "lm" else "accuracy"
+  lower_is_better = metric_name == "bits_per_char"
   scale = 100.0 if metric_name == "accuracy" else 1.0
-  ptq, qat = (results[stage][metric_name] * scale for stage in ("ptq", "qat"))
-  gap = qat - ptq if abs(qat - ptq) >= MIN_GAP[metric_name] else None
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
 
-  def row(method, mode, rho, steps, result, gap_recovered=None):
+  def row(method, mode, rho, steps, runs):
+    values = [r[metric_name] * scale for r in runs]
     return dict(
       base,
       method=method,
       mode=mode,
       rho=rho,
       steps=steps,
-      metric=result[metric_name] * scale,
-      gap_recovered=gap_recovered,
-      wall_time_s=result["wall_time_s"],
-      channel_fraction=result.get("channel_fraction"),
-      param_fraction=result.get("param_fraction"),
+      **sweep.seed_stats(values),
+      wall_time_s=sum(r["wall_time_s"] for r in runs) / len(runs),
+      channel_fraction=runs[0].get("channel_fraction"),
+      param_fraction=runs[0].get("param_fraction"),
     )
 
-  rows = [
-    row("fp", "fp", None, config.fp.steps, results["fp"]),
-    row("ptq", "ptq", None, 0, results["ptq"]),
-    row("qat", "qat", 1.0, config.qat.steps, results["qat"]),
-  ]
-  for (mode, rho), result in efqat.items():
-    metric = result[metric_name] * scale
-    recovered = None if gap is None else (metric - ptq) / gap
-    rows.append(row("efqat", mode, rho, config.qat.steps, result, recovered))
-  return rows
+  seeds = len(qat)
+  ptq = row("ptq", "ptq", None, 0, [results["ptq"]] * seeds)
+  qat = row("qat", "qat", 1.0, config.qat.steps, qat)
+  gap = qat["metric"] - ptq["metric"]
+  gap = gap if abs(gap) >= MIN_GAP[metric_name] else None
+
+  def versus(r):
+    vs_ptq = sweep.verdict(r["metric_seeds"], ptq["metric_seeds"], lower_is_better)
+    vs_qat = sweep.verdict(r["metric_seeds"], qat["metric_seeds"], lower_is_better)
+    recovered = None if gap is None else (r["metric"] - ptq["metric"]) / gap
+    return dict(r, vs_ptq=vs_ptq, vs_qat=vs_qat, gap_recovered=recovered)
+
+  qat_row = dict(versus(qat), vs_qat=None, gap_recovered=None)
+  rows = [row("fp", "fp", None, config.fp.steps, [results["fp"]] * seeds), ptq, qat_row]
+  rows += [versus(row("efqat", m, rho, config.qat.steps, runs)) for (m, rho), runs in efqat.items()]
+  return [dict({c: None for c in COLUMNS}, **r) for r in rows]
 
 
 # --- plots ------------------------------------------------------------------------------------
@@ -176,9 +181,11 @@ def ylabel(rows: list[dict]) -> str:
 def draw_vs_rho(ax, rows: list[dict]) -> None:
   """Metric vs rho, a line per mode; FP, PTQ and QAT as horizontal lines."""
   for mode in MODES:
-    points = sorted((r["rho"], r["metric"]) for r in rows if r["mode"] == mode)
+    points = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["rho"])
     if points:
-      ax.plot(*zip(*points, strict=True), "o-", color=COLORS[mode], label=mode)
+      rhos, metrics = [r["rho"] for r in points], [r["metric"] for r in points]
+      yerr = sweep.error_bars(points)
+      ax.errorbar(rhos, metrics, yerr=yerr, fmt="o-", capsize=2, color=COLORS[mode], label=mode)
   for r in rows:
     if r["method"] != "efqat":
       style = ":" if r["method"] == "fp" else "--"
@@ -191,7 +198,8 @@ def draw_vs_time(ax, rows: list[dict]) -> None:
   for mode in MODES:
     points = [r for r in rows if r["mode"] == mode]
     times, metrics = [r["wall_time_s"] for r in points], [r["metric"] for r in points]
-    ax.scatter(times, metrics, color=COLORS[mode], label=mode)
+    yerr = sweep.error_bars(points)
+    ax.errorbar(times, metrics, yerr=yerr, fmt="o", capsize=2, color=COLORS[mode], label=mode)
     for r in points:
       xy = (r["wall_time_s"], r["metric"])
       ax.annotate(f"{r['rho']:g}", xy, xytext=(3, 3), textcoords="offset points", fontsize=6)
@@ -231,10 +239,11 @@ def plot(rows: list[dict], stem: str) -> None:
 
 
 def main():
-  args = sweep.parse(__doc__, "efqat_accuracy", SETTING_NAMES, "CNN W4A4, 20 steps, rho 0.1 and 1")
-  sweep.run(
-    args, SETTINGS, SETTING_NAMES, run_setting, COLUMNS, sweep.row_setting, plot, quick=args.quick
+  args = sweep.parse(
+    __doc__, "efqat_accuracy", SETTING_NAMES, "CNN W4A4, 20 steps, rho 0.1 and 1", seeded=True
   )
+  run = functools.partial(run_setting, seeds=args.seeds)
+  sweep.run(args, SETTINGS, SETTING_NAMES, run, COLUMNS, sweep.row_setting, plot, quick=args.quick)
 
 
 if __name__ == "__main__":

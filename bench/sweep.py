@@ -1,4 +1,6 @@
-"""The command line of a benchmark that sweeps named settings and resumes from a root folder."""
+"""The command line of a benchmark that sweeps named settings and resumes from a root folder, and
+its seeds: each cell trains with several seeds from the same float and PTQ models, and two cells
+differ for real only when their means are further apart than each one's spread over the seeds."""
 
 from __future__ import annotations
 
@@ -7,10 +9,17 @@ import dataclasses
 import json
 import math
 import pathlib
+import statistics
 from collections.abc import Callable
 from typing import Any
 
 import timing
+
+from efqat_jax import pipeline
+
+DEFAULT_SEEDS = 3
+QUICK_SEEDS = 2
+SAME = "within spread"  # the verdict on two cells that do not differ for real
 
 
 def setting_name(model: str, weight_bits: int, act_bits: int) -> str:
@@ -34,6 +43,7 @@ class SweepArgs:
     plots_only: re-plot from the JSON and run nothing.
     stem: the results' file stem (``<name>`` or ``<name>_quick``).
     path: ``bench/results/<stem>.json``.
+    seeds: training seeds per cell (1 for a benchmark without ``--seeds``).
   """
 
   names: list[str]
@@ -42,24 +52,39 @@ class SweepArgs:
   plots_only: bool
   stem: str
   path: pathlib.Path
+  seeds: int = 1
 
 
-def parse(doc: str, name: str, setting_names: list[str], quick_help: str) -> SweepArgs:
-  """Parses ``--root``, ``--settings``, ``--quick`` and ``--plots-only``; an unknown setting is
-  a usage error. Without --settings: every setting (with --quick: the first)."""
+def parse(
+  doc: str, name: str, setting_names: list[str], quick_help: str, seeded: bool = False
+) -> SweepArgs:
+  """Parses ``--root``, ``--settings``, ``--quick``, ``--plots-only`` and, if ``seeded``,
+  ``--seeds``; an unknown setting is a usage error. Without --settings: every setting (with
+  --quick: the first)."""
   parser = argparse.ArgumentParser(description=doc.split("\n")[0])
   parser.add_argument("--root", default=f"/tmp/{name}", type=pathlib.Path)
   parser.add_argument("--settings", help=f"comma-separated subset of {','.join(setting_names)}")
   parser.add_argument("--quick", action="store_true", help=quick_help)
   parser.add_argument("--plots-only", action="store_true", help="re-plot from the JSON")
+  if seeded:
+    parser.add_argument(
+      "--seeds",
+      type=int,
+      help=f"training seeds per cell (default {DEFAULT_SEEDS}; {QUICK_SEEDS} with --quick)",
+    )
   args = parser.parse_args()
   names = args.settings.split(",") if args.settings else setting_names[: 1 if args.quick else None]
   unknown = sorted(set(names) - set(setting_names))
   if unknown:
     parser.error(f"unknown settings {unknown}; choose from {setting_names}")
+  seeds = getattr(args, "seeds", None)
+  seeds = (QUICK_SEEDS if args.quick else DEFAULT_SEEDS) if seeds is None else seeds
+  if seeds < 1:
+    parser.error(f"--seeds={seeds}: at least 1")
   stem = f"{name}_quick" if args.quick else name
   root = args.root / "quick" if args.quick else args.root
-  return SweepArgs(names, root, args.quick, args.plots_only, stem, timing.RESULTS / f"{stem}.json")
+  path = timing.RESULTS / f"{stem}.json"
+  return SweepArgs(names, root, args.quick, args.plots_only, stem, path, seeds if seeded else 1)
 
 
 def merged(
@@ -97,6 +122,99 @@ def run(
   rows = merged(rows, args.path, setting_of, setting_names)
   print(f"wrote {timing.write_rows(args.stem, rows)}")
   plot(rows, args.stem)
+
+
+# --- seeds -------------------------------------------------------------------------------------
+
+
+def with_train_seed(config, index: int):
+  """A copy of ``config`` whose stages after PTQ train with seed number ``index``: the config's
+  own seed for index 0 (so a run made before seeds existed is index 0), ``seed + index`` else."""
+  config = config.copy_and_resolve_references()
+  config.train_seed = -1 if index == 0 else config.seed + index
+  return config
+
+
+def seed_dir(workdir: pathlib.Path, index: int) -> pathlib.Path:
+  """The workdir of seed number ``index`` of a run: ``workdir`` for index 0, else
+  ``<workdir>_seed<index>`` beside it."""
+  return workdir if index == 0 else workdir.with_name(f"{workdir.name}_seed{index}")
+
+
+def stage_result(config, workdir: pathlib.Path, stage: str, inputs: dict) -> dict:
+  """``results[stage]`` of the run in ``workdir``, whose ``stage`` starts from ``inputs`` (the
+  outputs of the stages it needs, made elsewhere): as recorded there, else trained (resumed)."""
+  path = workdir / "results.json"
+  done = json.loads(path.read_text()) if path.exists() else {}
+  if stage in done:
+    return done[stage]
+  run = pipeline.Run(config, workdir)
+  pipeline.STAGES.get(stage).run(run, inputs)
+  return run.results[stage]
+
+
+def cached_json(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
+  """The JSON object in ``path``, or ``compute()`` written there first (so that what a resumed
+  sweep measured once, such as a step budget, stays what its runs were started with)."""
+  if not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(compute(), indent=1) + "\n")
+  return json.loads(path.read_text())
+
+
+def spread(values: list[float]) -> float:
+  """The range of a cell's per-seed values (max - min)."""
+  return max(values) - min(values)
+
+
+def seed_stats(values: list[float], name: str = "metric") -> dict:
+  """A cell's per-seed ``values`` as row fields: ``name`` (their mean), ``<name>_std`` (sample
+  standard deviation; 0 for one value), ``<name>_min``, ``<name>_max``, ``<name>_seeds`` (the
+  values) and ``seeds`` (how many)."""
+  return {
+    name: statistics.fmean(values),
+    f"{name}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    f"{name}_min": min(values),
+    f"{name}_max": max(values),
+    f"{name}_seeds": list(values),
+    "seeds": len(values),
+  }
+
+
+def differs(a: list[float], b: list[float]) -> bool:
+  """Whether two cells' per-seed values differ for real: their means are further apart than
+  the spread of each. With one value on both sides there is no spread to tell (False)."""
+  if len(a) < 2 and len(b) < 2:
+    return False
+  gap = abs(statistics.fmean(a) - statistics.fmean(b))
+  return gap > spread(a) and gap > spread(b)
+
+
+def verdict(a: list[float], b: list[float], lower_is_better: bool = False) -> str:
+  """Cell ``a`` against cell ``b``: ``"better"`` or ``"worse"`` where they differ for real,
+  else ``SAME``."""
+  if not differs(a, b):
+    return SAME
+  higher = statistics.fmean(a) > statistics.fmean(b)
+  return "better" if higher != lower_is_better else "worse"
+
+
+def compared(row: dict, other: dict, label: str, lower_is_better: bool) -> dict:
+  """``row`` with ``versus = label`` (naming ``other``) and the ``verdict`` of its per-seed
+  metrics against ``other``'s."""
+  mark = verdict(row["metric_seeds"], other["metric_seeds"], lower_is_better)
+  return dict(row, versus=label, verdict=mark)
+
+
+def error_bars(rows: list[dict]) -> list[list[float]]:
+  """``yerr`` for matplotlib: each row's mean to its min and to its max over the seeds (0 for
+  rows written before seeds)."""
+  below = [r["metric"] - r.get("metric_min", r["metric"]) for r in rows]
+  above = [r.get("metric_max", r["metric"]) - r["metric"] for r in rows]
+  return [below, above]
+
+
+# --- plots -------------------------------------------------------------------------------------
 
 
 def panel_grid(count: int, max_columns: int):

@@ -26,6 +26,7 @@ from efqat_jax.nn import quantize
 from efqat_jax.nn.formats import Formats, rules_from_formats
 from efqat_jax.pipeline import results_file
 from efqat_jax.pipeline.outputs import check_finite
+from efqat_jax.pipeline.stage import STAGES
 from efqat_jax.train import (
   Checkpointer,
   MetricWriter,
@@ -39,6 +40,11 @@ TASK_FEATURES = {"classification": ("image", "label"), "lm": ("tokens",)}
 
 RUN_FIELDS = {
   "seed": Field(0, "seed of init, data order and dropout", integer(0)),
+  "train_seed": Field(
+    -1,
+    "seed of data order and dropout in the stages after ptq (-1: seed); fp and ptq are reused",
+    integer(-1),
+  ),
   "stages": Field(
     "fp,ptq,qat,efqat,export",
     "stages to run, comma-separated (a stage a later one needs runs too, and the run says so)",
@@ -67,6 +73,8 @@ RUN_FIELDS = {
   "checkpoint_every": Field(100, "steps between checkpoints", integer(1)),
   "progress": Field(True, "show progress bars", boolean()),
 }
+# The field a stage lists among its own (``Stage.fields``) to train on ``Run.stage_seed``.
+TRAIN_SEED = "train_seed"
 # In a stage's result: the digest of its final checkpoint (the stages after it started from it).
 CHECKPOINT_DIGEST = "checkpoint_digest"
 # The run-level fields every stage's result depends on (the rest only change how it runs).
@@ -161,13 +169,25 @@ class Run:
       return {"inputs": tokens[:, :-1], "labels": tokens[:, 1:], "mask": batch["mask"]}
     return {"inputs": batch["image"], "labels": batch["label"], "mask": batch["mask"]}
 
-  def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
-    """The training batches from step ``start_step`` on (epochs reshuffled by seed)."""
+  def stage_seed(self, stage: str) -> int:
+    """The seed of ``stage``'s data order and dropout: ``train_seed`` if set and the stage
+    lists it among its fields (so its fingerprint holds it), else ``seed``."""
+    c = self.config
+    if c.train_seed >= 0 and TRAIN_SEED in STAGES.get(stage).fields(c):
+      return c.train_seed
+    return c.seed
+
+  def train_batches(
+    self, start_step: int, seed: int | None = None
+  ) -> Iterator[dict[str, jax.Array]]:
+    """The training batches from step ``start_step`` on, epochs reshuffled by ``seed``
+    (default: ``config.seed``)."""
+    seed = self.config.seed if seed is None else seed
     steps_per_epoch = len(self.train_source) // self.config.batch_size
     epoch, skip = divmod(start_step, steps_per_epoch)
     while True:
       epoch_batches = data.batches(
-        self.train_source, self.config.batch_size, seed=self.config.seed, epoch=epoch
+        self.train_source, self.config.batch_size, seed=seed, epoch=epoch
       )
       for i, batch in enumerate(epoch_batches):
         if i >= skip:

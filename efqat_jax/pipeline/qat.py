@@ -26,7 +26,7 @@ import ml_collections
 
 from efqat_jax.fields import Field, Schema, one_of
 from efqat_jax.pipeline.accumulators import accumulator_constraint
-from efqat_jax.pipeline.context import Run
+from efqat_jax.pipeline.context import TRAIN_SEED, Run
 from efqat_jax.pipeline.stage import STAGES, ModelState, Stage
 from efqat_jax.pipeline.training import training_fields
 from efqat_jax.registry import Registry
@@ -123,7 +123,7 @@ def _run_stage(stage: str) -> Callable[[Run, dict[str, ModelState]], ModelState]
 def _fields(stage: str) -> Callable[[ml_collections.ConfigDict], tuple[str, ...]]:
   def fields(config):
     method, loss = stage_method(config, stage), config[stage].loss
-    own = (stage,)
+    own = (stage, TRAIN_SEED)
     if method != stage and QAT_VARIANTS.get(method).fields:
       own += (method,)
     return own + ((loss,) if QAT_LOSSES.get(loss).fields else ())

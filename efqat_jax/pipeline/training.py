@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -67,7 +68,9 @@ def train(
   loss_fn: LossFn = classification_loss,
 ) -> TrainState:
   """Trains ``model`` from ``variables`` for ``cfg.steps`` steps, resuming from the stage's
-  checkpoints in ``<workdir>/<stage>``; stops with NonFiniteError on a non-finite loss."""
+  checkpoints in ``<workdir>/<stage>``, data order and dropout seeded by ``run.stage_seed``;
+  stops with NonFiniteError on a non-finite loss."""
+  seed = run.stage_seed(stage)
   tx, schedule = make_optimizer(
     cfg.optimizer,
     learning_rate=cfg.learning_rate,
@@ -86,11 +89,11 @@ def train(
     return train_loop(
       state,
       step_fn if wrap_step is None else wrap_step(step_fn, writer),
-      run.train_batches,
+      functools.partial(run.train_batches, seed=seed),
       cfg.steps,
       checkpointer=ckpt,
       writer=writer,
-      rng=jax.random.key(run.config.seed),
+      rng=jax.random.key(seed),
       checkpoint_every=run.config.checkpoint_every,
       log_every=run.config.log_every,
       learning_rate=schedule,

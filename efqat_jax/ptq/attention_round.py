@@ -177,10 +177,22 @@ class BlockReconstruction:
 
   def reconstruct(self, params: Any, block) -> dict[str, jax.Array]:
     """The optimised offsets of the block's layers (``{path: offset}``)."""
+    program = self.program(params, block)
+    if program is None:
+      return {}
+    step, carry, data = program
+    for t in range(self.settings.steps):
+      carry = step(t, carry, data)
+    return carry[0]
+
+  def program(self, params: Any, block):
+    """``(step, carry, data)`` of the block's optimisation, None if it has no weight to round:
+    ``step(t, carry, data) -> carry`` is Adam step ``t`` (one jitted program), ``carry[0]``
+    the offsets (``{path: offset}``)."""
     s = self.settings
     paths = [p for p in block.layers if dict(self.layers[p].op)["op"] != "take"]
     if not paths:
-      return {}
+      return None
     block_inputs, depth = self.over_samples(self.quantized, params, block.path, outputs=False)
     targets, _ = self.over_samples(self.float_model, self.float_params, block.path, outputs=True)
     offsets = {p: jnp.zeros_like(params_at(params, p)[self.layers[p].weight_name]) for p in paths}
@@ -218,10 +230,7 @@ class BlockReconstruction:
 
     key = jax.random.fold_in(jax.random.key(s.seed), self.blocks.index(block))
     carry = (offsets, optimizer.init(offsets), key)
-    data = (params, block_inputs, targets, self.inputs)
-    for t in range(s.steps):
-      carry = step(t, carry, data)
-    return carry[0]
+    return step, carry, (params, block_inputs, targets, self.inputs)
 
   def _seeds(self, index: int, layer: QuantizedLayer) -> jax.Array:
     units = math.prod(layer.stack_shape)
