@@ -225,36 +225,6 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
   return rows
 
 
-def _conv_weight_gradient_rows(rounds: int) -> list[dict]:
-  """The weight-gradient convolution of k output channels alone, at ResNet-20's three stage
-  shapes (3x3, stride 1, batch 64): what one partially trained layer costs for its dW."""
-  dn = ("NHWC", "HWIO", "NHWC")
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
-  runs, shapes = {}, {}
-  for size, channels in ((28, 16), (14, 32), (7, 64)):
-    x = jax.random.normal(jax.random.key(0), (64, size, size, channels))
-    for k in sorted({1, 2, 4, 8, channels}):
-      w = jax.random.normal(jax.random.key(1), (3, 3, channels, k))
-      g = jax.random.normal(jax.random.key(2), (64, size, size, k))
-      dw = jax.jit(lambda x, w, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0])
-      runs[size, channels, k] = lambda dw=dw, x=x, w=w, g=g: dw(x, w, g).block_until_ready()
-      shapes[size, channels, k] = k / channels
-  times = timing.interleaved_ms(runs, rounds)
-  rows = []
-  for (size, channels, k), t in times.items():
-    full = timing.median(times[size, channels, channels])
-    rows.append(
-      dict(
-        layer=f"{size}x{size}x{channels}",
-        k=k,
-        dw_ms=timing.median(t),
-        share_of_channels=shapes[size, channels, k],
-        share_of_full_dw_time=timing.median(t) / full,
-      )
-    )
-  return rows
-
-
 def _with_other_models(rows: list[dict]) -> list[dict]:
   """``rows`` after the rows of the models they do not cover, from the JSON already written."""
   path = timing.RESULTS / "efqat_speedup.json"
@@ -283,11 +253,8 @@ def main():
   rhos = QUICK_RHOS if args.quick else RHOS
   rows = [row for name in models for row in _bench_model(name, rhos, rounds, args.bucket)]
   print(timing.markdown_table(rows, COLUMNS))
-  dw_rows = _conv_weight_gradient_rows(rounds)
-  print(timing.markdown_table(dw_rows, list(dw_rows[0])))
   if not args.quick:
     print(f"wrote {timing.write_rows('efqat_speedup', _with_other_models(rows))}")
-    print(f"wrote {timing.write_rows('efqat_speedup_conv_dw', dw_rows)}")
 
 
 if __name__ == "__main__":

@@ -277,7 +277,13 @@ def test_quantize_calibrate_qat_efqat_and_export(name):
   step = make_train_step(qmodel, tx, mesh, loss_fn, param_context=restrict_backward)
   fresh = replicate(create_train_state(variables, tx), mesh)
   for mode, rho in modes:
-    trainable = select(variables["params"], layers, mode, rho)
+    # cwpl ranks by BatchNorm-folded magnitude (mean |w| where no norm follows), lwpn by
+    # fan-in scaled magnitude: every importance meets the other codebases' layouts.
+    importance = "bn_folded" if mode == "cwpl" else "fan_in"
+    stats = variables.get("batch_stats", {})
+    trainable = select(
+      variables["params"], layers, mode, rho, importance=importance, batch_stats=stats
+    )
     state = fresh.replace(opt_state=set_trainable(fresh.opt_state, fresh.params, trainable))
     compiled = step.lower(state, batch, rng, trainable).compile()
     shapes = _dot_and_conv_shapes(compiled.as_text())

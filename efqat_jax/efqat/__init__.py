@@ -5,7 +5,12 @@ from efqat_jax.efqat.backward import (
   restrict_backward,
   stop_frozen_layers,
 )
-from efqat_jax.efqat.importance import channel_importance, layer_importance, unit_weights
+from efqat_jax.efqat.importance import (
+  IMPORTANCES,
+  channel_importance,
+  unit_scores,
+  unit_weights,
+)
 from efqat_jax.efqat.masking import (
   FreezeState,
   freeze_unselected,
@@ -18,13 +23,13 @@ from efqat_jax.efqat.selection import CHEAP_PARAMS, MODES, TrainableSet, select
 
 __all__ = [
   "CHEAP_PARAMS",
+  "IMPORTANCES",
   "MODES",
   "ReselectingStep",
   "FreezeState",
   "TrainableSet",
   "channel_importance",
   "freeze_unselected",
-  "layer_importance",
   "partial_layers",
   "restrict_backward",
   "select",
@@ -32,5 +37,6 @@ __all__ = [
   "stop_frozen_layers",
   "trainable_from_state",
   "trainable_masks",
+  "unit_scores",
   "unit_weights",
 ]

@@ -18,7 +18,9 @@ import jax
 from efqat_jax.efqat.masking import set_trainable, trainable_from_state
 from efqat_jax.efqat.selection import TrainableSet
 
-Selector = Callable[[Any], TrainableSet]
+# selector(variables): the state's variables, {"params": ..., **collections} (``batch_stats``
+# for importance="bn_folded").
+Selector = Callable[[dict[str, Any]], TrainableSet]
 # on_select(step, params, trainable, recompiles): called after every selection; ``recompiles``
 # is True when the selection's static counts are new to this run (the step compiles once more).
 OnSelect = Callable[[int, Any, TrainableSet, bool], None]
@@ -30,7 +32,9 @@ class ReselectingStep:
   Args:
     step_fn: a jitted ``(state, batch, rng, trainable) -> (state, metrics)`` whose optimizer is
       a ``freeze_unselected`` wrapper (``state.opt_state`` is its FreezeState).
-    selector: ``params -> TrainableSet``.
+    selector: ``variables -> TrainableSet``, given the state's variables
+      (``{"params": ..., "batch_stats": ...}``), e.g.
+      ``lambda v: select(v["params"], layers, "cwpl", 0.1)``.
     every: steps between selections; None selects once, at step 0.
     on_select: optional callback after each selection (logging).
   """
@@ -53,7 +57,7 @@ class ReselectingStep:
     if self._step is None:  # first call of this run: one host read of the step
       self._step = int(state.step)
       if not self._due(self._step):  # resumed between selections: read it from the state
-        layers = {layer.path: layer for layer in self.selector(state.params).layers}
+        layers = {layer.path: layer for layer in self.selector(state.variables).layers}
         self.trainable = trainable_from_state(state.opt_state, state.params, layers)
         self.compiled_counts.add(self.trainable.counts)
     if self._due(self._step):
@@ -65,7 +69,7 @@ class ReselectingStep:
     return step == 0 if self.every is None else step % self.every == 0
 
   def _select(self, state: Any) -> Any:
-    self.trainable = self.selector(state.params)
+    self.trainable = self.selector(state.variables)
     recompiles = self.trainable.counts not in self.compiled_counts
     self.compiled_counts.add(self.trainable.counts)
     if self.on_select is not None:

@@ -3,9 +3,11 @@
 Modes (``rho`` is the unfrozen fraction; a unit is a layer, or one layer of a stack):
   cwpl  in every unit, the ceil(rho * C) most important output channels;
   cwpn  the ceil(rho * N) most important of all N output channels of the network, ranked
-        together by raw mean |w|, so units get different counts;
+        together, so units get different counts;
   lwpn  the ceil(rho * L) most important of the L units, each trained whole;
   qat   everything (rho is ignored);  ptq  nothing.
+Importance is mean |w| (the paper) or another of ``IMPORTANCES``
+(``efqat_jax.efqat.importance``); a unit's is the mean of its channels'.
 
 What else trains (``cheap_params``): the params that are not quantized weights (biases,
 normalisation params, activation-quantizer params, unfrozen weight scales) cost O(C) each.
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efqat_jax.efqat.importance import channel_importance, layer_importance, unit_weights
+from efqat_jax.efqat.importance import unit_scores
 from efqat_jax.nn.layer_table import QuantizedLayer, own_params
 
 MODES = ("cwpl", "cwpn", "lwpn", "qat", "ptq")
@@ -139,6 +141,8 @@ def select(
   bucket: int = 1,
   train_frozen_scales: bool = False,
   cheap_params: str = "all_layers",
+  importance: str = "mean_abs",
+  batch_stats: Any = None,
 ) -> TrainableSet:
   """Chooses the trainable output channels of every unit.
 
@@ -151,6 +155,8 @@ def select(
       C), so that re-selections change the static counts, and recompile the step, less often.
     train_frozen_scales: let the weight scales of frozen channels train.
     cheap_params: where the params other than quantized weights train (see the module doc).
+    importance: how channels and units are ranked, one of ``IMPORTANCES``.
+    batch_stats: the model's ``batch_stats`` collection (``importance='bn_folded'`` needs it).
 
   Returns:
     The TrainableSet.
@@ -159,9 +165,7 @@ def select(
   if not layers:
     raise ValueError("layers is empty: the model has no quantized layer, nothing to select")
   layers = dict(sorted(layers.items()))
-  weights = unit_weights(params, layers)
-  out_axes = {layer.unit(i): layer.out_axes for layer in layers.values() for i in layer.indices()}
-  scores = {u: np.asarray(channel_importance(w, out_axes[u])) for u, w in weights.items()}
+  scores = unit_scores(params, layers, importance, batch_stats)
   sizes = {unit: s.size for unit, s in scores.items()}
   if mode == "qat":
     counts = dict(sizes)
@@ -170,7 +174,7 @@ def select(
   elif mode == "cwpl":
     counts = {unit: math.ceil(rho * c) for unit, c in sizes.items()}
   elif mode == "lwpn":
-    ranked = sorted(weights, key=lambda u: -float(layer_importance(weights[u])))
+    ranked = sorted(scores, key=lambda u: -float(np.mean(scores[u])))
     chosen = set(ranked[: math.ceil(rho * len(ranked))])
     counts = {unit: sizes[unit] if unit in chosen else 0 for unit in sizes}
   else:  # cwpn

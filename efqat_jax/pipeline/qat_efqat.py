@@ -1,4 +1,4 @@
-"""QAT variant ``efqat``: train the channels or layers selected by importance (mean |w|),
+"""QAT variant ``efqat``: train the channels or layers selected by importance (``importance``),
 re-selected every ``reselect_every`` steps, plus the non-weight params (where ``cheap_params``
 says); the optimizer freezes the rest and the backward pass skips their weight gradients."""
 
@@ -11,6 +11,7 @@ import tqdm
 
 from efqat_jax.efqat import (
   CHEAP_PARAMS,
+  IMPORTANCES,
   MODES,
   ReselectingStep,
   freeze_unselected,
@@ -43,6 +44,12 @@ EFQAT_FIELDS = {
     " layers with selected weights; the backward pass stops below the lowest one)",
     one_of(*CHEAP_PARAMS),
   ),
+  "importance": Field(
+    "mean_abs",
+    "how channels and layers are ranked: mean_abs (mean |w|, the paper), fan_in (mean |w| *"
+    " sqrt(fan_in)), or bn_folded (|w| * gamma / sigma of the following BatchNorm)",
+    one_of(*IMPORTANCES),
+  ),
 }
 
 
@@ -52,15 +59,17 @@ def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
   layers = quantized_layers(qmodel, variables, run.sample_inputs, train=False)
   recompiles = [0]
 
-  def selector(params):
+  def selector(variables):
     return select(
-      params,
+      variables["params"],
       layers,
       settings.mode,
       settings.rho,
       settings.bucket,
       settings.train_frozen_scales,
       settings.cheap_params,
+      settings.importance,
+      variables.get("batch_stats", {}),
     )
 
   def reselecting(step_fn, writer):
@@ -91,6 +100,7 @@ def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
     "mode": settings.mode,
     "rho": settings.rho,
     "cheap_params": last.cheap_params,
+    "importance": settings.importance,
     "channel_fraction": summary["channel_fraction"],
     "param_fraction": summary["param_fraction"],
     "selections": 1 if every is None else math.ceil(cfg.steps / every),

@@ -56,7 +56,10 @@ def test_selects_at_step_zero_and_every_so_many_steps(every, selections):
   calls = []
   recorder = Recorder()
   step = ReselectingStep(
-    recorder, lambda p: select(p, LAYERS, "cwpl", 0.25), every, lambda *a: calls.append(a[0])
+    recorder,
+    lambda v: select(v["params"], LAYERS, "cwpl", 0.25),
+    every,
+    lambda *a: calls.append(a[0]),
   )
   _run(step, _state(), 5)
   assert calls == selections
@@ -64,7 +67,7 @@ def test_selects_at_step_zero_and_every_so_many_steps(every, selections):
 
 
 def test_selection_is_installed_in_the_optimizer_state():
-  step = ReselectingStep(Recorder(), lambda p: select(p, LAYERS, "cwpl", 0.25), None)
+  step = ReselectingStep(Recorder(), lambda v: select(v["params"], LAYERS, "cwpl", 0.25), None)
   state = _run(step, _state(), 1)
   masks = state.opt_state.masks["Conv_1"]["kernel"]
   assert masks.shape == (3, 3, 8, 16) and int(masks[0, 0, 0].sum()) == 4
@@ -74,7 +77,7 @@ def test_selection_is_installed_in_the_optimizer_state():
 def test_recompiles_are_flagged_only_for_counts_not_seen_before():
   flags = []
   step = ReselectingStep(
-    Recorder(), lambda p: select(p, LAYERS, "cwpn", 0.3), 1, lambda *a: flags.append(a[3])
+    Recorder(), lambda v: select(v["params"], LAYERS, "cwpn", 0.3), 1, lambda *a: flags.append(a[3])
   )
   _run(step, _state(), 4)
   assert flags[0] is True
@@ -98,11 +101,15 @@ def test_selection_reads_back_from_the_optimizer_state(mode, rho, train_frozen_s
 
 def test_a_resumed_run_between_selections_continues_with_the_installed_selection():
   straight = Recorder()
-  _run(ReselectingStep(straight, lambda p: select(p, LAYERS, "cwpn", 0.3), 3), _state(), 5)
+  _run(
+    ReselectingStep(straight, lambda v: select(v["params"], LAYERS, "cwpn", 0.3), 3), _state(), 5
+  )
   first = Recorder()
-  state = _run(ReselectingStep(first, lambda p: select(p, LAYERS, "cwpn", 0.3), 3), _state(), 2)
+  state = _run(
+    ReselectingStep(first, lambda v: select(v["params"], LAYERS, "cwpn", 0.3), 3), _state(), 2
+  )
   resumed = Recorder()  # a new process: resumes at step 2 (no selection due until step 3)
-  _run(ReselectingStep(resumed, lambda p: select(p, LAYERS, "cwpn", 0.3), 3), state, 3)
+  _run(ReselectingStep(resumed, lambda v: select(v["params"], LAYERS, "cwpn", 0.3), 3), state, 3)
   for a, b in zip(straight.seen, first.seen + resumed.seen, strict=True):
     assert a.counts == b.counts
     for path in a.channels:
@@ -124,7 +131,7 @@ def test_summary_counts_channel_and_parameter_shares():
 @pytest.mark.parametrize("every", [0, -1, 1.5, True])
 def test_bad_period_is_rejected(every):
   with pytest.raises(ValueError, match="every must be"):
-    ReselectingStep(Recorder(), lambda p: select(p, LAYERS, "cwpl"), every)
+    ReselectingStep(Recorder(), lambda v: select(v["params"], LAYERS, "cwpl"), every)
 
 
 def test_reselecting_with_unchanged_counts_never_retraces_the_step():
@@ -141,7 +148,7 @@ def test_reselecting_with_unchanged_counts_never_retraces_the_step():
   mesh = make_mesh()
   traced_once = chex.assert_max_traces(classification_loss, n=1)  # runs once per trace
   train_step = make_train_step(MODEL, TX, mesh, traced_once, param_context=restrict_backward)
-  step = ReselectingStep(train_step, lambda p: select(p, LAYERS, "cwpl", 0.25), 2)
+  step = ReselectingStep(train_step, lambda v: select(v["params"], LAYERS, "cwpl", 0.25), 2)
   x = jax.random.uniform(jax.random.key(1), (8, 12, 12, 1))
   batch = shard_batch({"inputs": x, "labels": jnp.arange(8) % 10}, mesh)
   state = replicate(_state(), mesh)

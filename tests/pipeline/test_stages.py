@@ -24,12 +24,14 @@ def test_every_stage_runs_for_classification_and_for_a_language_model(
   else:
     config = tiny_config(dataset, data_dir, eval_split="validation[:512]")
     config.stages = "fp,ptq,efqat,export"  # qat: the same code path as for digits
+    config.efqat.importance = "fan_in"
     results = pipeline.run_pipeline(config, tmp_path)
   assert set(results) >= {"fp", "ptq", "efqat", "export"}
   metric = "bits_per_char" if dataset.startswith("shakespeare") else "accuracy"
   for stage in ("fp", "ptq", "efqat"):
     assert np.isfinite(results[stage][metric]) and results[stage]["wall_time_s"] > 0
   assert results["efqat"]["method"] == "efqat"
+  assert results["efqat"]["importance"] == ("mean_abs" if dataset == "digits" else "fan_in")
   times = results["efqat"]
   assert times["train_time_s"] + times["eval_time_s"] == pytest.approx(times["wall_time_s"])
   assert min(times["train_time_s"], times["eval_time_s"]) > 0

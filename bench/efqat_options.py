@@ -1,0 +1,187 @@
+"""EfQAT's options compared on gap recovery at rho 10%, 3 seeds: where the cheap params train
+(``efqat.cheap_params``) or how channels and layers are ranked (``efqat.importance``).
+
+Per setting and seed, the float model, PTQ and QAT run once (``config.seed`` seeds init, data
+order and dropout, so every seed has its own float and PTQ model); then EfQAT in each mode
+(cwpl, cwpn, lwpn) at rho 10% with each value of the option, each from a copy of that seed's
+workdir (same PTQ model, same step budget as QAT).
+
+  gap_recovered = (efqat - ptq) / (qat - ptq)
+
+per seed (for bits per character, lower is better, the same ratio); the table gives the mean
+and the [min, max] over seeds. A difference between two values counts only where their ranges
+do not overlap. ``train_time_s`` is the stage's wall time before its final evaluation
+(compilation and re-selection included).
+
+  python bench/efqat_options.py --option=cheap_params    # writes results/efqat_cheap_params.json
+  python bench/efqat_options.py --option=importance      # writes results/efqat_importance.json
+  python bench/efqat_options.py --option=importance --settings=transformer_shakespeare_w4a4 \
+      --values=mean_abs,fan_in --seeds=0,1
+
+``--values`` picks some of the option's values (e.g. no ``bn_folded`` for a model without
+BatchNorm, where it equals mean_abs). Rows of other settings already in the JSON are kept.
+Reruns resume: every run keeps its workdir under --root (default /tmp/efqat_options), and
+finished stages are read back, not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+
+import sweep
+import timing
+
+from efqat_jax.efqat import CHEAP_PARAMS, IMPORTANCES
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SETTINGS = {
+  "cnn_mnist5k_w2a2": ("cnn_mnist5k", 2),
+  "resnet20_mnist5k_w2a2": ("resnet20_mnist5k", 2),
+  "transformer_shakespeare_w4a4": ("transformer_shakespeare", 4),
+}
+OPTIONS = {"cheap_params": CHEAP_PARAMS, "importance": IMPORTANCES}  # the default first
+MODES = ("cwpl", "cwpn", "lwpn")
+RHO = 0.1
+
+
+def _run(config: str, bits: int, workdir: pathlib.Path, *overrides: str) -> dict:
+  """Runs the command line on ``workdir`` and returns its results.json."""
+  command = [
+    sys.executable,
+    "-m",
+    "efqat_jax.main",
+    f"--config={ROOT / 'configs' / config}.py",
+    f"--workdir={workdir}",
+    "--config.progress=False",
+    f"--config.quant.weight_bits={bits}",
+    f"--config.quant.act_bits={bits}",
+    *overrides,
+  ]
+  subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+  return json.loads((workdir / "results.json").read_text())
+
+
+def _metric(result: dict) -> str:
+  return "accuracy" if "accuracy" in result else "bits_per_char"
+
+
+def _seed_rows(setting: str, seed: int, option: str, values: list[str], root: pathlib.Path):
+  config, bits = SETTINGS[setting]
+  base = root / f"{config}_w{bits}_s{seed}"
+  results = _run(config, bits, base, f"--config.seed={seed}", "--config.stages=fp,ptq,qat")
+  metric = _metric(results["ptq"])
+  ptq, qat = results["ptq"][metric], results["qat"][metric]
+  rows = []
+  for mode in MODES:
+    for value in values:
+      workdir = root / f"{base.name}_{mode}_{value}"
+      if not workdir.exists():
+        shutil.copytree(base, workdir, ignore=shutil.ignore_patterns("qat", "export"))
+      efqat = _run(
+        config,
+        bits,
+        workdir,
+        f"--config.seed={seed}",
+        "--config.stages=fp,ptq,efqat",
+        f"--config.efqat.mode={mode}",
+        f"--config.efqat.rho={RHO}",
+        f"--config.efqat.{option}={value}",
+      )["efqat"]
+      rows.append(
+        dict(
+          setting=setting,
+          seed=seed,
+          mode=mode,
+          option=option,
+          value=value,
+          metric=metric,
+          ptq=ptq,
+          qat=qat,
+          efqat=efqat[metric],
+          gap_recovered=(efqat[metric] - ptq) / (qat - ptq),
+          param_fraction=efqat["param_fraction"],
+          qat_train_time_s=results["qat"].get("train_time_s"),
+          train_time_s=efqat.get("train_time_s"),
+          **timing.machine(),
+        )
+      )
+  return rows
+
+
+def _mean_or_blank(values: list) -> str:
+  """The mean of ``values`` to 3 places, or "" where rows predate the field."""
+  return "" if None in values else f"{statistics.mean(values):.3f}"
+
+
+def _summary(rows: list[dict], default: str) -> list[dict]:
+  """Mean and [min, max] over seeds per setting, mode and value, with the verdict against the
+  option's default (the first value) in the same setting and mode."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    groups.setdefault((row["setting"], row["mode"], row["value"]), []).append(row)
+  recovered = {key: [r["gap_recovered"] for r in group] for key, group in groups.items()}
+  out = []
+  for (setting, mode, value), group in groups.items():
+    scale = 100 if group[0]["metric"] == "accuracy" else 1
+    fmt = (lambda v: f"{v:.1f}") if scale == 100 else (lambda v: f"{v:.3f}")
+    metric = [scale * r["efqat"] for r in group]
+    gaps = [scale * (r["qat"] - r["ptq"]) for r in group]
+    ours, base = recovered[setting, mode, value], recovered.get((setting, mode, default))
+    out.append(
+      dict(
+        setting=setting,
+        mode=mode,
+        value=value,
+        seeds=len(group),
+        qat_minus_ptq=f"{fmt(statistics.mean(gaps))} [{fmt(min(gaps))}, {fmt(max(gaps))}]",
+        metric=f"{fmt(statistics.mean(metric))} [{fmt(min(metric))}, {fmt(max(metric))}]",
+        param_fraction=_mean_or_blank([r.get("param_fraction") for r in group]),
+        gap_recovered=f"{statistics.mean(ours):.2f} [{min(ours):.2f}, {max(ours):.2f}]",
+        versus_default="" if value == default or base is None else sweep.verdict(ours, base),
+      )
+    )
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--option", required=True, choices=list(OPTIONS))
+  parser.add_argument("--values", help="comma list of the option's values (default: all)")
+  parser.add_argument(
+    "--settings", default="cnn_mnist5k_w2a2,resnet20_mnist5k_w2a2", help=f"of {', '.join(SETTINGS)}"
+  )
+  parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+  parser.add_argument("--root", default="/tmp/efqat_options", help="where runs are kept")
+  args = parser.parse_args()
+  settings = args.settings.split(",")
+  unknown = [s for s in settings if s not in SETTINGS]
+  if unknown:
+    parser.error(f"unknown settings {unknown}; allowed: {', '.join(SETTINGS)}")
+  allowed = OPTIONS[args.option]
+  values = args.values.split(",") if args.values else list(allowed)
+  if set(values) - set(allowed):
+    parser.error(f"--values={args.values}: {args.option} takes {', '.join(allowed)}")
+  timing.use_jemalloc()
+  root = pathlib.Path(args.root)
+  seeds = [int(s) for s in args.seeds.split(",")]
+  rows = [
+    row
+    for setting in settings
+    for seed in seeds
+    for row in _seed_rows(setting, seed, args.option, values, root)
+  ]
+  path = timing.RESULTS / f"efqat_{args.option}.json"
+  rows = sweep.merged(rows, path, lambda r: r["setting"], list(SETTINGS))
+  summary = _summary(rows, allowed[0])
+  print(timing.markdown_table(summary, list(summary[0])))
+  print(f"wrote {timing.write_rows(f'efqat_{args.option}', rows)}")
+
+
+if __name__ == "__main__":
+  main()

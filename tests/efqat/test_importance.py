@@ -1,0 +1,145 @@
+"""The importances EfQAT ranks by: mean |w|, fan-in scaled, BatchNorm-folded (also stacked)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efqat_jax import QuantRule, QuantSpec, quantize
+from efqat_jax.efqat import IMPORTANCES, select, unit_scores, unit_weights
+from efqat_jax.efqat.importance import BATCH_NORM_EPSILON
+from efqat_jax.nn import quantized_layers
+from efqat_jax.nn.layer_table import params_at
+
+RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
+X = jnp.ones((2, 6, 6, 1))
+
+
+class ConvNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    x = nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x))
+    return nn.relu(x), None
+
+
+class StackedConvNet(nn.Module):
+  """A conv + BatchNorm (fan-in 9), three scan-stacked ones (fan-in 72), a Dense without one."""
+
+  @nn.compact
+  def __call__(self, x):
+    x, _ = ConvNorm()(x, None)
+    stack = nn.scan(
+      ConvNorm,
+      variable_axes={"params": 0, "batch_stats": 0},
+      split_rngs={"params": True},
+      length=3,
+    )
+    x, _ = stack(name="stack")(x, None)
+    return nn.Dense(4)(x.mean(axis=(1, 2)))
+
+
+MODEL = quantize(StackedConvNet(), RULE)
+VARIABLES = jax.jit(MODEL.init)(jax.random.key(0), X)
+LAYERS = quantized_layers(MODEL, VARIABLES, X)
+
+
+def _with_norm_statistics(variables, seed=1):
+  """Random positive gammas and running variances in every BatchNorm."""
+  keys = iter(jax.random.split(jax.random.key(seed), 64))
+
+  def randomise(path, leaf):
+    name = path[-1].key
+    if name in ("scale", "var"):
+      return jax.random.uniform(next(keys), leaf.shape, minval=0.1, maxval=4.0)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(randomise, variables)
+
+
+def _folded_channel_means(weight, gamma, var):
+  """Brute force: fold gamma / sigma into the kernel's output axis, then mean |w| per channel."""
+  folded = np.asarray(weight) * np.asarray(gamma) / np.sqrt(np.asarray(var) + BATCH_NORM_EPSILON)
+  return np.abs(folded).reshape(-1, folded.shape[-1]).mean(axis=0)
+
+
+def test_the_three_importances_against_brute_force_on_a_stacked_model():
+  variables = _with_norm_statistics(VARIABLES)
+  params, stats = variables["params"], variables["batch_stats"]
+  weights = unit_weights(params, LAYERS)
+  assert set(weights) == {"ConvNorm_0/Conv_0", "Dense_0"} | {f"stack/Conv_0[{i}]" for i in range(3)}
+  mean_abs = unit_scores(params, LAYERS)
+  fan_in = unit_scores(params, LAYERS, "fan_in")
+  folded = unit_scores(params, LAYERS, "bn_folded", stats)
+  for unit, w in weights.items():
+    w = np.asarray(w)
+    plain = np.abs(w).reshape(-1, w.shape[-1]).mean(axis=0)
+    np.testing.assert_allclose(mean_abs[unit], plain, rtol=1e-6)
+    np.testing.assert_allclose(fan_in[unit], plain * math.sqrt(w.size / w.shape[-1]), rtol=1e-6)
+  np.testing.assert_allclose(folded["Dense_0"], mean_abs["Dense_0"])  # no norm follows it
+  first = "ConvNorm_0/BatchNorm_0"
+  np.testing.assert_allclose(
+    folded["ConvNorm_0/Conv_0"],
+    _folded_channel_means(
+      weights["ConvNorm_0/Conv_0"],
+      params_at(params, first)["scale"],
+      params_at(stats, first)["var"],
+    ),
+    rtol=1e-5,
+  )
+  for i in range(3):  # each stacked layer folds its own slice of the stacked norm
+    gamma = params["stack"]["BatchNorm_0"]["scale"][i]
+    var = stats["stack"]["BatchNorm_0"]["var"][i]
+    np.testing.assert_allclose(
+      folded[f"stack/Conv_0[{i}]"],
+      _folded_channel_means(weights[f"stack/Conv_0[{i}]"], gamma, var),
+      rtol=1e-5,
+    )
+
+
+def test_fan_in_scaling_stops_cwpn_from_taking_only_the_small_fan_in_layer():
+  """At init (std ~ 1/sqrt(fan_in)) mean |w| ranks the channels of the fan-in-8 and -9 layers
+  above those of the fan-in-72 stack, so cwpn trains none of the stack; fan-in scaling ranks
+  them on one scale."""
+  params = VARIABLES["params"]
+  plain = select(params, LAYERS, "cwpn", 0.2)
+  scaled = select(params, LAYERS, "cwpn", 0.2, importance="fan_in")
+  stack = [f"stack/Conv_0[{i}]" for i in range(3)]
+  assert not any(plain.count(unit) for unit in stack)
+  assert sum(bool(scaled.count(unit)) for unit in stack) >= 2
+  assert sum(k for _, k in plain.counts) == sum(k for _, k in scaled.counts)
+
+
+def test_bn_folded_ranks_layers_by_their_norm_gain():
+  """A stacked layer whose norm multiplies by 100 is the one lwpn trains under bn_folded, and
+  not under mean |w|; its channels with the largest gamma are the ones cwpl picks."""
+  variables = jax.tree_util.tree_map_with_path(
+    lambda path, leaf: (
+      leaf.at[1].set(jnp.linspace(50.0, 150.0, leaf.shape[-1]))
+      if "stack" in str(path) and path[-1].key == "scale"
+      else leaf
+    ),
+    VARIABLES,
+  )
+  params, stats = variables["params"], variables["batch_stats"]
+  folded = select(params, LAYERS, "lwpn", 0.2, importance="bn_folded", batch_stats=stats)
+  plain = select(params, LAYERS, "lwpn", 0.2)
+  assert {unit for unit, k in folded.counts if k} == {"stack/Conv_0[1]"}
+  assert {unit for unit, k in plain.counts if k} != {"stack/Conv_0[1]"}
+  cwpl = select(params, LAYERS, "cwpl", 0.25, importance="bn_folded", batch_stats=stats)
+  assert set(np.asarray(cwpl.channels["stack/Conv_0[1]"]).tolist()) == {6, 7}
+
+
+def test_importance_errors_name_the_argument():
+  with pytest.raises(ValueError, match="importance must be one of"):
+    select(VARIABLES["params"], LAYERS, "cwpl", 0.1, importance="grad")
+  with pytest.raises(ValueError, match="batch_stats"):
+    select(VARIABLES["params"], LAYERS, "cwpl", 0.1, importance="bn_folded")
+  assert IMPORTANCES == ("mean_abs", "fan_in", "bn_folded")
+  # A model without BatchNorm: bn_folded is mean |w|.
+  no_norm = {"params": VARIABLES["params"]}
+  a = select(no_norm["params"], LAYERS, "cwpn", 0.3, importance="bn_folded", batch_stats={})
+  b = select(no_norm["params"], LAYERS, "cwpn", 0.3)
+  assert a.counts == b.counts
