@@ -24,6 +24,7 @@ import dataclasses
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -217,11 +218,23 @@ def quantize(
     A QuantizedModel that initialises and applies like ``model``. At init, a rule that matches
     no layer raises ValueError.
   """
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"quantize takes a flax.linen.Module; got {_kind(model)}")
   rules = (rules,) if isinstance(rules, QuantRule) else tuple(rules)
   for rule in rules:
     if not isinstance(rule, QuantRule):
       raise ValueError(f"rules must be QuantRule objects, got {type(rule).__name__}: {rule!r}")
   return QuantizedModel(model=model, rules=rules, mode=mode, weight_estimator=weight_estimator)
+
+
+def _kind(model: Any) -> str:
+  """What ``model`` is, for the error that says quantize does not take it."""
+  name = f"{type(model).__module__}.{type(model).__qualname__}"
+  if any(c.__module__.startswith("flax.nnx") for c in type(model).__mro__):
+    return f"the Flax NNX module {name}, and NNX modules are not supported yet"
+  if isinstance(model, type) and issubclass(model, nn.Module):
+    return f"the class {model.__qualname__}: pass an instance, e.g. {model.__qualname__}(...)"
+  return f"{name}"
 
 
 def quantizable_paths(model: nn.Module, *args, **kwargs) -> dict[str, str]:

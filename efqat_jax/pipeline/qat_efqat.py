@@ -45,9 +45,10 @@ EFQAT_FIELDS = {
     one_of(*CHEAP_PARAMS),
   ),
   "importance": Field(
-    "mean_abs",
-    "how channels and layers are ranked: mean_abs (mean |w|, the paper), fan_in (mean |w| *"
-    " sqrt(fan_in)), or bn_folded (|w| * gamma / sigma of the following BatchNorm)",
+    "bn_folded",
+    "how channels and layers are ranked: bn_folded (|w| * gamma / sigma of the following"
+    " BatchNorm, mean |w| where none follows), mean_abs (mean |w|, the paper), or fan_in"
+    " (mean |w| * sqrt(fan_in))",
     one_of(*IMPORTANCES),
   ),
 }

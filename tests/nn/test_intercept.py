@@ -141,6 +141,24 @@ def test_invalid_rules_raise():
     quantize(SmallCNN(), [("Dense_0", W4)])
 
 
+def test_a_model_that_is_not_a_linen_module_instance_raises_one_line_saying_what_it_is():
+  from flax import nnx
+
+  class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(4, 2, rngs=rngs)
+
+  cases = {
+    "Flax NNX module .*NnxMLP": NnxMLP(nnx.Rngs(0)),
+    "the class SmallCNN: pass an instance": SmallCNN,
+    "takes a flax.linen.Module; got builtins.function": lambda x: x,
+  }
+  for message, model in cases.items():
+    with pytest.raises(TypeError, match=message) as raised:
+      quantize(model, ALL_W4A4)
+    assert "\n" not in str(raised.value)
+
+
 def test_quantized_model_composes_into_a_larger_model_under_jit_and_grad():
   class Outer(nn.Module):
     @nn.compact

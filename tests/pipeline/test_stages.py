@@ -31,7 +31,7 @@ def test_every_stage_runs_for_classification_and_for_a_language_model(
   for stage in ("fp", "ptq", "efqat"):
     assert np.isfinite(results[stage][metric]) and results[stage]["wall_time_s"] > 0
   assert results["efqat"]["method"] == "efqat"
-  assert results["efqat"]["importance"] == ("mean_abs" if dataset == "digits" else "fan_in")
+  assert results["efqat"]["importance"] == ("bn_folded" if dataset == "digits" else "fan_in")
   times = results["efqat"]
   assert times["train_time_s"] + times["eval_time_s"] == pytest.approx(times["wall_time_s"])
   assert min(times["train_time_s"], times["eval_time_s"]) > 0
