@@ -234,7 +234,7 @@ def _kind(model: Any) -> str:
     return f"the Flax NNX module {name}, and NNX modules are not supported yet"
   if isinstance(model, type) and issubclass(model, nn.Module):
     return f"the class {model.__qualname__}: pass an instance, e.g. {model.__qualname__}(...)"
-  return f"{name}"
+  return name
 
 
 def quantizable_paths(model: nn.Module, *args, **kwargs) -> dict[str, str]:
