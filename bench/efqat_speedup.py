@@ -22,7 +22,8 @@ means the mode also skips work the all_layers floor keeps (selected_layers).
 Targets: a backward speedup of at least 1.7x over QAT at rho 10% in every mode, and rho 100%
 (CWPL) no slower than QAT.
 
-It restarts itself under jemalloc when that is installed (``apt-get install libjemalloc2``).
+It restarts itself under jemalloc when that is installed (``apt-get install libjemalloc2``);
+``--allocator default`` keeps glibc's malloc and writes ``efqat_speedup_default_allocator.json``.
 """
 
 from __future__ import annotations
@@ -225,9 +226,9 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
   return rows
 
 
-def _with_other_models(rows: list[dict]) -> list[dict]:
+def _with_other_models(rows: list[dict], stem: str) -> list[dict]:
   """``rows`` after the rows of the models they do not cover, from the JSON already written."""
-  path = timing.RESULTS / "efqat_speedup.json"
+  path = timing.RESULTS / f"{stem}.json"
   measured = {row["model"] for row in rows}
   kept = (
     [r for r in json.loads(path.read_text()) if r["model"] not in measured] if path.exists() else []
@@ -241,6 +242,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant (>= 20)")
   parser.add_argument("--models", default=None, help=f"comma list of {', '.join(MODELS)}")
   parser.add_argument("--bucket", type=int, default=1, help="cwpn per-layer count rounding")
+  parser.add_argument("--allocator", choices=["jemalloc", "default"], default="jemalloc")
   args = parser.parse_args()
   models = args.models.split(",") if args.models else QUICK_MODELS if args.quick else MODELS
   unknown = [m for m in models if m not in MODELS]
@@ -249,12 +251,14 @@ def main():
   rounds = args.rounds or (5 if args.quick else 30)
   if not args.quick and rounds < 20:
     parser.error("--rounds must be at least 20 (medians of fewer are too noisy)")
-  timing.use_jemalloc()
+  if args.allocator == "jemalloc":
+    timing.use_jemalloc()
   rhos = QUICK_RHOS if args.quick else RHOS
   rows = [row for name in models for row in _bench_model(name, rhos, rounds, args.bucket)]
   print(timing.markdown_table(rows, COLUMNS))
   if not args.quick:
-    print(f"wrote {timing.write_rows('efqat_speedup', _with_other_models(rows))}")
+    stem = "efqat_speedup" + ("" if timing.allocator() == "jemalloc" else "_default_allocator")
+    print(f"wrote {timing.write_rows(stem, _with_other_models(rows, stem))}")
 
 
 if __name__ == "__main__":
