@@ -26,7 +26,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from efqat_jax.nn.layer_table import QuantizedLayer, own_params, params_at
@@ -45,11 +44,15 @@ def unit_weights(params: Any, layers: Mapping[str, QuantizedLayer]) -> dict[str,
   return weights
 
 
-def channel_importance(weight: jax.Array, out_axes: tuple[int, ...]) -> jax.Array:
-  """Mean |w| of every output channel of one layer's weight, as a flat vector of length C."""
-  channels = jnp.moveaxis(weight, out_axes, tuple(range(-len(out_axes), 0)))
+def channel_importance(weight: Any, out_axes: tuple[int, ...]) -> np.ndarray:
+  """Mean |w| of every output channel of one layer's weight, as a flat vector of length C.
+
+  Computed on the host with NumPy: selection ranks a few small vectors per layer, where eager
+  JAX ops would each dispatch (and compile once per shape)."""
+  weight = np.asarray(weight)
+  channels = np.moveaxis(weight, out_axes, tuple(range(-len(out_axes), 0)))
   size = channels.shape[channels.ndim - len(out_axes) :]
-  return jnp.mean(jnp.abs(channels.reshape(-1, *size)), axis=0).reshape(-1)
+  return np.mean(np.abs(channels.reshape(-1, *size)), axis=0).reshape(-1)
 
 
 def unit_scores(
@@ -78,7 +81,7 @@ def unit_scores(
     weight = np.asarray(params_at(params, layer.path)[layer.weight_name])
     fold = _folding_norm(layer, params, batch_stats) if importance == "bn_folded" else None
     for index in layer.indices():
-      score = np.asarray(channel_importance(weight[index], layer.out_axes))
+      score = channel_importance(weight[index], layer.out_axes)
       if importance == "fan_in":
         score = score * math.sqrt(math.prod(layer.weight_shape) / layer.num_channels)
       elif fold is not None:
