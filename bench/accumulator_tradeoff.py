@@ -107,7 +107,7 @@ def ptq_result(config, workdir: pathlib.Path, fp) -> dict:
 def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
   model, weight_bits, act_bits = setting
   config = base_config(setting, root, quick)
-  metric_name = "bits_per_char" if config.task == "lm" else "accuracy"
+  metric_name = sweep.metric_name_of(config)
   fp_run = pipeline.Run(config, root / model)
   fp = pipeline.STAGES.get("fp").run(fp_run, {})
   ks = layer_inputs(fp_run)

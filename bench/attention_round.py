@@ -258,10 +258,6 @@ def measure_budgets(config, here: pathlib.Path, bits_mode: str, fp, rtn, quick: 
 # --- one setting ----------------------------------------------------------------------------------
 
 
-def metric_name_of(config) -> str:
-  return "bits_per_char" if config.task == "lm" else "accuracy"
-
-
 def cell(runs: list[dict], stages: tuple[str, ...], metric_name: str, **fields) -> dict:
   """A cell from its runs' results (one per seed): the metric of the last of ``stages``, and
   ``wall_s``, the wall time of all of them (plus ``extra_s``), mean over the runs."""
@@ -292,7 +288,7 @@ def qat_runs(config, workdir: pathlib.Path, rtn, steps: int, seeds: int) -> list
 
 def bits_mode_cells(config, here: pathlib.Path, bits_mode: str, fp, quick: bool, seeds: int):
   """``{method: cell}`` of one bits mode, in the table's order."""
-  name = metric_name_of(config)
+  name = sweep.metric_name_of(config)
   ptq = {m: ptq_model(ptq_config(config, m), here / f"{bits_mode}_{m}", fp) for m in PTQ_ONCE}
   ar_runs = attention_round_runs(config, here / f"{bits_mode}_{AR}", fp, seeds)
   budget = sweep.cached_json(
@@ -316,7 +312,7 @@ def bits_mode_cells(config, here: pathlib.Path, bits_mode: str, fp, quick: bool,
 def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> list[dict]:
   model, weight_bits, act_bits = setting
   config = base_config(setting, root, quick)
-  metric_name = metric_name_of(config)
+  metric_name = sweep.metric_name_of(config)
   fp_run = pipeline.Run(config, root / model)
   fp = pipeline.STAGES.get("fp").run(fp_run, {})
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)

@@ -116,7 +116,7 @@ def step_times(config, run, ptq, fp) -> dict[str, float]:
 def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> list[dict]:
   model, weight_bits, act_bits = setting
   config = base_config(setting, root, quick)
-  metric_name = "bits_per_char" if config.task == "lm" else "accuracy"
+  metric_name = sweep.metric_name_of(config)
   fp_run = pipeline.Run(config, root / model)
   fp = pipeline.STAGES.get("fp").run(fp_run, {})
   here = root / sweep.setting_name(*setting)

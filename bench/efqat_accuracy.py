@@ -126,7 +126,7 @@ def setting_rows(setting, config, results: dict, qat: list, efqat: dict) -> list
   """One row for each of fp, ptq, qat and every EfQAT (mode, rho), each over its seeds (fp and
   ptq: the one model every seed starts from, so each seed has its value)."""
   model, weight_bits, act_bits = setting
-  metric_name = "bits_per_char" if config.task == "lm" else "accuracy"
+  metric_name = sweep.metric_name_of(config)
   lower_is_better = metric_name == "bits_per_char"
   scale = 100.0 if metric_name == "accuracy" else 1.0
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)

@@ -27,6 +27,11 @@ def setting_name(model: str, weight_bits: int, act_bits: int) -> str:
   return f"{model}_w{weight_bits}a{act_bits}"
 
 
+def metric_name_of(config) -> str:
+  """The metric a setting is judged by: bits per character for a language model, else accuracy."""
+  return "bits_per_char" if config.task == "lm" else "accuracy"
+
+
 def row_setting(row: dict) -> str:
   """The name of the setting a result row belongs to."""
   return setting_name(row["model"], row["weight_bits"], row["act_bits"])
