@@ -1,8 +1,8 @@
-"""Flax Linen layers and model rewriting for quantization."""
+"""Quantized Flax layers and model rewriting (Linen and NNX)."""
 
 from efqat_jax.nn.export import export_integer, integer_apply, with_mode
 from efqat_jax.nn.formats import Formats, layer_formats, rules_from_formats
-from efqat_jax.nn.intercept import QuantizedModel, QuantRule, quantize
+from efqat_jax.nn.intercept import QuantizedModel, quantize
 from efqat_jax.nn.layer_table import GRAD_CHANNELS, QuantizedLayer, quantized_layers
 from efqat_jax.nn.layers import QuantConv, QuantDense, QuantDenseGeneral
 from efqat_jax.nn.ops import (
@@ -19,6 +19,7 @@ from efqat_jax.nn.ops import (
   weight_rounding,
 )
 from efqat_jax.nn.partial_grad import channel_subset_grad
+from efqat_jax.nn.rule import QuantRule
 
 __all__ = [
   "ACCUMULATOR_MAX",

@@ -8,16 +8,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import nnx
 from flax.traverse_util import flatten_dict
 
+from efqat_jax.nn import nnx_quantize
 from efqat_jax.nn.layer_table import QuantizedLayer, params_at, quantized_layers
 from efqat_jax.nn.ops import ACCUMULATOR_MAX, Mode
 from efqat_jax.quant.fake_quant import valid_scale, valid_zero_point
 from efqat_jax.quant.integer import IntegerLayer, export_layer
 
 
-def with_mode(model: nn.Module, mode: Mode) -> nn.Module:
-  """``model`` switched to ``mode`` (a QuantizedModel or a Quant layer: anything with a mode field)."""
+def with_mode(model: nn.Module | nnx.Module, mode: Mode) -> nn.Module | nnx.Module:
+  """``model`` switched to ``mode`` (a QuantizedModel or a Quant layer: anything with a mode
+  field; or a quantized NNX model, copied with its arrays shared)."""
+  if isinstance(model, nnx.Module):
+    return nnx_quantize.with_mode(model, mode)
   if "mode" not in {f.name for f in dataclasses.fields(model)}:
     raise ValueError(
       f"{type(model).__name__} has no 'mode' field: use a model from efqat_jax.quantize(), a Quant"

@@ -17,8 +17,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from efqat_jax.nn.intercept import QuantRule
 from efqat_jax.nn.layer_table import QuantizedLayer
+from efqat_jax.nn.rule import QuantRule
 from efqat_jax.quant.accumulator import AccumulatorSpec
 from efqat_jax.quant.spec import QuantSpec
 

@@ -1,4 +1,5 @@
-"""``quantize(model, rules)``: quantize an existing Linen model without editing its code.
+"""``quantize(model, rules)``: quantize an existing Linen model without editing its code (an NNX
+model goes to ``efqat_jax.nn.nnx_quantize``).
 
 Every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Einsum`` and ``nn.Embed`` (lookup and
 ``attend``) the model calls is intercepted, also inside ``nn.scan``, ``nn.remat`` and ``nn.vmap``;
@@ -20,8 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,10 +28,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from efqat_jax.nn import layer_table
 from efqat_jax.nn.layers import QuantConv, QuantDense, QuantDenseGeneral
-from efqat_jax.nn.ops import Mode
+from efqat_jax.nn.nnx_quantize import quantize_nnx
+from efqat_jax.nn.ops import WEIGHT_ESTIMATORS, Mode
 from efqat_jax.nn.rewrite import (
   METHODS,
   OP_FIELDS,
@@ -41,41 +42,17 @@ from efqat_jax.nn.rewrite import (
   quantizable_method,
   why_not_rewritable,
 )
-from efqat_jax.quant.spec import QuantSpec
+from efqat_jax.nn.rule import (
+  QuantRule,
+  as_rules,
+  check_all_rules_matched,
+  first_rule,
+  looks_like_weight,
+  warn_unquantized_weights,
+)
 
 _QUANT_LAYERS = (QuantDense, QuantDenseGeneral, QuantConv)
-_WEIGHT_NAME = re.compile(r"kernel|weight|embedding|^w$", re.IGNORECASE)
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantRule:
-  """Formats for the layers whose module path fully matches ``module_path`` (a regex).
-
-  Attributes:
-    module_path: regular expression, matched with ``re.fullmatch`` against the path.
-    weight: kernel format, or None for a float kernel.
-    input: input-activation format, or None for float inputs.
-  """
-
-  module_path: str
-  weight: QuantSpec | None
-  input: QuantSpec | None
-
-  def __post_init__(self):
-    try:
-      re.compile(self.module_path)
-    except re.error as e:
-      raise ValueError(
-        f"QuantRule.module_path {self.module_path!r} is not a valid regex: {e}"
-      ) from e
-
-  @classmethod
-  def keep_float(cls, module_path: str) -> QuantRule:
-    """A rule that leaves the matching layers in float."""
-    return cls(module_path, weight=None, input=None)
-
-  def matches(self, path: str) -> bool:
-    return re.fullmatch(self.module_path, path) is not None
+LINEN_KINDS = "Dense, DenseGeneral, Conv, Einsum, Embed"
 
 
 class QuantizedModel(nn.Module):
@@ -120,7 +97,7 @@ class QuantizedModel(nn.Module):
       if rule is None:
         return next_fun(*call_args, **call_kwargs)
       matched.add(self.rules.index(rule))
-      if rule.weight is None and rule.input is None:
+      if not rule.quantizes:
         return next_fun(*call_args, **call_kwargs)
       reason = why_not_rewritable(module, method)
       if reason is not None:
@@ -148,93 +125,83 @@ class QuantizedModel(nn.Module):
     return jnp.ndim(weight) > len(layer.weight_shape)
 
   def _rule_for(self, path: str) -> QuantRule | None:
-    return next((rule for rule in self.rules if rule.matches(path)), None)
+    return first_rule(self.rules, path)
 
   def _warn_if_unquantized_weights(self, module: nn.Module, path: str) -> None:
     """Warns when a quantizing rule matches a module of another kind that owns a weight
     (a param of two or more axes named like one: kernel, weight, w, embedding): it stays in
     float, and the user should know."""
     rule = self._rule_for(path)
-    if rule is None or (rule.weight is None and rule.input is None):
+    if rule is None or not rule.quantizes:
       return
     own = module.variables.get("params", {})
     weights = sorted(
-      k
-      for k, v in own.items()
-      if not isinstance(v, Mapping) and jnp.ndim(v) >= 2 and _WEIGHT_NAME.search(k)
+      k for k, v in own.items() if not isinstance(v, Mapping) and looks_like_weight(k, v)
     )
-    if weights:
-      warnings.warn(
-        f"efqat_jax.quantize: {path or type(module).__name__} ({type(module).__name__}) stays in"
-        f" float: its weights {weights} belong to no quantizable layer kind"
-        " (Dense, DenseGeneral, Conv, Einsum, Embed)",
-        stacklevel=3,
-      )
+    warn_unquantized_weights(path, type(module).__name__, weights, LINEN_KINDS)
 
   def _check_all_rules_matched(self, matched: set[int], paths: list[str], stacked: list[str]):
-    """Raises for a rule that matched no layer, saying why when it names a layer of a stack."""
-    for i, rule in enumerate(self.rules):
-      if i in matched:
-        continue
-      stack = next((p for p in stacked if _addresses_stack_member(rule, p)), None)
-      if stack is not None:
-        raise ValueError(
-          f"QuantRule.module_path {rule.module_path!r} addresses one layer of {stack!r}, whose"
-          " layers are stacked by nn.scan/nn.vmap: the stack runs one program, so all its layers"
-          f" share one format. Give the whole stack one rule ({stack!r}), or build those"
-          " layers unstacked (a Python loop) to give them different formats"
-        )
-      raise ValueError(
-        f"QuantRule.module_path {rule.module_path!r} matched no Dense/DenseGeneral/Conv/Einsum/"
-        f"Embed layer of {type(self.model).__name__}; its layers are {paths}"
-      )
-
-
-def _addresses_stack_member(rule: QuantRule, path: str) -> bool:
-  """Whether ``rule`` names one layer of ``path`` as ``path[i]`` or ``<stack>_i/...``."""
-  head, _, tail = path.rpartition("/")
-  candidates = [f"{path}[{i}]" for i in range(64)]
-  if head:
-    candidates += [f"{head}_{i}/{tail}" for i in range(64)]
-    candidates += [f"{head}/{i}/{tail}" for i in range(64)]
-  return any(rule.matches(c) for c in candidates)
+    name = type(self.model).__name__
+    check_all_rules_matched(
+      self.rules, matched, paths, stacked, name, LINEN_KINDS, "nn.scan/nn.vmap"
+    )
 
 
 def quantize(
-  model: nn.Module,
+  model: nn.Module | nnx.Module,
   rules: Sequence[QuantRule] | QuantRule,
+  *example_args: Any,
   mode: Mode = Mode.QUANTIZE,
   weight_estimator: str = "minmax",
-) -> QuantizedModel:
-  """Wraps ``model`` so that its layers are quantized according to ``rules``.
+  **example_kwargs: Any,
+) -> QuantizedModel | nnx.Module:
+  """Quantizes the layers of ``model`` according to ``rules``, without editing its code.
 
   Args:
-    model: a Flax Linen module written with plain ``nn.Dense``/``nn.DenseGeneral``/``nn.Conv``.
+    model: a Flax Linen module, or a Flax NNX module (see ``efqat_jax.nn.nnx_quantize``).
     rules: one rule or a sequence of rules; the first rule matching a layer's path applies.
+    *example_args: NNX only: the positional inputs of one call of the model (its values set the
+      initial input scales, as the batch given to ``init`` does for Linen).
     mode: initial behaviour (``Mode.QUANTIZE`` by default).
     weight_estimator: kernel range estimator of Mode.CALIBRATE, ``"minmax"`` or ``"mse"``.
+    **example_kwargs: NNX only: the keyword inputs of that call (e.g. ``train=False``).
 
   Returns:
-    A QuantizedModel that initialises and applies like ``model``. At init, a rule that matches
-    no layer raises ValueError.
+    Linen: a QuantizedModel that initialises and applies like ``model``; at init, a rule that
+    matches no layer raises ValueError. NNX: a quantized copy of ``model`` (``model`` is left
+    as it was), with its quantization params as ``nnx.Param``s next to each weight.
   """
+  rules = as_rules(rules)
+  if not isinstance(mode, Mode):
+    raise ValueError(f"mode must be a Mode, one of {[m.name for m in Mode]}; got {mode!r}")
+  if weight_estimator not in WEIGHT_ESTIMATORS:
+    raise ValueError(
+      f"weight_estimator must be one of {tuple(WEIGHT_ESTIMATORS)}, got {weight_estimator!r}"
+    )
+  if isinstance(model, nnx.Module):
+    if not example_args and not example_kwargs:
+      raise ValueError(
+        "quantize: an NNX model needs the inputs of one call, e.g. quantize(model, rules, x)"
+        " (their values set the initial input scales)"
+      )
+    return quantize_nnx(model, rules, example_args, example_kwargs, mode, weight_estimator)
   if not isinstance(model, nn.Module):
-    raise TypeError(f"quantize takes a flax.linen.Module; got {_kind(model)}")
-  rules = (rules,) if isinstance(rules, QuantRule) else tuple(rules)
-  for rule in rules:
-    if not isinstance(rule, QuantRule):
-      raise ValueError(f"rules must be QuantRule objects, got {type(rule).__name__}: {rule!r}")
+    raise TypeError(
+      f"quantize takes a flax.linen.Module or a flax.nnx.Module instance; got {_kind(model)}"
+    )
+  if example_args or example_kwargs:
+    raise ValueError(
+      "quantize: a Linen model takes its inputs at init, not here: qmodel.init(key, *inputs);"
+      f" got {len(example_args)} positional and keyword inputs {sorted(example_kwargs)}"
+    )
   return QuantizedModel(model=model, rules=rules, mode=mode, weight_estimator=weight_estimator)
 
 
 def _kind(model: Any) -> str:
   """What ``model`` is, for the error that says quantize does not take it."""
-  name = f"{type(model).__module__}.{type(model).__qualname__}"
-  if any(c.__module__.startswith("flax.nnx") for c in type(model).__mro__):
-    return f"the Flax NNX module {name}, and NNX modules are not supported yet"
-  if isinstance(model, type) and issubclass(model, nn.Module):
-    return f"the class {model.__qualname__}: pass an instance, e.g. {model.__qualname__}(...)"
-  return name
+  if isinstance(model, type) and issubclass(model, nn.Module | nnx.Module):
+    return f"the class {model.__name__}: pass an instance, e.g. {model.__name__}(...)"
+  return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
 def quantizable_paths(model: nn.Module, *args, **kwargs) -> dict[str, str]:

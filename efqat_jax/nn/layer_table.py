@@ -123,6 +123,15 @@ def with_params_at(params: Any, path: str, entries: dict[str, Any]) -> Any:
   return {**params, head: with_params_at(params[head], rest, entries)}
 
 
+def require_linen(model: Any, what: str) -> None:
+  """Raises TypeError, in one line, if ``model`` is a Flax NNX module: ``what`` is Linen-only."""
+  if any(c.__module__.startswith("flax.nnx") for c in type(model).__mro__):
+    raise TypeError(
+      f"{what} takes a Linen model; for NNX models it is not supported yet (so far NNX has"
+      " quantize, Mode.QUANTIZE / FLOAT and training in your own NNX loop)"
+    )
+
+
 def quantized_layers(model: Any, variables: Any, *args, **kwargs) -> dict[str, QuantizedLayer]:
   """Every quantized layer ``model.apply(variables, *args, **kwargs)`` runs, by path, in the
   order they first run, with the modules attached to each.
@@ -133,6 +142,7 @@ def quantized_layers(model: Any, variables: Any, *args, **kwargs) -> dict[str, Q
   Raises:
     ValueError: if the model runs no quantized layer.
   """
+  require_linen(model, "quantized_layers")
   root = "/".join(model.scope.path) if model.scope is not None else ""
   relative = lambda path: path[len(root) + 1 :] if root and path.startswith(root + "/") else path
   called: dict[str, None] = {}

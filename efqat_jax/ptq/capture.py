@@ -31,7 +31,7 @@ from flax.traverse_util import flatten_dict
 from jax import lax
 
 from efqat_jax.nn.export import with_mode
-from efqat_jax.nn.layer_table import QuantizedLayer
+from efqat_jax.nn.layer_table import QuantizedLayer, require_linen
 from efqat_jax.nn.ops import CAPTURED_INPUT, Mode, capturing_inputs
 
 STATISTICS = ("h", "g")
@@ -85,6 +85,7 @@ def grams(quantized: jax.Array, float_: jax.Array | None, layer: QuantizedLayer)
 
 def captured_inputs(model: nn.Module, variables: dict, inputs: Any, **apply_kwargs) -> dict:
   """``{layer path: the input its weight multiplies}`` for one batch (stacked for a stack)."""
+  require_linen(model, "captured_inputs")
   inputs = inputs if isinstance(inputs, tuple) else (inputs,)
   with capturing_inputs():
     _, state = model.apply(variables, *inputs, mutable=["params"], **apply_kwargs)

@@ -141,7 +141,7 @@ def test_invalid_rules_raise():
     quantize(SmallCNN(), [("Dense_0", W4)])
 
 
-def test_a_model_that_is_not_a_linen_module_instance_raises_one_line_saying_what_it_is():
+def test_what_is_not_a_module_instance_or_mixes_up_the_two_apis_raises_one_line():
   from flax import nnx
 
   class NnxMLP(nnx.Module):
@@ -149,14 +149,25 @@ def test_a_model_that_is_not_a_linen_module_instance_raises_one_line_saying_what
       self.linear = nnx.Linear(4, 2, rngs=rngs)
 
   cases = {
-    "Flax NNX module .*NnxMLP": NnxMLP(nnx.Rngs(0)),
-    "the class SmallCNN: pass an instance": SmallCNN,
-    "takes a flax.linen.Module; got builtins.function": lambda x: x,
+    (TypeError, "the class SmallCNN: pass an instance"): (SmallCNN, ()),
+    (TypeError, "the class NnxMLP: pass an instance"): (NnxMLP, ()),
+    (TypeError, "flax.linen.Module or a flax.nnx.Module instance; got builtins.function"): (
+      lambda x: x,
+      (),
+    ),
+    (ValueError, "an NNX model needs the inputs of one call"): (NnxMLP(nnx.Rngs(0)), ()),
+    (ValueError, "a Linen model takes its inputs at init"): (SmallCNN(), (FEATURES,)),
   }
-  for message, model in cases.items():
-    with pytest.raises(TypeError, match=message) as raised:
-      quantize(model, ALL_W4A4)
+  for (error, message), (model, inputs) in cases.items():
+    with pytest.raises(error, match=message) as raised:
+      quantize(model, ALL_W4A4, *inputs)
     assert "\n" not in str(raised.value)
+  for keywords, field in [
+    (dict(mode="quantize"), "mode"),
+    (dict(weight_estimator="max"), "weight_estimator"),
+  ]:
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+      quantize(SmallCNN(), ALL_W4A4, **keywords)
 
 
 def test_quantized_model_composes_into_a_larger_model_under_jit_and_grad():
