@@ -1,5 +1,6 @@
-"""The Colab notebook runs top to bottom (with its tiny settings) from outside the checkout and saves
-its plots; in a fresh runtime its first cell installs from a source the user sets, and says so."""
+"""The Colab notebook runs top to bottom (with its tiny settings, its Flax NNX cell too) from
+outside the checkout and saves its plots; in a fresh runtime its first cell installs from a
+source the user sets, and says so."""
 
 import json
 import os
@@ -31,6 +32,7 @@ def test_notebook_runs_top_to_bottom_and_saves_its_plots(tmp_path):
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "qat  accuracy" in out.stdout and "lwpn rho=0.1" in out.stdout
+  assert "NNX float" in out.stdout and "EfQAT cwpl rho=0.1" in out.stdout  # the NNX cell
   assert (workdir / "efqat_plots.png").stat().st_size > 10_000
 
 

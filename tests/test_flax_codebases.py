@@ -1,8 +1,11 @@
 """Quantize, calibrate, QAT, EfQAT and export Flax models written the way other codebases write
 them: nn.scan over nn.remat (the big_vision / MaxText layout), a loop of nn.remat blocks,
 nn.Einsum attention, tied embeddings, BatchNorm with dropout, a ``deterministic`` flag and two
-inputs. None of these models knows about quantization; each brings its own call signature,
-which its own loss function speaks."""
+inputs; and Flax NNX models (a ViT, a CNN with BatchNorm and dropout, a Transformer whose blocks
+are built with nnx.vmap and run by nnx.scan over nnx.remat, with tied embeddings), quantized with
+``quantize(model, rules, *inputs)`` and run through the same library via ``as_linen``. None of
+these models knows about quantization; each brings its own call signature, which its own loss
+function speaks."""
 
 import dataclasses
 import functools
@@ -16,13 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from flax.traverse_util import flatten_dict
 
 from efqat_jax import QuantRule, QuantSpec, export_integer, integer_apply, quantize
 from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
 from efqat_jax.efqat.masking import trainable_masks
-from efqat_jax.nn import quantized_layers
-from efqat_jax.ptq import calibrate
+from efqat_jax.fields import to_config
+from efqat_jax.nn import as_linen, quantized_layers
+from efqat_jax.ptq import PTQ_METHODS, calibrate, quantize_weights
+from efqat_jax.quant.accumulator import AccumulatorSpec
+from efqat_jax.quant.integer import check_accumulator
 from efqat_jax.train import (
   create_train_state,
   cross_entropy,
@@ -140,6 +147,76 @@ class TwoTower(nn.Module):
     return nn.Dense(5)(jnp.concatenate([ha, hb], -1))
 
 
+class NnxBatchNormDropoutCNN(nnx.Module):
+  """BatchNorm and Dropout switched by ``model.train()`` / ``model.eval()`` (no train flag)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.norm = nnx.BatchNorm(8, rngs=rngs)
+    self.dropout = nnx.Dropout(0.2, rngs=rngs)
+    self.conv2 = nnx.Conv(8, 16, (3, 3), strides=(2, 2), rngs=rngs)
+    self.head = nnx.Linear(16, 5, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.dropout(jax.nn.relu(self.norm(self.conv1(x))))
+    return self.head(jax.nn.relu(self.conv2(x)).mean(axis=(1, 2)))
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, d: int, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(d, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(2, d, decode=False, rngs=rngs)
+    self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+    self.down = nnx.Linear(2 * d, d, rngs=rngs)
+
+  def __call__(self, h, mask):
+    h = h + self.attention(self.norm(h), mask=mask)
+    return h + self.down(jax.nn.gelu(self.up(h)))
+
+
+class NnxViT(nnx.Module):
+  """A small ViT in NNX: patches by a strided Conv, a learned position embedding, then
+  attention (nnx.MultiHeadAttention: LinearGeneral projections) and MLP blocks in an nnx.List."""
+
+  def __init__(self, rngs: nnx.Rngs, d: int = 16):
+    self.patches = nnx.Conv(3, d, (4, 4), strides=(4, 4), rngs=rngs)
+    self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (4, d)))
+    self.blocks = nnx.List([NnxBlock(d, rngs) for _ in range(2)])
+    self.head = nnx.Linear(d, 5, rngs=rngs)
+
+  def __call__(self, images):
+    h = self.patches(images)
+    h = h.reshape(h.shape[0], -1, h.shape[-1]) + self.position[...]
+    for block in self.blocks:
+      h = block(h, None)
+    return self.head(h.mean(axis=1))
+
+
+class NnxScannedLM(nnx.Module):
+  """A causal LM: blocks built with nnx.vmap, run by nnx.scan over nnx.remat; the token
+  embedding is also the output projection (``attend``)."""
+
+  def __init__(self, rngs: nnx.Rngs, d: int = 16, depth: int = 3):
+    self.embed = nnx.Embed(24, d, rngs=rngs)
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return NnxBlock(d, rngs)
+
+    self.blocks = make(rngs)
+
+  def __call__(self, tokens):
+    mask = nnx.make_causal_mask(tokens)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+    @nnx.remat
+    def body(h, block, mask):
+      return block(h, mask)
+
+    return self.embed.attend(body(self.embed(tokens), self.blocks, mask))
+
+
 def _classify(inputs: Callable, kwargs_for: Callable = lambda train: {}):
   """A loss function for a classifier called as ``apply(*inputs(batch), **kwargs_for(train))``."""
 
@@ -196,6 +273,21 @@ CASES = {
     {},
     None,
   ),
+  "nnx_vit": Case(NnxViT(nnx.Rngs(0)), _features((8, 8, 8, 3)), lambda b: (b["x"],), {}, None),
+  "nnx_batchnorm_dropout": Case(
+    NnxBatchNormDropoutCNN(nnx.Rngs(0)),
+    _features((8, 8, 8, 3)),
+    lambda b: (b["x"],),
+    {"train": False},  # as_linen turns it into model.eval() / model.train()
+    None,
+  ),
+  "nnx_scan_remat_tied": Case(
+    NnxScannedLM(nnx.Rngs(0)),
+    {"tokens": jax.random.randint(jax.random.key(2), (8, 9), 0, 24)},
+    lambda b: (b["tokens"][:, :-1],),
+    {},
+    _next_token,
+  ),
 }
 
 
@@ -232,17 +324,25 @@ def _trained_units(params, layers, trainable):
     yield layer, flatten_dict(masks)[(*node, layer.weight_name)]
 
 
-LWPN_CASES = ("scan_over_remat", "tied_embeddings")  # whole layers frozen; cwpl: every case
+LWPN_CASES = (
+  "scan_over_remat",
+  "tied_embeddings",
+  "nnx_scan_remat_tied",
+)  # whole layers frozen; cwpl: every case
 SIGNATURE_ONLY_CASES = ("deterministic_flag", "two_inputs")
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_quantize_calibrate_qat_efqat_and_export(name):
   case = CASES[name]
-  qmodel = quantize(case.model, W8A8)
   inputs = case.inputs(case.batch)
-  # One compiled init (eager init compiles each of its operations on its own).
-  initial = jax.jit(functools.partial(qmodel.init, **case.eval_kwargs))(KEY, *inputs)
+  if isinstance(case.model, nnx.Module):
+    # NNX: quantized with the inputs of one call, then the same library through as_linen.
+    qmodel, initial = as_linen(quantize(case.model, W8A8, *inputs))
+  else:
+    qmodel = quantize(case.model, W8A8)
+    # One compiled init (eager init compiles each of its operations on its own).
+    initial = jax.jit(functools.partial(qmodel.init, **case.eval_kwargs))(KEY, *inputs)
   calibrated = calibrate(qmodel, initial, [inputs, inputs], 2, **case.eval_kwargs)
   variables = {k: v for k, v in calibrated.items() if k != "quant_stats"}
   assert not jax.tree.all(jax.tree.map(np.array_equal, calibrated["params"], initial["params"]))
@@ -316,3 +416,50 @@ def test_quantize_calibrate_qat_efqat_and_export(name):
   scale = float(jnp.max(jnp.abs(out))) + 1e-6
   np.testing.assert_allclose(np.asarray(out_int) / scale, np.asarray(out) / scale, atol=2e-3)
   assert accumulators and all(int(a["max_abs"]) > 0 for a in accumulators.values())
+
+
+NNX_CASES = [name for name, case in CASES.items() if isinstance(case.model, nnx.Module)]
+
+
+@pytest.mark.parametrize("name", NNX_CASES)
+def test_nnx_models_take_every_ptq_method(name):
+  """Every registered PTQ method on every NNX model (through as_linen): weights on their grid,
+  AXE's accumulators within their bound (the overflow proof), and each layer-wise method off
+  round to nearest."""
+  case = CASES[name]
+  inputs = case.inputs(case.batch)
+  qmodel, initial = as_linen(quantize(case.model, W8A8, *inputs))
+  calibrated = calibrate(qmodel, initial, [inputs], 1, **case.eval_kwargs)
+  variables = {k: v for k, v in calibrated.items() if k != "quant_stats"}
+  layers = quantized_layers(qmodel, variables, *inputs, **case.eval_kwargs)
+  results = {}
+  for method_name in PTQ_METHODS.names():
+    method = PTQ_METHODS.get(method_name)
+    settings = to_config(method.fields) if method.fields else None
+    if method_name == "attention_round":
+      settings.update(steps=5)
+    if method_name.startswith("axe"):
+      settings.update(accumulator_bits=20)
+    capture = method.capture_for(qmodel, variables, [inputs], settings, **case.eval_kwargs)
+    params = quantize_weights(method, variables["params"], layers, settings, capture)
+    results[method_name] = params
+    for layer in layers.values():
+      node = tuple(layer.path.split("/"))
+      weight = np.asarray(flatten_dict(params)[(*node, layer.weight_name)])
+      assert np.all(np.isfinite(weight)), f"{method_name} {layer.path}"
+    exported = export_integer(qmodel, {**variables, "params": params}, *inputs, **case.eval_kwargs)
+    if method_name.startswith("axe"):
+      for unit, layer in exported.items():
+        if layer.input_spec is not None:
+          assert check_accumulator(layer, AccumulatorSpec(20)).fits, f"{method_name} {unit}"
+  rtn = flatten_dict(results["rtn"])
+  for method_name in ("optq", "gpfq", "axe_optq", "axe_gpfq"):
+    moved = [
+      np.any(np.asarray(flatten_dict(results[method_name])[key]) != np.asarray(rtn[key]))
+      for key in (
+        (*layer.path.split("/"), layer.weight_name)
+        for layer in layers.values()
+        if dict(layer.op)["op"] != "take"
+      )
+    ]
+    assert any(moved), f"{method_name} gave round to nearest's weights"

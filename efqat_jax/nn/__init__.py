@@ -5,6 +5,7 @@ from efqat_jax.nn.formats import Formats, layer_formats, rules_from_formats
 from efqat_jax.nn.intercept import QuantizedModel, quantize
 from efqat_jax.nn.layer_table import GRAD_CHANNELS, QuantizedLayer, quantized_layers
 from efqat_jax.nn.layers import QuantConv, QuantDense, QuantDenseGeneral
+from efqat_jax.nn.nnx_linen import as_linen, to_nnx
 from efqat_jax.nn.ops import (
   ACCUMULATOR_MAX,
   CAPTURED_INPUT,
@@ -37,6 +38,7 @@ __all__ = [
   "QuantizedOps",
   "RoundingContext",
   "WeightRounding",
+  "as_linen",
   "capturing_inputs",
   "channel_subset_grad",
   "current_weight_rounding",
@@ -47,6 +49,7 @@ __all__ = [
   "quantized_layers",
   "round_to_nearest",
   "rules_from_formats",
+  "to_nnx",
   "weight_rounding",
   "with_mode",
 ]

@@ -24,10 +24,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -65,13 +66,21 @@ def module_paths(layer_paths: Sequence[str]) -> list[str]:
   return list(paths)
 
 
+def _list_items(path: str, modules: Sequence[str]) -> list[str]:
+  """The items ``path/0``, ``path/1``, ... if ``path`` is a list of modules, else []."""
+  children = [m for m in modules if m.rpartition("/")[0] == path]
+  numbered = all(c.rpartition("/")[2].isdigit() for c in children)
+  return children if children and numbered else []
+
+
 def find_blocks(layer_paths: Sequence[str], pattern: str, field: str = "blocks") -> list[Block]:
   """The blocks of a model whose quantized layers are ``layer_paths`` (in call order), in call
   order, every layer in exactly one.
 
   Args:
     layer_paths: the quantized layers' paths in call order (``quantized_layers``).
-    pattern: ``"auto"`` (the model's top-level submodules), ``"layers"`` (each layer alone), or a
+    pattern: ``"auto"`` (the model's top-level submodules; the items of a top-level NNX list
+      of modules), ``"layers"`` (each layer alone), or a
       regex fully matching the module paths of the blocks. Layers outside every block are blocks
       of their own.
     field: the name to give in errors (a config field).
@@ -85,6 +94,8 @@ def find_blocks(layer_paths: Sequence[str], pattern: str, field: str = "blocks")
   modules = module_paths(layer_paths)
   if pattern == AUTO:
     chosen = [p for p in modules if "/" not in p]
+    # An NNX list of modules (``blocks/0``, ``blocks/1``) is a container: its items are blocks.
+    chosen = [q for p in chosen for q in (_list_items(p, modules) or [p])]
   else:
     try:
       regex = re.compile(pattern)
@@ -112,6 +123,75 @@ def contains(outer: str, path: str) -> bool:
   return path == outer or path.startswith(outer + "/")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockIO:
+  """What an active ``block_io`` does at one block (see there)."""
+
+  path: str
+  record: bool = False
+  feed: bool = False
+  traced_shapes: list | None = None
+
+
+class BlockVariables(Protocol):
+  """Where a block keeps what it records and reads what it is fed: its Linen scope, or an NNX
+  module's variables (``efqat_jax.nn.nnx_linen``)."""
+
+  def has(self, name: str) -> bool: ...
+  def get(self, name: str) -> Any: ...
+  def put(self, name: str, value: Any) -> None: ...
+
+
+_BLOCK_IO: contextvars.ContextVar[tuple[BlockIO, ...]] = contextvars.ContextVar(
+  "efqat_jax_block_io", default=()
+)
+
+
+def active_block_io() -> tuple[BlockIO, ...]:
+  """The ``block_io`` contexts active now, innermost last."""
+  return _BLOCK_IO.get()
+
+
+def run_block(io: BlockIO, call, args: tuple, kwargs: dict, variables: BlockVariables) -> Any:
+  """``call(*args, **kwargs)``, the block's own call, with its first argument fed and/or its
+  input and output recorded as ``io`` says."""
+  first, treedef = jax.tree.flatten(args[0])
+  if io.feed:
+    fed = [variables.get(f"{BLOCK_INPUT}_{i}") for i in range(len(first))]
+    if variables.has(BLOCK_UNIT):
+      unit = variables.get(BLOCK_UNIT)
+      fed = [jax.numpy.where(unit, x, own) for x, own in zip(fed, first, strict=True)]
+    first = fed
+    args = (jax.tree.unflatten(treedef, first), *args[1:])
+  out = call(*args, **kwargs)
+  if io.traced_shapes is not None:
+    shapes = lambda leaves: [jax.numpy.shape(x) for x in leaves]
+    io.traced_shapes.append((shapes(first), shapes(jax.tree.leaves(out))))
+  if io.record:
+    for name, leaves in ((BLOCK_INPUT, first), (BLOCK_OUTPUT, jax.tree.leaves(out))):
+      for i, leaf in enumerate(leaves):
+        variables.put(f"{name}_{i}", leaf)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScopeVariables:
+  """A Linen module's ``params`` as ``BlockVariables``."""
+
+  module: nn.Module
+
+  def has(self, name: str) -> bool:
+    return self.module.has_variable("params", name)
+
+  def get(self, name: str) -> Any:
+    return self.module.get_variable("params", name)
+
+  def put(self, name: str, value: Any) -> None:
+    if not self.module.is_mutable_collection("params"):
+      raise ValueError(f"block_io needs apply(..., mutable=['params']) ({self.module.scope.path})")
+    self.module.put_variable("params", name, value)
+
+
 @contextlib.contextmanager
 def block_io(
   path: str, record: bool = False, feed: bool = False, traced_shapes: list | None = None
@@ -131,6 +211,7 @@ def block_io(
       the block is traced: one unit's shapes inside a stack, so the recorded leaves' extra
       leading axes are the stack's.
   """
+  io = BlockIO(path, record, feed, traced_shapes)
   target = tuple(path.split("/"))
 
   def interceptor(next_fun, args, kwargs, context):
@@ -139,32 +220,14 @@ def block_io(
       return next_fun(*args, **kwargs)
     if tuple(module.scope.path) != target or not args:
       return next_fun(*args, **kwargs)
-    first, treedef = jax.tree.flatten(args[0])
-    if feed:
-      fed = [module.get_variable("params", f"{BLOCK_INPUT}_{i}") for i in range(len(first))]
-      if module.has_variable("params", BLOCK_UNIT):
-        unit = module.get_variable("params", BLOCK_UNIT)
-        fed = [jax.numpy.where(unit, x, own) for x, own in zip(fed, first, strict=True)]
-      first = fed
-      args = (jax.tree.unflatten(treedef, first), *args[1:])
-    out = next_fun(*args, **kwargs)
-    if traced_shapes is not None:
-      shapes = lambda leaves: [jax.numpy.shape(x) for x in leaves]
-      traced_shapes.append((shapes(first), shapes(jax.tree.leaves(out))))
-    if record:
-      _put_leaves(module, BLOCK_INPUT, first)
-      _put_leaves(module, BLOCK_OUTPUT, jax.tree.leaves(out))
-    return out
+    return run_block(io, next_fun, args, kwargs, _ScopeVariables(module))
 
-  with nn.intercept_methods(interceptor):
-    yield
-
-
-def _put_leaves(module: nn.Module, name: str, leaves: Sequence[Any]) -> None:
-  if not module.is_mutable_collection("params"):
-    raise ValueError(f"block_io needs apply(..., mutable=['params']) ({module.scope.path})")
-  for i, leaf in enumerate(leaves):
-    module.put_variable("params", f"{name}_{i}", leaf)
+  token = _BLOCK_IO.set((*_BLOCK_IO.get(), io))
+  try:
+    with nn.intercept_methods(interceptor):
+      yield
+  finally:
+    _BLOCK_IO.reset(token)
 
 
 def recorded_io(params: Any, path: str) -> tuple[list[jax.Array], list[jax.Array]]:

@@ -107,6 +107,24 @@ def recording() -> Iterator[dict[str, QuantizedLayer]]:
     _RECORDERS.reset(token)
 
 
+_CALLS: contextvars.ContextVar[dict[str, None] | None] = contextvars.ContextVar(
+  "efqat_jax_module_calls", default=None
+)
+
+
+def recording_calls() -> bool:
+  """Whether ``quantized_layers`` is recording which modules a model calls, in what order."""
+  return _CALLS.get() is not None
+
+
+def report_call(path: str) -> None:
+  """Called when the module at ``path`` (relative to the model) is called: its first call
+  places it in the call order that ``quantized_layers`` attaches modules by."""
+  called = _CALLS.get()
+  if called is not None:
+    called.setdefault(path, None)
+
+
 def params_at(params: Any, path: str) -> Any:
   """The subtree of ``params`` at a ``/``-joined module path (``""``: the whole tree)."""
   for name in path.split("/") if path else ():
@@ -127,8 +145,8 @@ def require_linen(model: Any, what: str) -> None:
   """Raises TypeError, in one line, if ``model`` is a Flax NNX module: ``what`` is Linen-only."""
   if any(c.__module__.startswith("flax.nnx") for c in type(model).__mro__):
     raise TypeError(
-      f"{what} takes a Linen model; for NNX models it is not supported yet (so far NNX has"
-      " quantize, Mode.QUANTIZE / FLOAT and training in your own NNX loop)"
+      f"{what} takes a Linen model: for a quantized NNX model, pass the module and variables"
+      " that efqat_jax.nn.as_linen(model) returns"
     )
 
 
@@ -149,11 +167,15 @@ def quantized_layers(model: Any, variables: Any, *args, **kwargs) -> dict[str, Q
 
   def record_call(next_fun, call_args, call_kwargs, context):
     if context.module.scope is not None:
-      called.setdefault(relative("/".join(context.module.scope.path)), None)
+      report_call(relative("/".join(context.module.scope.path)))
     return next_fun(*call_args, **call_kwargs)
 
-  with recording() as layers, nn.intercept_methods(record_call):
-    jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), variables)
+  token = _CALLS.set(called)  # NNX models run through as_linen report their calls here too
+  try:
+    with recording() as layers, nn.intercept_methods(record_call):
+      jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), variables)
+  finally:
+    _CALLS.reset(token)
   if not layers:
     raise ValueError(f"{type(model).__name__} runs no quantized layer (with a quantized weight)")
   table = {}

@@ -172,6 +172,11 @@ class BlockReconstruction:
       return recorded_io(state["params"], path)[int(outputs)]
 
     per_batch = [one_batch(params, inputs) for inputs in self.batches]
+    if not traced:
+      raise ValueError(
+        f"block {path!r} is never called with an input, so it cannot be reconstructed; choose"
+        f" blocks that the model calls ({BLOCKS_FIELD})"
+      )
     depth = per_batch[0][0].ndim - len(traced[-1][int(outputs)][0])
     return [jnp.concatenate(xs, axis=depth) for xs in zip(*per_batch, strict=True)], depth
 

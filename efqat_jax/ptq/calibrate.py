@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from efqat_jax.nn.direct_matmuls import direct_param_ops, warn_direct_matmuls
 from efqat_jax.nn.export import with_mode
-from efqat_jax.nn.ops import CALIBRATION_STATS, QUANT_STATS, Mode
+from efqat_jax.nn.intercept import QuantizedModel, quantizable_paths
+from efqat_jax.nn.ops import CALIBRATION_STATS, QUANT_STATS, Mode, weight_rounding
 from efqat_jax.trees import merge_trees
 
 
@@ -26,6 +28,19 @@ def split_calibration_stats(params: Any) -> tuple[Any, Any]:
   stats = {k: v for k, v in flat.items() if k[-1] in CALIBRATION_STATS}
   rest = {k: v for k, v in flat.items() if k[-1] not in CALIBRATION_STATS}
   return unflatten_dict(rest), unflatten_dict(stats)
+
+
+def _warn_direct_matmuls(model, variables, inputs, apply_kwargs) -> None:
+  """Warns about params a ``quantize``d model multiplies directly (they stay float)."""
+  if not isinstance(model, QuantizedModel):
+    return
+  inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+  quantizing = with_mode(model, Mode.QUANTIZE)
+  run = lambda p: quantizing.apply({**variables, "params": p}, *inputs, **apply_kwargs)
+  with weight_rounding(None):  # traced with round to nearest, not a rounding of the caller's
+    found = direct_param_ops(run, variables["params"])
+    layers = quantizable_paths(model, *inputs, **apply_kwargs)
+  warn_direct_matmuls(found, layers)
 
 
 def calibrate(
@@ -75,6 +90,7 @@ def calibrate(
     if seen == num_batches:
       break
     if step is None:  # the running ranges exist from here on: one trace for every batch
+      _warn_direct_matmuls(model, variables, inputs, apply_kwargs)
       shapes = jax.eval_shape(observe, variables, inputs)["params"]
       empty = jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype), split_calibration_stats(shapes)[1]

@@ -125,13 +125,13 @@ def make_train_step(
     The compiled step (a ``TrainStep``); its metrics are ``{"loss": loss, **metrics}``.
 
   Raises:
-    TypeError: if ``model`` has no Linen ``apply`` (an NNX model trains in its own NNX loop).
+    TypeError: if ``model`` is not a Linen module (see ``efqat_jax.nn.as_linen`` for NNX).
     ValueError: (when called) if ``extra`` is given without a ``param_context``.
   """
   if not isinstance(model, nn.Module):
     raise TypeError(
-      f"make_train_step takes a Linen model, got {type(model).__name__}: an NNX model trains in"
-      " an NNX loop (nnx.value_and_grad, nnx.Optimizer)"
+      f"make_train_step takes a Linen model, got {type(model).__name__}: for a quantized NNX"
+      " model, pass efqat_jax.nn.as_linen(model), or train it in an NNX loop"
     )
 
   def step(state: TrainState, batch: Batch, rng: jax.Array, extra: Any, loss_fn: Partial):

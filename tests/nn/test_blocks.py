@@ -50,6 +50,11 @@ def test_auto_blocks_are_the_top_level_modules_and_layers_are_blocks_of_their_ow
     ("Res_1/inner", ("Res_1/inner/Dense_0",)),
     ("head", ("head",)),
   ]
+  # An NNX list of modules (paths "blocks/0/...") is a container: its items are the blocks.
+  nnx_layers = ["patches", "blocks/0/attn/query", "blocks/0/up", "blocks/1/up", "head"]
+  assert [b.path for b in find_blocks(nnx_layers, "auto")] == [
+    "patches", "blocks/0", "blocks/1", "head",
+  ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
