@@ -108,10 +108,20 @@ def freeze_unselected(inner: optax.GradientTransformation) -> optax.GradientTran
 
 
 def set_trainable(state: FreezeState, params: Any, trainable: TrainableSet) -> FreezeState:
-  """The optimizer state of ``freeze_unselected`` with a new selection installed."""
+  """The optimizer state of ``freeze_unselected`` with a new selection installed, its masks
+  placed as the ones they replace (so a step taking the state sees the same input shardings,
+  and a re-selection never retraces it)."""
   if not isinstance(state, FreezeState):
     raise ValueError(f"expected the state of freeze_unselected, got {type(state).__name__}")
-  return state._replace(masks=_compiled_masks(params, trainable))
+  masks = jax.tree.map(_placed_like, _compiled_masks(params, trainable), state.masks)
+  return state._replace(masks=masks)
+
+
+def _placed_like(new: jax.Array, old: Any) -> jax.Array:
+  """``new`` on ``old``'s devices and sharding where ``old`` was placed there (committed)."""
+  if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer) and old.committed:
+    return jax.device_put(new, old.sharding)
+  return new
 
 
 # One program per selection's counts (like the step), instead of one per eager operation: the

@@ -184,3 +184,18 @@ def test_a_per_tensor_weight_scale_trains_only_with_its_whole_layer(mode, rho):
     scale_moved = not np.array_equal(after[path]["kernel_scale"], params[path]["kernel_scale"])
     assert kernel_moved == (k > 0), path
     assert scale_moved == (k == tset.size(path)), path  # it also scales frozen channels
+
+
+def test_a_new_selection_is_placed_like_the_masks_it_replaces():
+  """set_trainable on a replicated state keeps the masks replicated, whichever params it reads,
+  so a jitted step sees the same input shardings after a re-selection (no retrace)."""
+  from efqat_jax.train import make_mesh, replicate
+
+  tx = freeze_unselected(optax.adam(1e-2))
+  mesh = make_mesh()
+  state = replicate(
+    set_trainable(tx.init(PARAMS), PARAMS, select(PARAMS, LAYERS, "cwpl", 0.5)), mesh
+  )
+  again = set_trainable(state, PARAMS, select(PARAMS, LAYERS, "cwpl", 0.25))  # unreplicated params
+  same = jax.tree.map(lambda a, b: a.sharding == b.sharding, again.masks, state.masks)
+  assert all(jax.tree.leaves(same))
