@@ -23,9 +23,21 @@ class EinsumPlan:
   output_perm: tuple[int, ...]
 
 
+def _expand_ellipsis(lhs: str, out: str, lhs_ndim: int) -> tuple[str, str]:
+  """The input and output specs with the input's ``...`` (its leading or middle axes not named)
+  replaced by letters of their own, in the output too."""
+  if "..." not in lhs:
+    return lhs, out
+  named = len(lhs) - 3
+  fresh = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in lhs + out]
+  letters = "".join(fresh[: max(lhs_ndim - named, 0)])
+  return lhs.replace("...", letters), out.replace("...", letters)
+
+
 def _letters(spec: str, ndim: int, operand: str) -> str:
   if "." in spec:
-    raise ValueError(f"einsum {operand} spec {spec!r}: ellipses are not supported; name every axis")
+    where = "the kernel" if operand == "kernel" else f"the {operand} without it in the input"
+    raise ValueError(f"einsum {operand} spec {spec!r}: an ellipsis in {where} is not supported")
   if len(spec) != ndim:
     raise ValueError(f"einsum {operand} spec {spec!r} names {len(spec)} axes, the array has {ndim}")
   if len(set(spec)) != len(spec):
@@ -39,8 +51,9 @@ def einsum_plan(equation: str, lhs_ndim: int, rhs_ndim: int) -> EinsumPlan:
   """Plans ``einsum(equation, lhs, rhs)`` as a dot_general of ``lhs`` with ``rhs``.
 
   Args:
-    equation: explicit two-operand equation, e.g. ``"btd,dk->btk"`` (no ellipsis, no repeated or
-      summed-out axes: every axis of one operand is in the other operand or in the output).
+    equation: explicit two-operand equation, e.g. ``"btd,dk->btk"`` or ``"...d,dk->...k"`` (an
+      ellipsis in the input and the output, not the kernel; no repeated or summed-out axes:
+      every axis of one operand is in the other operand or in the output).
     lhs_ndim: rank of the input.
     rhs_ndim: rank of the kernel.
 
@@ -53,6 +66,7 @@ def einsum_plan(equation: str, lhs_ndim: int, rhs_ndim: int) -> EinsumPlan:
     raise ValueError(f"einsum equation {equation!r} must be explicit ('ab,bc->ac') with 2 operands")
   inputs, out = equation.split("->")
   lhs_spec, rhs_spec = inputs.split(",")
+  lhs_spec, out = _expand_ellipsis(lhs_spec, out, lhs_ndim)
   lhs = _letters(lhs_spec, lhs_ndim, "input")
   rhs = _letters(rhs_spec, rhs_ndim, "kernel")
   out = _letters(out, len(out), "output")

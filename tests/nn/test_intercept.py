@@ -288,3 +288,35 @@ def test_einsum_and_tied_embedding_are_quantized_by_a_rule_that_names_them():
   embed = {k: p["Embed_0"][k] for k in ("embedding", "embedding_scale")}
   quantized_lookup = quantize(nn.Embed(32, 8), QuantRule(".*", weight=W4, input=None))
   chex.assert_trees_all_close(quantized_lookup.apply({"params": embed}, TOKENS), lookup)
+
+
+@pytest.mark.parametrize(
+  "equation, x_shape, w_shape",
+  [
+    ("...d,dhk->...hk", (2, 5, 8), (8, 2, 4)),  # leading axes by ellipsis (nnx/Linen docs style)
+    ("...d,dk->...k", (8,), (8, 3)),  # the ellipsis standing for no axis
+    ("b...d,de->b...e", (2, 3, 4, 8), (8, 5)),  # in the middle
+    ("...hk,hkd->...d", (2, 5, 2, 4), (2, 4, 8)),
+  ],
+)
+def test_einsum_with_an_ellipsis_in_the_input_is_one_dot_general(equation, x_shape, w_shape):
+  from efqat_jax.nn.einsum import einsum_plan
+
+  x = jax.random.normal(KEY, x_shape)
+  w = jax.random.normal(jax.random.key(1), w_shape)
+  plan = einsum_plan(equation, x.ndim, w.ndim)
+  got = jnp.transpose(jax.lax.dot_general(x, w, plan.dimension_numbers), plan.output_perm)
+  np.testing.assert_allclose(got, jnp.einsum(equation, x, w), rtol=1e-5, atol=1e-5)
+  layer = nn.Einsum(w_shape, equation, use_bias=False)
+  qlayer = quantize(layer, ALL_W4A4)
+  variables = qlayer.init(KEY, x)
+  float_out = qlayer.clone(mode=Mode.FLOAT).apply(variables, x)
+  np.testing.assert_allclose(float_out, layer.apply(variables, x), rtol=1e-5, atol=1e-5)
+  assert variables["params"]["kernel_scale"].size > 1  # quantized per output channel
+
+
+def test_an_ellipsis_in_the_kernel_is_a_one_line_error():
+  from efqat_jax.nn.einsum import einsum_plan
+
+  with pytest.raises(ValueError, match=r"^einsum kernel spec '\.\.\.k': an ellipsis in the kernel"):
+    einsum_plan("bd,...k->bk", 2, 2)
