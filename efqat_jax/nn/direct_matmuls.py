@@ -20,11 +20,13 @@ quantizer, so it never counts.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 from jax.extend.core import Literal
+
+from efqat_jax.nn.ops import weight_rounding
 
 _OPS = {"dot_general": "dot_general", "conv_general_dilated": "convolution"}
 _LAYOUT = {
@@ -82,12 +84,19 @@ def _sub_jaxprs(eqn) -> list:
   return subs
 
 
-def warn_direct_matmuls(found: Mapping[str, str], layers: Collection[str]) -> None:
-  """Warns, one line per param, about the direct uses in ``found`` outside the quantizable
-  ``layers`` (paths; a layer kept float by a rule is the rule's choice, not reported)."""
+def warn_direct_matmuls(
+  module: Any, variables: Mapping[str, Any], inputs: tuple, kwargs: Mapping[str, Any], layers
+) -> None:
+  """Warns, one line per param, about the params ``module.apply(variables, *inputs, **kwargs)``
+  feeds directly into a matmul or convolution outside the quantizable layers (``layers()``:
+  their paths; a layer that a rule keeps float is the rule's choice, not reported). Traced with
+  round to nearest, so that no weight rounding of the caller's runs."""
+  run = lambda p: module.apply({**variables, "params": p}, *inputs, **kwargs)
+  with weight_rounding(None):
+    found = direct_param_ops(run, variables["params"])
+    quantizable = set(layers())
   for path, op in sorted(found.items()):
-    module = path.rpartition("/")[0]
-    if module in layers:
+    if path.rpartition("/")[0] in quantizable:
       continue
     warnings.warn(
       f"efqat_jax: the param {path} feeds a {op} directly, not through a layer that quantize"

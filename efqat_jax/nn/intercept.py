@@ -31,11 +31,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efqat_jax.nn import layer_table
-from efqat_jax.nn.direct_matmuls import direct_param_ops, warn_direct_matmuls
+from efqat_jax.nn.direct_matmuls import warn_direct_matmuls
 from efqat_jax.nn.layers import QuantConv, QuantDense, QuantDenseGeneral
 from efqat_jax.nn.nnx_linen import as_linen
 from efqat_jax.nn.nnx_quantize import nnx_quantizable_paths, quantize_nnx
-from efqat_jax.nn.ops import WEIGHT_ESTIMATORS, Mode, weight_rounding
+from efqat_jax.nn.ops import WEIGHT_ESTIMATORS, Mode
 from efqat_jax.nn.rewrite import (
   METHODS,
   OP_FIELDS,
@@ -188,10 +188,8 @@ def quantize(
       )
     qmodel = quantize_nnx(model, rules, example_args, example_kwargs, mode, weight_estimator)
     module, variables = as_linen(qmodel)
-    run = lambda p: module.apply({**variables, "params": p}, *example_args, **example_kwargs)
-    with weight_rounding(None):  # traced with round to nearest
-      found = direct_param_ops(run, variables["params"])
-    warn_direct_matmuls(found, nnx_quantizable_paths(qmodel))
+    layers = lambda: nnx_quantizable_paths(qmodel)
+    warn_direct_matmuls(module, variables, example_args, example_kwargs, layers)
     return qmodel
   if not isinstance(model, nn.Module):
     raise TypeError(

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from efqat_jax.nn.direct_matmuls import direct_param_ops, warn_direct_matmuls
+from efqat_jax.nn.direct_matmuls import warn_direct_matmuls
 from efqat_jax.nn.export import with_mode
 from efqat_jax.nn.intercept import QuantizedModel, quantizable_paths
-from efqat_jax.nn.ops import CALIBRATION_STATS, QUANT_STATS, Mode, weight_rounding
+from efqat_jax.nn.ops import CALIBRATION_STATS, QUANT_STATS, Mode
 from efqat_jax.trees import merge_trees
 
 
@@ -32,15 +32,10 @@ def split_calibration_stats(params: Any) -> tuple[Any, Any]:
 
 def _warn_direct_matmuls(model, variables, inputs, apply_kwargs) -> None:
   """Warns about params a ``quantize``d model multiplies directly (they stay float)."""
-  if not isinstance(model, QuantizedModel):
-    return
-  inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-  quantizing = with_mode(model, Mode.QUANTIZE)
-  run = lambda p: quantizing.apply({**variables, "params": p}, *inputs, **apply_kwargs)
-  with weight_rounding(None):  # traced with round to nearest, not a rounding of the caller's
-    found = direct_param_ops(run, variables["params"])
-    layers = quantizable_paths(model, *inputs, **apply_kwargs)
-  warn_direct_matmuls(found, layers)
+  if isinstance(model, QuantizedModel):
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    layers = lambda: quantizable_paths(model, *inputs, **apply_kwargs)
+    warn_direct_matmuls(with_mode(model, Mode.QUANTIZE), variables, inputs, apply_kwargs, layers)
 
 
 def calibrate(
