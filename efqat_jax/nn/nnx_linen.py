@@ -64,8 +64,13 @@ def _snake(name: str) -> str:
 
 def linen_variables(model: nnx.Module) -> dict[str, Any]:
   """The state of ``model`` as Linen collections, at its ``nnx.state`` paths."""
+  return _collections(nnx.state(model))
+
+
+def _collections(state: nnx.State) -> dict[str, Any]:
+  """An NNX state as Linen collections."""
   flat: dict[str, dict] = {}
-  for path, variable in nnx.to_flat_state(nnx.state(model)):
+  for path, variable in nnx.to_flat_state(state):
     leaf = _linen_value(variable[...])
     flat.setdefault(collection_of(variable), {})[tuple(map(str, path))] = leaf
   return {collection: unflatten_dict(leaves) for collection, leaves in flat.items()}
@@ -101,7 +106,7 @@ class NnxAsLinen(nn.Module):
   def __call__(self, *args, **kwargs):
     graphdef, template = nnx.split(self.model)
     known = {tuple(map(str, p)): (p, v) for p, v in nnx.to_flat_state(template)}
-    values = linen_variables(self.model)
+    values = _collections(template)  # the initial values, where a collection is not given
     holders = {
       (collection, top): self.variable(collection, top, lambda t=tree: t)
       for collection, trees in values.items()
