@@ -28,8 +28,8 @@ The timings, probes and budgets of a bits mode are kept in ``<root>/<setting>/<m
 weight_bits, act_bits, bits_mode, method, steps, metric_name, metric (mean over the seeds of the
 accuracy in %, or bits per character), metric_std / _min / _max / _seeds, seeds, versus and
 verdict (the row against the method named in ``versus``: better or worse by more than the spread
-(max - min) of either, else within spread; ``sweep.differs``), wall_s (measured, mean over the
-seeds; a pipeline's stages added up) and budget_s (the side-by-side estimate the budgets use).
+(max - min) of either, else within spread; ``sweep.differs``), wall_s (measured, median over
+the seeds; a pipeline's stages added up) and budget_s (the side-by-side estimate the budgets use).
 
   python bench/attention_round.py                         # every setting (long)
   python bench/attention_round.py --settings=resnet20_mnist5k_w3a4 --seeds=5
@@ -260,11 +260,11 @@ def measure_budgets(config, here: pathlib.Path, bits_mode: str, fp, rtn, quick: 
 
 def cell(runs: list[dict], stages: tuple[str, ...], metric_name: str, **fields) -> dict:
   """A cell from its runs' results (one per seed): the metric of the last of ``stages``, and
-  ``wall_s``, the wall time of all of them (plus ``extra_s``), mean over the runs."""
+  ``wall_s``, the wall time of all of them (plus ``extra_s``), median over the runs."""
   extra_s = fields.pop("extra_s", 0.0)
   values = [metric_of(r[stages[-1]], metric_name) for r in runs]
   walls = [extra_s + sum(r[s]["wall_time_s"] for s in stages) for r in runs]
-  return dict(sweep.seed_stats(values), wall_s=sum(walls) / len(walls), **fields)
+  return dict(sweep.seed_stats(values), wall_s=sweep.typical_seconds(walls), **fields)
 
 
 def attention_round_runs(config, workdir: pathlib.Path, fp, seeds: int) -> list[dict]:

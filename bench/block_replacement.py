@@ -16,7 +16,7 @@ budget). Rows of ``bench/results/block_replacement.json``: model, weight_bits, a
 budget, steps, metric_name, metric (the mean over the seeds of the accuracy in %, or bits per
 character), metric_std / _min / _max / _seeds, seeds, versus and verdict (the row against the
 method named in ``versus``: better or worse by more than the spread (max - min) of either, else
-within spread; ``sweep.differs``), step_ms, wall_time_s (mean over the seeds).
+within spread; ``sweep.differs``), step_ms, wall_time_s (median over the seeds).
 
   python bench/block_replacement.py                       # every setting (long)
   python bench/block_replacement.py --settings=resnet20_mnist5k_w2a2 --seeds=5
@@ -150,7 +150,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> lis
       steps=n,
       **sweep.seed_stats([metric_of(r, metric_name) for r in results]),
       step_ms=ms[method],
-      wall_time_s=sum(r["wall_time_s"] for r in results) / seeds,
+      wall_time_s=sweep.typical_seconds([r["wall_time_s"] for r in results]),
     )
     print(f"{sweep.setting_name(*setting)}: {method} ({budget}) done", flush=True)
   return compare(rows, lower_is_better=metric_name == "bits_per_char")

@@ -19,12 +19,13 @@ on the means of the setting's metric (accuracy in %, or bits per character for t
 lower is better; the ratio reads the same for both): 0 is no better than PTQ, 1 matches QAT. It
 is None when QAT and PTQ differ by less than 0.5 accuracy points (0.02 bits per char): the ratio
 of two small differences is then noise. wall_time_s is a stage's recorded wall time (training,
-compilation and the final evaluation; PTQ: calibration and evaluation), the mean over the seeds.
+compilation and the final evaluation; PTQ: calibration and evaluation), the median over the
+seeds (one run slowed by other load does not move it).
 
   python bench/efqat_accuracy.py                  # all settings (long: each trains fp, 3 x 15 runs)
   python bench/efqat_accuracy.py --settings=cnn_mnist5k_w4a4,cnn_mnist5k_w2a2 --seeds=5
   python bench/efqat_accuracy.py --quick   # CNN W4A4, 20 steps, rho 0.1 and 1, 2 seeds (~1.5 min)
-  python bench/efqat_accuracy.py --plots-only     # re-plot from the JSON
+  python bench/efqat_accuracy.py --plots-only     # re-plot and print the tables from the JSON
 
 Writes bench/results/efqat_accuracy.json (rows of other settings already there are kept), and
 efqat_accuracy_vs_rho.png and efqat_accuracy_vs_time.png; --quick writes the same names with
@@ -140,7 +141,7 @@ def setting_rows(setting, config, results: dict, qat: list, efqat: dict) -> list
       rho=rho,
       steps=steps,
       **sweep.seed_stats(values),
-      wall_time_s=sum(r["wall_time_s"] for r in runs) / len(runs),
+      wall_time_s=sweep.typical_seconds([r["wall_time_s"] for r in runs]),
       channel_fraction=runs[0].get("channel_fraction"),
       param_fraction=runs[0].get("param_fraction"),
     )
@@ -161,6 +162,69 @@ def setting_rows(setting, config, results: dict, qat: list, efqat: dict) -> list
   rows = [row("fp", "fp", None, config.fp.steps, [results["fp"]] * seeds), ptq, qat_row]
   rows += [versus(row("efqat", m, rho, config.qat.steps, runs)) for (m, rho), runs in efqat.items()]
   return [dict({c: None for c in COLUMNS}, **r) for r in rows]
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+def value(r: dict) -> str:
+  """A row's metric: the mean over its seeds and, where they differ, their min and max."""
+  lm = r["metric_name"] == "bits_per_char"
+  mean = f"{r['metric']:.3f}" if lm else f"{r['metric']:.2f}%"
+  if r.get("metric_min", r["metric"]) == r.get("metric_max", r["metric"]):  # one value
+    return mean
+  low, high = (f"{r[k]:.3f}" if lm else f"{r[k]:.1f}" for k in ("metric_min", "metric_max"))
+  return f"{mean} [{low}, {high}]"
+
+
+def cell(r: dict) -> str:
+  """An EfQAT row: its value and, in brackets, the gap recovered; ``=QAT`` where it is within
+  QAT's spread (no real difference)."""
+  recovered = "" if r["gap_recovered"] is None else f" ({r['gap_recovered']:.2f})"
+  same = " =QAT" if r.get("vs_qat") == sweep.SAME else ""
+  return value(r) + recovered + same
+
+
+def setting_table(title: str, rows: list[dict]) -> str:
+  """One setting's heading line and its mode x rho table."""
+  by = {r["method"]: r for r in rows if r["method"] != "efqat"}
+  lm = rows[0]["metric_name"] == "bits_per_char"
+  metric = "bits per char, lower is better" if lm else "test accuracy"
+  head = (
+    f"**{title}** ({metric}; {by['qat'].get('seeds') or 1} seeds): FP {value(by['fp'])}, PTQ "
+    f"{value(by['ptq'])}, QAT {value(by['qat'])}; {by['qat']['steps']} steps for QAT and every"
+    " EfQAT run."
+  )
+  rhos = sorted({r["rho"] for r in rows if r["method"] == "efqat"})
+  lines = ["| mode | " + " | ".join(f"ρ={rho:.0%}" for rho in rhos) + " |"]
+  lines.append("|---|" + "---|" * len(rhos))
+  efqat = {(r["mode"], r["rho"]): r for r in rows if r["method"] == "efqat"}
+  for mode in MODES:
+    lines.append(f"| {mode} | " + " | ".join(cell(efqat[mode, rho]) for rho in rhos) + " |")
+  shares = ", ".join(
+    f"{mode} {efqat[mode, 0.1]['param_fraction']:.1%}" for mode in MODES if (mode, 0.1) in efqat
+  )
+  return "\n".join([head, "", *lines, "", f"Kernel params trained at ρ=10%: {shares}."])
+
+
+def summary_table(groups: dict[str, list[dict]]) -> str:
+  """The README's table: per setting PTQ, QAT and each mode at rho 10%."""
+  lines = [
+    "| setting | PTQ | QAT | " + " | ".join(f"{m.upper()} ρ=10%" for m in MODES) + " |",
+    "|---|---|---|" + "---|" * len(MODES),
+  ]
+  for title, rows in groups.items():
+    by = {(r["method"], r["mode"], r["rho"]): r for r in rows}
+    cells = [cell(by["efqat", mode, 0.1]) for mode in MODES]
+    ptq, qat = value(by["ptq", "ptq", None]), value(by["qat", "qat", 1.0])
+    lines.append(f"| {title} | {ptq} | {qat} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def tables(rows: list[dict]) -> str:
+  """Markdown of every setting's table, then the summary at rho 10%."""
+  groups = by_setting(rows)
+  return "\n\n".join([*(setting_table(t, g) for t, g in groups.items()), summary_table(groups)])
 
 
 # --- plots ------------------------------------------------------------------------------------
@@ -238,12 +302,21 @@ def plot(rows: list[dict], stem: str) -> None:
     sweep.save_figure(fig, f"{stem}_vs_{kind}")
 
 
+def report(rows: list[dict], stem: str) -> None:
+  """Prints the markdown tables (bench/README.md and README.md are written from them) and
+  draws the plots."""
+  print(tables(rows))
+  plot(rows, stem)
+
+
 def main():
   args = sweep.parse(
     __doc__, "efqat_accuracy", SETTING_NAMES, "CNN W4A4, 20 steps, rho 0.1 and 1", seeded=True
   )
   run = functools.partial(run_setting, seeds=args.seeds)
-  sweep.run(args, SETTINGS, SETTING_NAMES, run, COLUMNS, sweep.row_setting, plot, quick=args.quick)
+  sweep.run(
+    args, SETTINGS, SETTING_NAMES, run, COLUMNS, sweep.row_setting, report, quick=args.quick
+  )
 
 
 if __name__ == "__main__":

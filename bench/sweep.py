@@ -172,6 +172,12 @@ def spread(values: list[float]) -> float:
   return max(values) - min(values)
 
 
+def typical_seconds(values: list[float]) -> float:
+  """A cell's wall time over its seeds: the median, which one run slowed by other load on the
+  machine does not move (a mean would)."""
+  return statistics.median(values)
+
+
 def seed_stats(values: list[float], name: str = "metric") -> dict:
   """A cell's per-seed ``values`` as row fields: ``name`` (their mean), ``<name>_std`` (sample
   standard deviation; 0 for one value), ``<name>_min``, ``<name>_max``, ``<name>_seeds`` (the

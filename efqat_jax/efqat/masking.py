@@ -43,41 +43,48 @@ class FreezeState(NamedTuple):
   masks: Any
 
 
-def _weight_mask(layer: QuantizedLayer, channel_mask: jax.Array) -> jax.Array:
+def _weight_mask(layer: QuantizedLayer, channel_mask: np.ndarray) -> np.ndarray:
   """One layer's bool weight mask from its channel mask ``[C]``."""
   out_shape = [layer.weight_shape[a] for a in layer.out_axes]
   shape = [n if a in layer.out_axes else 1 for a, n in enumerate(layer.weight_shape)]
   mask = channel_mask.reshape(out_shape).reshape(shape)
-  return jnp.broadcast_to(mask, layer.weight_shape)
+  return np.broadcast_to(mask, layer.weight_shape)
 
 
-def _scale_mask(layer: QuantizedLayer, weight_mask: jax.Array) -> jax.Array:
+def _scale_mask(layer: QuantizedLayer, weight_mask: np.ndarray) -> np.ndarray:
   """True for each weight scale all of whose entries train (a scale that covers a frozen
   channel would need that channel's weight gradient)."""
   spec, shape = layer.weight_spec, layer.weight_shape
-  covered = granularity.reduce_blocks(
-    jnp.all, granularity.to_blocks(weight_mask, spec), spec, shape
-  )
+  covered = granularity.reduce_blocks(np.all, granularity.to_blocks(weight_mask, spec), spec, shape)
   return covered.reshape(granularity.param_shape(spec, shape))
 
 
+def _channel_mask(trainable: TrainableSet, unit: str) -> np.ndarray:
+  mask = np.zeros(trainable.size(unit), bool)
+  mask[np.asarray(trainable.channels[unit])] = True
+  return mask
+
+
 def trainable_masks(params: Any, trainable: TrainableSet) -> Any:
-  """A params-shaped tree of bool masks (True = trains)."""
-  flat = {path: jnp.ones(jnp.shape(v), bool) for path, v in flatten_dict(params).items()}
+  """A params-shaped tree of bool masks (True = trains), as numpy arrays.
+
+  Computed on the host: a selection costs no compilation (the masks are small next to the
+  params, and ``set_trainable`` places them where the old ones were)."""
+  flat = {path: np.ones(np.shape(v), bool) for path, v in flatten_dict(params).items()}
   for layer in trainable.layers:
     node = tuple(layer.path.split("/"))
     weight_masks, scale_masks = [], []
     for unit in layer.units():
-      weight_mask = _weight_mask(layer, trainable.channel_mask(unit))
+      weight_mask = _weight_mask(layer, _channel_mask(trainable, unit))
       weight_masks.append(weight_mask)
       scale_masks.append(_scale_mask(layer, weight_mask))
-    stack = lambda masks, like: jnp.stack(masks).reshape(jnp.shape(like))
+    stack = lambda masks, like: np.stack(masks).reshape(np.shape(like))
     weight, scale = node + (layer.weight_name,), node + (layer.scale_name,)
     flat[weight] = stack(weight_masks, flat[weight])
     if not trainable.train_frozen_scales:
       flat[scale] = stack(scale_masks, flat[scale])
   for key in trainable.frozen_cheap_params(params):
-    flat[key] = jnp.zeros_like(flat[key])
+    flat[key] = np.zeros_like(flat[key])
   return unflatten_dict(flat)
 
 
@@ -110,23 +117,20 @@ def freeze_unselected(inner: optax.GradientTransformation) -> optax.GradientTran
 def set_trainable(state: FreezeState, params: Any, trainable: TrainableSet) -> FreezeState:
   """The optimizer state of ``freeze_unselected`` with a new selection installed, its masks
   placed as the ones they replace (so a step taking the state sees the same input shardings,
-  and a re-selection never retraces it)."""
+  and a re-selection never retraces it). The masks are built on the host, like the selection:
+  call it outside ``jit``."""
   if not isinstance(state, FreezeState):
     raise ValueError(f"expected the state of freeze_unselected, got {type(state).__name__}")
-  masks = jax.tree.map(_placed_like, _compiled_masks(params, trainable), state.masks)
+  masks = jax.tree.map(_placed_like, trainable_masks(params, trainable), state.masks)
   return state._replace(masks=masks)
 
 
-def _placed_like(new: jax.Array, old: Any) -> jax.Array:
-  """``new`` on ``old``'s devices and sharding where ``old`` was placed there (committed)."""
+def _placed_like(new: np.ndarray, old: Any) -> jax.Array:
+  """``new`` on ``old``'s devices and sharding where ``old`` was placed there (committed), else
+  on the default device."""
   if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer) and old.committed:
     return jax.device_put(new, old.sharding)
-  return new
-
-
-# One program per selection's counts (like the step), instead of one per eager operation: the
-# first selection of a run then costs one compilation rather than hundreds.
-_compiled_masks = jax.jit(trainable_masks)
+  return jnp.asarray(new)
 
 
 def trainable_from_state(
@@ -165,16 +169,16 @@ def trainable_from_state(
 
 def _scale_masks(params: Any, trainable: TrainableSet):
   """``(layer, its weight-scale mask)`` for every layer, scales of frozen channels frozen."""
-  masks = _compiled_masks(params, trainable)
+  masks = trainable_masks(params, trainable)
   for layer in trainable.layers:
-    yield layer, np.asarray(params_at(masks, layer.path)[layer.scale_name])
+    yield layer, params_at(masks, layer.path)[layer.scale_name]
 
 
 def _everything_trains(params: Any) -> Any:
   """All-True masks of the params' shapes (what ``set_trainable`` installs has these shapes,
   so a checkpointed state restores into ``init``'s structure and re-selecting never changes
   shapes)."""
-  return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+  return jax.tree.map(lambda p: jnp.asarray(np.ones(np.shape(p), bool)), params)
 
 
 def _is_masked_node(x: Any) -> bool:
