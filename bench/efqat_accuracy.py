@@ -178,11 +178,19 @@ def value(r: dict) -> str:
 
 
 def cell(r: dict) -> str:
-  """An EfQAT row: its value and, in brackets, the gap recovered; ``=QAT`` where it is within
-  QAT's spread (no real difference)."""
+  """An EfQAT row: its value and, in brackets, the gap recovered; ``=QAT`` / ``=PTQ`` where it
+  is within QAT's / PTQ's spread (no real difference), ``<PTQ`` where it is worse than PTQ."""
   recovered = "" if r["gap_recovered"] is None else f" ({r['gap_recovered']:.2f})"
-  same = " =QAT" if r.get("vs_qat") == sweep.SAME else ""
-  return value(r) + recovered + same
+  tags = ""
+  if (r.get("seeds") or 1) > 1:  # rows from before seeds have no verdicts
+    tags += " =QAT" if r.get("vs_qat") == sweep.SAME else ""
+    tags += {sweep.SAME: " =PTQ", "worse": " <PTQ"}.get(r.get("vs_ptq"), "")
+  return value(r) + recovered + tags
+
+
+def seeds(r: dict) -> str:
+  n = r.get("seeds") or 1  # rows from before seeds: one
+  return f"{n} seed" + ("s" if n > 1 else "")
 
 
 def setting_table(title: str, rows: list[dict]) -> str:
@@ -191,7 +199,7 @@ def setting_table(title: str, rows: list[dict]) -> str:
   lm = rows[0]["metric_name"] == "bits_per_char"
   metric = "bits per char, lower is better" if lm else "test accuracy"
   head = (
-    f"**{title}** ({metric}; {by['qat'].get('seeds') or 1} seeds): FP {value(by['fp'])}, PTQ "
+    f"**{title}** ({metric}; {seeds(by['qat'])}): FP {value(by['fp'])}, PTQ "
     f"{value(by['ptq'])}, QAT {value(by['qat'])}; {by['qat']['steps']} steps for QAT and every"
     " EfQAT run."
   )
@@ -210,14 +218,15 @@ def setting_table(title: str, rows: list[dict]) -> str:
 def summary_table(groups: dict[str, list[dict]]) -> str:
   """The README's table: per setting PTQ, QAT and each mode at rho 10%."""
   lines = [
-    "| setting | PTQ | QAT | " + " | ".join(f"{m.upper()} ρ=10%" for m in MODES) + " |",
-    "|---|---|---|" + "---|" * len(MODES),
+    "| setting | seeds | PTQ | QAT | " + " | ".join(f"{m.upper()} ρ=10%" for m in MODES) + " |",
+    "|---|---|---|---|" + "---|" * len(MODES),
   ]
   for title, rows in groups.items():
     by = {(r["method"], r["mode"], r["rho"]): r for r in rows}
     cells = [cell(by["efqat", mode, 0.1]) for mode in MODES]
     ptq, qat = value(by["ptq", "ptq", None]), value(by["qat", "qat", 1.0])
-    lines.append(f"| {title} | {ptq} | {qat} | " + " | ".join(cells) + " |")
+    count = by["qat", "qat", 1.0].get("seeds") or 1
+    lines.append(f"| {title} | {count} | {ptq} | {qat} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

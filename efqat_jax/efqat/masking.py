@@ -178,7 +178,7 @@ def _everything_trains(params: Any) -> Any:
   """All-True masks of the params' shapes (what ``set_trainable`` installs has these shapes,
   so a checkpointed state restores into ``init``'s structure and re-selecting never changes
   shapes)."""
-  return jax.tree.map(lambda p: jnp.asarray(np.ones(np.shape(p), bool)), params)
+  return jax.device_put(jax.tree.map(lambda p: np.ones(np.shape(p), bool), params))
 
 
 def _is_masked_node(x: Any) -> bool:
