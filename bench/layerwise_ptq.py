@@ -156,6 +156,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="K = 256 only (under a minute)")
   args = parser.parse_args()
+  timing.use_jemalloc()  # as the command line runs: the rows record the allocator
   sizes = [(256, 512, 2)] if args.quick else [(1024, 2048, 7), (4096, 2048, 3)]
   rows = [row for k, n, rounds in sizes for row in measure(k, n, rounds)]
   columns = [

@@ -40,6 +40,7 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--workdir", default="/tmp/efqat_reference")
   args = parser.parse_args()
+  timing.use_jemalloc()  # as the command line runs: the rows record the allocator
   base = pathlib.Path(args.workdir)
   rows = []
   for name in CONFIGS[:1] if args.quick else CONFIGS:

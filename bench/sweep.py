@@ -86,6 +86,7 @@ def parse(
   seeds = (QUICK_SEEDS if args.quick else DEFAULT_SEEDS) if seeds is None else seeds
   if seeds < 1:
     parser.error(f"--seeds={seeds}: at least 1")
+  timing.use_jemalloc()  # as the command line runs: the rows record the allocator
   stem = f"{name}_quick" if args.quick else name
   root = args.root / "quick" if args.quick else args.root
   path = timing.RESULTS / f"{stem}.json"
