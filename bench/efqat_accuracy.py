@@ -177,20 +177,20 @@ def value(r: dict) -> str:
   return f"{mean} [{low}, {high}]"
 
 
+def seed_count(r: dict) -> int:
+  """How many seeds a row's metric is over (rows written before seeds: one)."""
+  return r.get("seeds") or 1
+
+
 def cell(r: dict) -> str:
   """An EfQAT row: its value and, in brackets, the gap recovered; ``=QAT`` / ``=PTQ`` where it
   is within QAT's / PTQ's spread (no real difference), ``<PTQ`` where it is worse than PTQ."""
   recovered = "" if r["gap_recovered"] is None else f" ({r['gap_recovered']:.2f})"
   tags = ""
-  if (r.get("seeds") or 1) > 1:  # rows from before seeds have no verdicts
+  if seed_count(r) > 1:  # with one seed there is no spread to judge by
     tags += " =QAT" if r.get("vs_qat") == sweep.SAME else ""
     tags += {sweep.SAME: " =PTQ", "worse": " <PTQ"}.get(r.get("vs_ptq"), "")
   return value(r) + recovered + tags
-
-
-def seeds(r: dict) -> str:
-  n = r.get("seeds") or 1  # rows from before seeds: one
-  return f"{n} seed" + ("s" if n > 1 else "")
 
 
 def setting_table(title: str, rows: list[dict]) -> str:
@@ -198,8 +198,9 @@ def setting_table(title: str, rows: list[dict]) -> str:
   by = {r["method"]: r for r in rows if r["method"] != "efqat"}
   lm = rows[0]["metric_name"] == "bits_per_char"
   metric = "bits per char, lower is better" if lm else "test accuracy"
+  n = seed_count(by["qat"])
   head = (
-    f"**{title}** ({metric}; {seeds(by['qat'])}): FP {value(by['fp'])}, PTQ "
+    f"**{title}** ({metric}; {n} seed{'s' if n > 1 else ''}): FP {value(by['fp'])}, PTQ "
     f"{value(by['ptq'])}, QAT {value(by['qat'])}; {by['qat']['steps']} steps for QAT and every"
     " EfQAT run."
   )
@@ -225,7 +226,7 @@ def summary_table(groups: dict[str, list[dict]]) -> str:
     by = {(r["method"], r["mode"], r["rho"]): r for r in rows}
     cells = [cell(by["efqat", mode, 0.1]) for mode in MODES]
     ptq, qat = value(by["ptq", "ptq", None]), value(by["qat", "qat", 1.0])
-    count = by["qat", "qat", 1.0].get("seeds") or 1
+    count = seed_count(by["qat", "qat", 1.0])
     lines.append(f"| {title} | {count} | {ptq} | {qat} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
