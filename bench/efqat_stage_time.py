@@ -42,8 +42,7 @@ import time
 import jax
 import sweep
 import timing
-from efqat_accuracy import efqat_config
-from reference_results import load_config
+from efqat_accuracy import efqat_config, setting_config
 
 from efqat_jax import pipeline
 from efqat_jax.train.metrics import read_scalars
@@ -116,20 +115,11 @@ def timed_run(config, method: str, workdir: pathlib.Path, ptq) -> dict:
   )
 
 
-def setting_config(setting, root: pathlib.Path, steps: int | None):
-  model, weight_bits, act_bits = setting
-  config = load_config(model)
-  config.quant.update(weight_bits=weight_bits, act_bits=act_bits)
-  config.progress = False
-  config.data_dir = str(root / "data")
-  if steps is not None:
-    config.qat.steps = steps
-  return config
-
-
 def bench_setting(setting, root: pathlib.Path, repeats: int, steps: int | None) -> list[dict]:
   """Rows of one setting: each method's medians over ``repeats`` interleaved runs."""
-  config = setting_config(setting, root, steps)
+  config = setting_config(setting, root, quick=False)
+  if steps is not None:
+    config.qat.steps = steps
   here = root / sweep.setting_name(*setting)
   run = pipeline.Run(config, here)
   fp = pipeline.STAGES.get("fp").run(run, {})
