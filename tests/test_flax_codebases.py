@@ -29,7 +29,7 @@ from efqat_jax.fields import to_config
 from efqat_jax.nn import as_linen, quantized_layers
 from efqat_jax.ptq import PTQ_METHODS, calibrate, quantize_weights
 from efqat_jax.quant.accumulator import AccumulatorSpec
-from efqat_jax.quant.integer import check_accumulator
+from efqat_jax.quant.overflow import check_accumulator
 from efqat_jax.train import (
   create_train_state,
   cross_entropy,

@@ -16,7 +16,8 @@ from efqat_jax.nn import quantized_layers
 from efqat_jax.nn.formats import Formats, accumulator_of
 from efqat_jax.qat import project_params
 from efqat_jax.quant.accumulator import AccumulatorSpec
-from efqat_jax.quant.integer import IntegerLayer, check_accumulator
+from efqat_jax.quant.integer import IntegerLayer
+from efqat_jax.quant.overflow import check_accumulator
 
 UNCONSTRAINED = AccumulatorSpec(bits=64)  # wide enough for any layer: only the widths count
 

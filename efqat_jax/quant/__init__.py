@@ -13,16 +13,14 @@ from efqat_jax.quant.fake_quant import (
 )
 from efqat_jax.quant.integer import (
   IntegerLayer,
-  OverflowReport,
   apply_integer,
-  check_accumulator,
-  check_accumulators,
   dequantize,
   export_layer,
   int_dtype,
   integer_layer_arrays,
   quantize_to_int,
 )
+from efqat_jax.quant.overflow import OverflowReport, check_accumulator, check_accumulators
 from efqat_jax.quant.spec import QuantSpec
 
 __all__ = [
