@@ -260,11 +260,14 @@ def measure_budgets(config, here: pathlib.Path, bits_mode: str, fp, rtn, quick: 
 
 def cell(runs: list[dict], stages: tuple[str, ...], metric_name: str, **fields) -> dict:
   """A cell from its runs' results (one per seed): the metric of the last of ``stages``, and
-  ``wall_s``, the wall time of all of them (plus ``extra_s``), median over the runs."""
+  ``wall_s``, the wall time of all of them (plus ``extra_s``), median over the runs, and the
+  allocator they record."""
   extra_s = fields.pop("extra_s", 0.0)
   values = [metric_of(r[stages[-1]], metric_name) for r in runs]
   walls = [extra_s + sum(r[s]["wall_time_s"] for s in stages) for r in runs]
-  return dict(sweep.seed_stats(values), wall_s=sweep.typical_seconds(walls), **fields)
+  allocator = sweep.recorded_allocator([r[s] for r in runs for s in stages])
+  wall_s = sweep.typical_seconds(walls)
+  return dict(sweep.seed_stats(values), wall_s=wall_s, allocator=allocator, **fields)
 
 
 def attention_round_runs(config, workdir: pathlib.Path, fp, seeds: int) -> list[dict]:

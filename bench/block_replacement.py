@@ -151,6 +151,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> lis
       **sweep.seed_stats([metric_of(r, metric_name) for r in results]),
       step_ms=ms[method],
       wall_time_s=sweep.typical_seconds([r["wall_time_s"] for r in results]),
+      allocator=sweep.recorded_allocator(results),
     )
     print(f"{sweep.setting_name(*setting)}: {method} ({budget}) done", flush=True)
   return compare(rows, lower_is_better=metric_name == "bits_per_char")

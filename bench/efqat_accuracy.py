@@ -142,6 +142,7 @@ def setting_rows(setting, config, results: dict, qat: list, efqat: dict) -> list
       steps=steps,
       **sweep.seed_stats(values),
       wall_time_s=sweep.typical_seconds([r["wall_time_s"] for r in runs]),
+      allocator=sweep.recorded_allocator(runs),
       channel_fraction=runs[0].get("channel_fraction"),
       param_fraction=runs[0].get("param_fraction"),
     )

@@ -1,10 +1,12 @@
 """EfQAT's options compared on gap recovery at rho 10%, 3 seeds: where the cheap params train
-(``efqat.cheap_params``) or how channels and layers are ranked (``efqat.importance``).
+(``efqat.cheap_params``), how channels and layers are ranked (``efqat.importance``), or what rho
+counts (``efqat.rho_unit``).
 
 Per setting and seed, the float model, PTQ and QAT run once (``config.seed`` seeds init, data
 order and dropout, so every seed has its own float and PTQ model); then EfQAT in each mode
-(cwpl, cwpn, lwpn) at rho 10% with each value of the option, each from a copy of that seed's
-workdir (same PTQ model, same step budget as QAT).
+(cwpl, cwpn, lwpn; for rho_unit cwpn and lwpn, as cwpl is the same in both) at rho 10% with each
+value of the option, each from a copy of that seed's workdir (same PTQ model, same step budget
+as QAT).
 
   gap_recovered = (efqat - ptq) / (qat - ptq)
 
@@ -15,6 +17,7 @@ do not overlap. ``train_time_s`` is the stage's wall time before its final evalu
 
   python bench/efqat_options.py --option=cheap_params    # writes results/efqat_cheap_params.json
   python bench/efqat_options.py --option=importance      # writes results/efqat_importance.json
+  python bench/efqat_options.py --option=rho_unit        # writes results/efqat_rho_unit.json
   python bench/efqat_options.py --option=importance --settings=transformer_shakespeare_w4a4 \
       --values=mean_abs,fan_in --seeds=0,1
 
@@ -37,7 +40,7 @@ import sys
 import sweep
 import timing
 
-from efqat_jax.efqat import CHEAP_PARAMS, IMPORTANCES
+from efqat_jax.efqat import CHEAP_PARAMS, IMPORTANCES, RHO_UNITS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -45,8 +48,10 @@ SETTINGS = {
   "resnet20_mnist5k_w2a2": ("resnet20_mnist5k", 2),
   "transformer_shakespeare_w4a4": ("transformer_shakespeare", 4),
 }
-OPTIONS = {"cheap_params": CHEAP_PARAMS, "importance": IMPORTANCES}  # the default first
-MODES = ("cwpl", "cwpn", "lwpn")
+# each option's values, its default first
+OPTIONS = {"cheap_params": CHEAP_PARAMS, "importance": IMPORTANCES, "rho_unit": RHO_UNITS}
+MODES = {"rho_unit": ("cwpn", "lwpn")}  # where an option changes what they select
+ALL_MODES = ("cwpl", "cwpn", "lwpn")
 RHO = 0.1
 
 
@@ -80,7 +85,7 @@ def _seed_rows(setting: str, seed: int, option: str, values: list[str], root: pa
   metric = _metric(results["ptq"])
   ptq, qat = results["ptq"][metric], results["qat"][metric]
   rows = []
-  for mode in MODES:
+  for mode in MODES.get(option, ALL_MODES):
     for value in values:
       workdir = root / f"{base.name}_{mode}_{value}"
       if not workdir.exists():

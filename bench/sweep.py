@@ -115,7 +115,8 @@ def run(
   **fields: Any,
 ) -> None:
   """Re-plots (``--plots-only``), or runs the chosen settings, prints their table, merges them
-  into ``args.path`` (each row with the machine and ``fields``) and plots everything."""
+  into ``args.path`` (each row with the machine and ``fields``; a row's own ``allocator``, that of
+  the runs it reports, wins over this process's) and plots everything."""
   if args.plots_only:
     plot(json.loads(args.path.read_text()), args.stem)
     return
@@ -123,7 +124,7 @@ def run(
   rows = []
   for name in args.names:
     setting = settings[setting_names.index(name)]
-    rows += [dict(r, **fields, **machine) for r in run_setting(setting, args.root, args.quick)]
+    rows += [{**machine, **fields, **r} for r in run_setting(setting, args.root, args.quick)]
   print(timing.markdown_table(rows, columns))
   rows = merged(rows, args.path, setting_of, setting_names)
   print(f"wrote {timing.write_rows(args.stem, rows)}")
@@ -171,6 +172,12 @@ def cached_json(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
 def spread(values: list[float]) -> float:
   """The range of a cell's per-seed values (max - min)."""
   return max(values) - min(values)
+
+
+def recorded_allocator(results: list[dict]) -> str:
+  """The allocator that stage results record they ran under: one name, or the names joined where
+  they differ ("not recorded" for results written before the pipeline recorded it)."""
+  return " and ".join(sorted({r.get("allocator", "not recorded") for r in results}))
 
 
 def typical_seconds(values: list[float]) -> float:

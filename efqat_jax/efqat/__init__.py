@@ -19,12 +19,13 @@ from efqat_jax.efqat.masking import (
   trainable_masks,
 )
 from efqat_jax.efqat.reselect import ReselectingStep
-from efqat_jax.efqat.selection import CHEAP_PARAMS, MODES, TrainableSet, select
+from efqat_jax.efqat.selection import CHEAP_PARAMS, MODES, RHO_UNITS, TrainableSet, select
 
 __all__ = [
   "CHEAP_PARAMS",
   "IMPORTANCES",
   "MODES",
+  "RHO_UNITS",
   "ReselectingStep",
   "FreezeState",
   "TrainableSet",

@@ -6,6 +6,12 @@ Modes (``rho`` is the unfrozen fraction; a unit is a layer, or one layer of a st
         together, so units get different counts;
   lwpn  the ceil(rho * L) most important of the L units, each trained whole;
   qat   everything (rho is ignored);  ptq  nothing.
+What rho counts (``rho_unit``), an open point of the paper:
+  blocks  channels (cwpl, cwpn) or units (lwpn), as above;
+  params  quantized weights: cwpn and lwpn take channels or units in order of importance until
+          their weights reach rho of all quantized weights (the one that crosses included).
+          The budget is then the share of weight gradients computed, whatever the sizes of the
+          blocks ranked first. cwpl is the same in both: a layer's channels are equal in size.
 Importance is mean |w| (the paper) or another of ``IMPORTANCES``
 (``efqat_jax.efqat.importance``); a unit's is the mean of its channels'.
 
@@ -38,6 +44,7 @@ from efqat_jax.nn.layer_table import QuantizedLayer, own_params
 
 MODES = ("cwpl", "cwpn", "lwpn", "qat", "ptq")
 CHEAP_PARAMS = ("all_layers", "selected_layers")
+RHO_UNITS = ("blocks", "params")
 
 
 @functools.partial(
@@ -118,9 +125,11 @@ class TrainableSet:
     return {unit: layer for layer in self.layers for unit in layer.units()}
 
 
-def _validate(mode: str, rho: float, bucket: int, cheap_params: str) -> None:
+def _validate(mode: str, rho: float, bucket: int, cheap_params: str, rho_unit: str) -> None:
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if rho_unit not in RHO_UNITS:
+    raise ValueError(f"rho_unit must be one of {RHO_UNITS}, got {rho_unit!r}")
   if cheap_params not in CHEAP_PARAMS:
     raise ValueError(f"cheap_params must be one of {CHEAP_PARAMS}, got {cheap_params!r}")
   if not 0.0 <= rho <= 1.0:
@@ -133,6 +142,24 @@ def _bucketed(k: int, size: int, bucket: int) -> int:
   return min(size, -(-k // bucket) * bucket) if k else 0
 
 
+def _weights_per_channel(layers: Mapping[str, QuantizedLayer]) -> dict[str, int]:
+  """Per unit, the number of weights of one of its output channels."""
+  return {
+    unit: math.prod(layer.weight_shape) // layer.num_channels
+    for layer in layers.values()
+    for unit in layer.units()
+  }
+
+
+def _leading_count(sizes: np.ndarray, rho: float) -> int:
+  """How many of the ranked blocks of ``sizes`` train: the fewest whose sizes reach rho of the
+  total (all sizes 1: exactly ``ceil(rho * n)``)."""
+  if rho == 0:
+    return 0
+  total = np.cumsum(sizes, dtype=np.float64)
+  return min(len(sizes), int(np.searchsorted(total, rho * total[-1])) + 1)
+
+
 def select(
   params: Any,
   layers: Mapping[str, QuantizedLayer],
@@ -143,6 +170,7 @@ def select(
   cheap_params: str = "all_layers",
   importance: str = "mean_abs",
   batch_stats: Any = None,
+  rho_unit: str = "blocks",
 ) -> TrainableSet:
   """Chooses the trainable output channels of every unit.
 
@@ -157,16 +185,19 @@ def select(
     cheap_params: where the params other than quantized weights train (see the module doc).
     importance: how channels and units are ranked, one of ``IMPORTANCES``.
     batch_stats: the model's ``batch_stats`` collection (``importance='bn_folded'`` needs it).
+    rho_unit: what rho counts, one of ``RHO_UNITS`` (see the module doc).
 
   Returns:
     The TrainableSet.
   """
-  _validate(mode, rho, bucket, cheap_params)
+  _validate(mode, rho, bucket, cheap_params, rho_unit)
   if not layers:
     raise ValueError("layers is empty: the model has no quantized layer, nothing to select")
   layers = dict(sorted(layers.items()))
   scores = unit_scores(params, layers, importance, batch_stats)
   sizes = {unit: s.size for unit, s in scores.items()}
+  # what one channel of each unit counts for in rho: 1 block, or its weights
+  per_channel = _weights_per_channel(layers) if rho_unit == "params" else dict.fromkeys(sizes, 1)
   if mode == "qat":
     counts = dict(sizes)
   elif mode == "ptq":
@@ -175,12 +206,15 @@ def select(
     counts = {unit: math.ceil(rho * c) for unit, c in sizes.items()}
   elif mode == "lwpn":
     ranked = sorted(scores, key=lambda u: -float(np.mean(scores[u])))
-    chosen = set(ranked[: math.ceil(rho * len(ranked))])
+    unit_weight = [per_channel[u] * sizes[u] if rho_unit == "params" else 1 for u in ranked]
+    chosen = set(ranked[: _leading_count(np.array(unit_weight), rho)])
     counts = {unit: sizes[unit] if unit in chosen else 0 for unit in sizes}
   else:  # cwpn
     pooled = np.concatenate(list(scores.values()))
-    k = math.ceil(rho * pooled.size)
-    threshold = np.sort(pooled)[::-1][k - 1] if k else np.inf
+    weights = np.concatenate([np.full(sizes[u], per_channel[u]) for u in scores])
+    order = np.argsort(-pooled, kind="stable")
+    k = _leading_count(weights[order], rho)
+    threshold = pooled[order[k - 1]] if k else np.inf
     counts = {unit: int(np.sum(s >= threshold)) for unit, s in scores.items()}
     counts = {unit: _bucketed(k, sizes[unit], bucket) for unit, k in counts.items()}
   channels = {

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from efqat_jax import data, models
+from efqat_jax import allocator, data, models
 from efqat_jax.errors import ConfigError, DataError
 from efqat_jax.fields import Field, boolean, integer, mapping, one_of, text
 from efqat_jax.nn import quantize
@@ -255,8 +255,10 @@ class Run:
 
   def record(self, stage: str, result: dict[str, Any]) -> None:
     """Adds a finished stage's result to ``results.json`` (strict JSON, written atomically),
-    with the digest of the stage's final checkpoint (if it keeps checkpoints), sealed."""
+    with the allocator it ran under (its wall time depends on it, ``efqat_jax.allocator``) and
+    the digest of the stage's final checkpoint (if it keeps checkpoints), sealed."""
     check_finite(result, f"stage {stage!r}")
+    result = {**result, "allocator": allocator.current()}
     digest = self.checkpoint_digest(stage)
     if digest is not None:
       result = {**result, CHECKPOINT_DIGEST: digest}

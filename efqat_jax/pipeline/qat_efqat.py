@@ -13,6 +13,7 @@ from efqat_jax.efqat import (
   CHEAP_PARAMS,
   IMPORTANCES,
   MODES,
+  RHO_UNITS,
   ReselectingStep,
   freeze_unselected,
   restrict_backward,
@@ -30,6 +31,12 @@ EFQAT_FIELDS = {
   ),
   "rho": Field(
     0.1, "fraction of output channels (cwpl, cwpn) or of layers (lwpn) that train", number(0, 1)
+  ),
+  "rho_unit": Field(
+    "blocks",
+    "what rho counts in cwpn and lwpn: blocks (channels, or layers for lwpn: the paper) or params"
+    " (blocks taken by importance until their weights reach rho of all quantized weights)",
+    one_of(*RHO_UNITS),
   ),
   "reselect_every": Field(100, "steps between importance re-rankings (0: rank once)", integer(0)),
   "bucket": Field(
@@ -71,6 +78,7 @@ def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
       settings.cheap_params,
       settings.importance,
       variables.get("batch_stats", {}),
+      settings.rho_unit,
     )
 
   def reselecting(step_fn, writer):
@@ -100,6 +108,7 @@ def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
   return state, {
     "mode": settings.mode,
     "rho": settings.rho,
+    "rho_unit": settings.rho_unit,
     "cheap_params": last.cheap_params,
     "importance": settings.importance,
     "channel_fraction": summary["channel_fraction"],

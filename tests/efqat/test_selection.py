@@ -111,6 +111,49 @@ def test_lwpn_trains_the_top_layers_whole():
   assert tset.count(top) == tset.size(top)
 
 
+@pytest.mark.parametrize("rho", [0.02, 0.1, 0.3, 0.7, 1.0])
+def test_rho_in_params_takes_the_fewest_top_blocks_whose_weights_reach_rho(rho):
+  per_channel = {
+    u: math.prod(layer.weight_shape) // layer.num_channels
+    for layer in TFM_LAYERS.values()
+    for u in layer.units()
+  }
+  total = sum(per_channel[p] * n for p, n in select(TFM_PARAMS, TFM_LAYERS, "qat").counts)
+  scores = _brute_force_channel_scores(TFM_PARAMS, TFM_LAYERS)
+  # cwpn: channels of all layers ranked together, each weighing its fan-in
+  pooled = sorted(((s, p, c) for p, ss in scores.items() for c, s in enumerate(ss)), reverse=True)
+  sums = np.cumsum([per_channel[p] for _, p, _ in pooled])
+  k = int(np.argmax(sums >= rho * total)) + 1
+  tset = select(TFM_PARAMS, TFM_LAYERS, "cwpn", rho, rho_unit="params")
+  got = {(p, int(c)) for p, cs in tset.channels.items() for c in np.asarray(cs)}
+  assert got == {(p, c) for _, p, c in pooled[:k]}
+  assert tset.summary()["param_fraction"] >= rho > (sums[k - 2] if k > 1 else 0) / total
+  # lwpn: whole layers by mean score, each weighing all its weights
+  ranked = sorted(scores, key=lambda p: -np.mean(scores[p]))
+  sums = np.cumsum([per_channel[p] * len(scores[p]) for p in ranked])
+  n = int(np.argmax(sums >= rho * total)) + 1
+  tset = select(TFM_PARAMS, TFM_LAYERS, "lwpn", rho, rho_unit="params")
+  assert {p for p, k in tset.counts if k} == set(ranked[:n])
+  assert all(tset.count(p) == tset.size(p) for p in ranked[:n])
+  # cwpl: a layer's channels weigh the same, so both units give one selection
+  assert select(TFM_PARAMS, TFM_LAYERS, "cwpl", rho, rho_unit="params").counts == (
+    select(TFM_PARAMS, TFM_LAYERS, "cwpl", rho).counts
+  )
+
+
+def test_rho_in_params_trains_rho_of_the_weights_where_a_small_layer_ranks_first():
+  """The CNN's first conv (72 weights, fan-in 9) has the largest mean |w|: LWPN's top third of
+  the layers in blocks is that layer alone, 5% of the weights; in params, a third of them."""
+  blocks = select(CNN_PARAMS, CNN_LAYERS, "lwpn", 0.3)
+  params = select(CNN_PARAMS, CNN_LAYERS, "lwpn", 0.3, rho_unit="params")
+  assert [p for p, k in blocks.counts if k] == ["Conv_0"]
+  assert blocks.summary()["param_fraction"] < 0.1 and params.summary()["param_fraction"] >= 0.3
+  for mode in ("cwpn", "lwpn"):
+    assert select(CNN_PARAMS, CNN_LAYERS, mode, 0.0, rho_unit="params").counts == (
+      select(CNN_PARAMS, CNN_LAYERS, "ptq").counts
+    )
+
+
 def test_qat_and_ptq_are_the_two_ends():
   assert all(
     k == select(CNN_PARAMS, CNN_LAYERS, "qat").size(p)
@@ -133,6 +176,7 @@ def test_reselection_after_training_keeps_cwpl_counts_static():
     (dict(mode="random"), "mode"),
     (dict(mode="cwpl", rho=1.5), "rho"),
     (dict(mode="cwpn", rho=0.1, bucket=0), "bucket"),
+    (dict(mode="lwpn", rho=0.1, rho_unit="layers"), "rho_unit"),
   ],
 )
 def test_bad_selection_arguments_raise(kwargs, field):

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from efqat_jax import pipeline
+from efqat_jax import allocator, pipeline
 from efqat_jax.errors import DataError
 from efqat_jax.pipeline.ptq import config_formats
 from efqat_jax.train import Checkpointer, read_scalars
@@ -30,7 +30,9 @@ def test_every_stage_runs_for_classification_and_for_a_language_model(
   metric = "bits_per_char" if dataset.startswith("shakespeare") else "accuracy"
   for stage in ("fp", "ptq", "efqat"):
     assert np.isfinite(results[stage][metric]) and results[stage]["wall_time_s"] > 0
+    assert results[stage]["allocator"] == allocator.current()  # what the wall time ran under
   assert results["efqat"]["method"] == "efqat"
+  assert results["efqat"]["rho_unit"] == "blocks"
   assert results["efqat"]["importance"] == ("bn_folded" if dataset == "digits" else "fan_in")
   times = results["efqat"]
   assert times["train_time_s"] + times["eval_time_s"] == pytest.approx(times["wall_time_s"])
