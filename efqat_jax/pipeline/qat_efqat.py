@@ -42,6 +42,12 @@ EFQAT_FIELDS = {
   "bucket": Field(
     4, "cwpn: per-layer counts rounded up to a multiple (fewer recompiles)", integer(1)
   ),
+  "reuse_steps": Field(
+    True,
+    "cwpn: a re-selection whose per-layer counts fit a step compiled earlier in the stage runs"
+    " that step, padded (no recompilation; the padded channels' gradient work is paid)",
+    boolean(),
+  ),
   "train_frozen_scales": Field(
     False, "True: frozen channels' weight scales train too (full weight-gradient cost)", boolean()
   ),
@@ -89,7 +95,7 @@ def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
       if new_compiles and step:
         tqdm.tqdm.write(f"{stage} step {step}: new per-layer counts, the step compiles again")
 
-    return ReselectingStep(step_fn, selector, every, on_select)
+    return ReselectingStep(step_fn, selector, every, on_select, settings.reuse_steps)
 
   state = train(
     run,

@@ -7,7 +7,7 @@ from efqat_jax.train.interrupt import (
   raise_if_interrupted,
   stop_on_signals,
 )
-from efqat_jax.train.loop import train_loop
+from efqat_jax.train.loop import KeepsHostState, train_loop
 from efqat_jax.train.losses import (
   Apply,
   LossFn,
@@ -34,6 +34,7 @@ __all__ = [
   "Checkpointer",
   "DATA_AXIS",
   "Interrupted",
+  "KeepsHostState",
   "LossFn",
   "MetricWriter",
   "OPTIMIZERS",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,19 @@ from efqat_jax.train.metrics import MetricWriter
 from efqat_jax.train.state import TrainState
 
 StepFn = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+
+
+@runtime_checkable
+class KeepsHostState(Protocol):
+  """A step function with state on the host that a resumed run needs (e.g. which compiled step
+  serves a selection: ``efqat_jax.efqat.ReselectingStep``): ``train_loop`` saves
+  ``host_state()`` (a JSON dict) with every checkpoint and hands it back, as saved with the
+  checkpoint it resumes from (None if there is none), to ``load_host_state`` before the first
+  step."""
+
+  def host_state(self) -> dict: ...
+
+  def load_host_state(self, saved: dict | None) -> None: ...
 
 
 @jax.jit
@@ -65,12 +79,15 @@ def _save_finite(
   state: TrainState,
   pending: list[tuple[int, jax.Array]],
   description: str,
+  step_fn: StepFn,
   wait: bool = False,
 ) -> None:
-  """Saves ``state`` as checkpoint ``step`` unless a loss so far or its params are non-finite."""
+  """Saves ``state`` (with ``step_fn``'s host state, if it keeps one) as checkpoint ``step``
+  unless a loss so far or its params are non-finite."""
   _check_loss(pending, description, checkpointer)
   _check_params(step, state, description, checkpointer)
-  checkpointer.save(step, state, wait=wait)
+  metadata = {"host_state": step_fn.host_state()} if isinstance(step_fn, KeepsHostState) else None
+  checkpointer.save(step, state, metadata=metadata, wait=wait)
 
 
 def train_loop(
@@ -93,7 +110,8 @@ def train_loop(
 
   Args:
     state: the initial state (used as is when there is no checkpoint yet).
-    step_fn: a jitted ``(state, batch, rng) -> (state, metrics)``.
+    step_fn: a jitted ``(state, batch, rng) -> (state, metrics)``; if it keeps host state
+      (``KeepsHostState``), that state is checkpointed and restored with the train state.
     batches_from: ``batches_from(step)`` yields the batches of the run from step ``step`` on, in
       the order an uninterrupted run would see them (so a resumed run reaches the same result).
     num_steps: total steps of the run.
@@ -115,7 +133,9 @@ def train_loop(
       (step ``n`` is the ``n``-th update, as logged; nothing from it on is checkpointed).
     KeyboardInterrupt: on Ctrl-C, at the latest before the next step (even if it was swallowed).
   """
-  state = checkpointer.restore_latest(state)
+  state, metadata = checkpointer.restore_latest_with_metadata(state)
+  if isinstance(step_fn, KeepsHostState):
+    step_fn.load_host_state((metadata or {}).get("host_state"))
   start = int(state.step)
   batches = batches_from(start)
   bar = tqdm.tqdm(
@@ -140,8 +160,8 @@ def train_loop(
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         _check_loss(pending, description, checkpointer)
       if done % checkpoint_every == 0 and done != num_steps:
-        _save_finite(checkpointer, done, state, pending, description)
+        _save_finite(checkpointer, done, state, pending, description, step_fn)
       bar.update(1)
   if int(state.step) != start or checkpointer.latest_step() is None:
-    _save_finite(checkpointer, int(state.step), state, pending, description, wait=True)
+    _save_finite(checkpointer, int(state.step), state, pending, description, step_fn, wait=True)
   return state
