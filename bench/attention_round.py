@@ -33,14 +33,17 @@ the seeds; a pipeline's stages added up) and budget_s (the side-by-side estimate
 
   python bench/attention_round.py                         # every setting (long)
   python bench/attention_round.py --settings=resnet20_mnist5k_w3a4 --seeds=5
+  python bench/attention_round.py --settings=mobilenetv2_mnist5k_w3a4 --bits-modes=uniform
   python bench/attention_round.py --quick                 # ResNet-8 W4A8, 2 seeds (~22 min)
   python bench/attention_round.py --plots-only
 
-Runs resume: each keeps its results under --root and is skipped once finished.
+Runs resume: each keeps its results under --root and is skipped once finished. A run replaces the
+rows of the settings and bits modes it ran and keeps the others.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import itertools
 import math
@@ -312,7 +315,10 @@ def bits_mode_cells(config, here: pathlib.Path, bits_mode: str, fp, quick: bool,
   return cells
 
 
-def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> list[dict]:
+def run_setting(
+  setting, root: pathlib.Path, quick: bool, seeds: int = 1, bits_modes: tuple = BITS_MODES
+) -> list[dict]:
+  """The rows of ``setting`` in each of ``bits_modes`` (the float model's row with ``uniform``)."""
   model, weight_bits, act_bits = setting
   config = base_config(setting, root, quick)
   metric_name = sweep.metric_name_of(config)
@@ -320,9 +326,9 @@ def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> lis
   fp = pipeline.STAGES.get("fp").run(fp_run, {})
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
   fp_cell = cell([fp_run.results] * seeds, ("fp",), metric_name, steps=config.fp.steps)
-  rows = [dict(base, bits_mode="uniform", method="fp", **fp_cell)]
+  rows = [dict(base, bits_mode="uniform", method="fp", **fp_cell)] * ("uniform" in bits_modes)
   here = root / sweep.setting_name(*setting)
-  for bits_mode in BITS_MODES:
+  for bits_mode in bits_modes:
     cells = bits_mode_cells(with_bits_mode(config, bits_mode), here, bits_mode, fp, quick, seeds)
     mode_rows = {m: dict(base, bits_mode=bits_mode, method=m, **c) for m, c in cells.items()}
     rows += compare(mode_rows, lower_is_better=metric_name == "bits_per_char")
@@ -375,12 +381,32 @@ def plot(rows: list[dict], stem: str) -> None:
   sweep.save_figure(fig, stem)
 
 
+def row_group(row: dict) -> str:
+  """A row's setting and bits mode: a run of some bits modes replaces only theirs."""
+  return f"{sweep.row_setting(row)}/{row['bits_mode']}"
+
+
+def bits_modes_option(parser) -> None:
+  def modes(text: str) -> tuple[str, ...]:
+    chosen = tuple(text.split(","))
+    if not chosen or set(chosen) - set(BITS_MODES):
+      raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated subset of {BITS_MODES}")
+    return tuple(m for m in BITS_MODES if m in chosen)
+
+  parser.add_argument(
+    "--bits-modes", type=modes, default=BITS_MODES, help=f"subset of {','.join(BITS_MODES)}"
+  )
+
+
 def main():
   args = sweep.parse(
-    __doc__, "attention_round", SETTING_NAMES, "ResNet-8 W4A8, short schedules", seeded=True
-  )
-  run = functools.partial(run_setting, seeds=args.seeds)
-  sweep.run(args, SETTINGS, SETTING_NAMES, run, COLUMNS, sweep.row_setting, plot)
+    __doc__, "attention_round", SETTING_NAMES, "ResNet-8 W4A8, short schedules", seeded=True,
+    options=bits_modes_option,
+  )  # fmt: skip
+  bits_modes = args.options["bits_modes"]
+  run = functools.partial(run_setting, seeds=args.seeds, bits_modes=bits_modes)
+  groups = [f"{name}/{mode}" for name in SETTING_NAMES for mode in BITS_MODES]
+  sweep.run(args, SETTINGS, SETTING_NAMES, run, COLUMNS, row_group, plot, row_groups=groups)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class SweepArgs:
     stem: the results' file stem (``<name>`` or ``<name>_quick``).
     path: ``bench/results/<stem>.json``.
     seeds: training seeds per cell (1 for a benchmark without ``--seeds``).
+    options: the values of the benchmark's own arguments (``parse(..., options=)``).
   """
 
   names: list[str]
@@ -58,14 +59,21 @@ class SweepArgs:
   stem: str
   path: pathlib.Path
   seeds: int = 1
+  options: dict = dataclasses.field(default_factory=dict)
 
 
 def parse(
-  doc: str, name: str, setting_names: list[str], quick_help: str, seeded: bool = False
+  doc: str,
+  name: str,
+  setting_names: list[str],
+  quick_help: str,
+  seeded: bool = False,
+  options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> SweepArgs:
-  """Parses ``--root``, ``--settings``, ``--quick``, ``--plots-only`` and, if ``seeded``,
-  ``--seeds``; an unknown setting is a usage error. Without --settings: every setting (with
-  --quick: the first)."""
+  """Parses ``--root``, ``--settings``, ``--quick``, ``--plots-only``, if ``seeded``
+  ``--seeds``, and the arguments ``options(parser)`` adds (their values: ``SweepArgs.options``);
+  an unknown setting is a usage error. Without --settings: every setting (with --quick: the
+  first)."""
   parser = argparse.ArgumentParser(description=doc.split("\n")[0])
   parser.add_argument("--root", default=f"/tmp/{name}", type=pathlib.Path)
   parser.add_argument("--settings", help=f"comma-separated subset of {','.join(setting_names)}")
@@ -77,6 +85,9 @@ def parse(
       type=int,
       help=f"training seeds per cell (default {DEFAULT_SEEDS}; {QUICK_SEEDS} with --quick)",
     )
+  common = {action.dest for action in parser._actions}
+  if options is not None:
+    options(parser)
   args = parser.parse_args()
   names = args.settings.split(",") if args.settings else setting_names[: 1 if args.quick else None]
   unknown = sorted(set(names) - set(setting_names))
@@ -90,7 +101,9 @@ def parse(
   stem = f"{name}_quick" if args.quick else name
   root = args.root / "quick" if args.quick else args.root
   path = timing.RESULTS / f"{stem}.json"
-  return SweepArgs(names, root, args.quick, args.plots_only, stem, path, seeds if seeded else 1)
+  own = {k: v for k, v in vars(args).items() if k not in common}
+  seeds = seeds if seeded else 1
+  return SweepArgs(names, root, args.quick, args.plots_only, stem, path, seeds, own)
 
 
 def merged(
@@ -112,11 +125,15 @@ def run(
   columns: list[str],
   setting_of: Callable[[dict], str],
   plot: Callable[[list[dict], str], None],
+  row_groups: list[str] | None = None,
   **fields: Any,
 ) -> None:
   """Re-plots (``--plots-only``), or runs the chosen settings, prints their table, merges them
   into ``args.path`` (each row with the machine and ``fields``; a row's own ``allocator``, that of
-  the runs it reports, wins over this process's) and plots everything."""
+  the runs it reports, wins over this process's) and plots everything.
+
+  ``setting_of(row)`` names the group a row belongs to, one of ``row_groups`` (default: the
+  setting names): a run replaces the rows of the groups it writes and keeps the others."""
   if args.plots_only:
     plot(json.loads(args.path.read_text()), args.stem)
     return
@@ -126,7 +143,7 @@ def run(
     setting = settings[setting_names.index(name)]
     rows += [{**machine, **fields, **r} for r in run_setting(setting, args.root, args.quick)]
   print(timing.markdown_table(rows, columns))
-  rows = merged(rows, args.path, setting_of, setting_names)
+  rows = merged(rows, args.path, setting_of, row_groups or setting_names)
   print(f"wrote {timing.write_rows(args.stem, rows)}")
   plot(rows, args.stem)
 
