@@ -142,7 +142,7 @@ def _bucketed(k: int, size: int, bucket: int) -> int:
   return min(size, -(-k // bucket) * bucket) if k else 0
 
 
-def _weights_per_channel(layers: Mapping[str, QuantizedLayer]) -> dict[str, int]:
+def weights_per_channel(layers: Mapping[str, QuantizedLayer]) -> dict[str, int]:
   """Per unit, the number of weights of one of its output channels."""
   return {
     unit: math.prod(layer.weight_shape) // layer.num_channels
@@ -197,7 +197,7 @@ def select(
   scores = unit_scores(params, layers, importance, batch_stats)
   sizes = {unit: s.size for unit, s in scores.items()}
   # what one channel of each unit counts for in rho: 1 block, or its weights
-  per_channel = _weights_per_channel(layers) if rho_unit == "params" else dict.fromkeys(sizes, 1)
+  per_channel = weights_per_channel(layers) if rho_unit == "params" else dict.fromkeys(sizes, 1)
   if mode == "qat":
     counts = dict(sizes)
   elif mode == "ptq":

@@ -17,11 +17,10 @@ checkpoint, and a resumed run chooses exactly as the uninterrupted one did.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
 
-from efqat_jax.efqat.selection import TrainableSet
+from efqat_jax.efqat.selection import TrainableSet, weights_per_channel
 
 Counts = tuple[tuple[str, int], ...]  # ((unit, k), ...), as TrainableSet.counts
 
@@ -35,11 +34,7 @@ def dominates(shape: Counts, counts: Counts) -> bool:
 
 def gradient_size(trainable: TrainableSet, shape: Counts) -> int:
   """How many weight-gradient entries a step of ``shape`` computes for ``trainable``'s layers."""
-  per_channel = {
-    unit: math.prod(layer.weight_shape) // layer.num_channels
-    for layer in trainable.layers
-    for unit in layer.units()
-  }
+  per_channel = weights_per_channel({layer.path: layer for layer in trainable.layers})
   return sum(k * per_channel[unit] for unit, k in shape)
 
 

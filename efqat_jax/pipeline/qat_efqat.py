@@ -44,8 +44,8 @@ EFQAT_FIELDS = {
   ),
   "reuse_steps": Field(
     True,
-    "cwpn: a re-selection whose per-layer counts fit a step compiled earlier in the stage runs"
-    " that step, padded (no recompilation; the padded channels' gradient work is paid)",
+    "a re-selection whose per-layer counts fit a step compiled earlier in the stage (cwpn's"
+    " counts move) runs that step, padded: no recompilation, the padded channels' gradient work",
     boolean(),
   ),
   "train_frozen_scales": Field(
@@ -93,7 +93,7 @@ def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
       scalars = {f"selection/{k}": v for k, v in trainable.summary().items()}
       writer.write(step, {**scalars, "selection/recompiles": recompiles[0]})
       if new_compiles and step:
-        tqdm.tqdm.write(f"{stage} step {step}: new per-layer counts, the step compiles again")
+        tqdm.tqdm.write(f"{stage} step {step}: no compiled step fits the new counts; compiling")
 
     return ReselectingStep(step_fn, selector, every, on_select, settings.reuse_steps)
 
