@@ -85,7 +85,7 @@ def parse(
       type=int,
       help=f"training seeds per cell (default {DEFAULT_SEEDS}; {QUICK_SEEDS} with --quick)",
     )
-  common = {action.dest for action in parser._actions}
+  common = {"root", "settings", "quick", "plots_only", "seeds"}
   if options is not None:
     options(parser)
   args = parser.parse_args()
