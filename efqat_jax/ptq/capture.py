@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -127,10 +128,15 @@ def statistics_capture(
   def float_inputs(inputs):
     return captured_inputs(float_model, {**rest, "params": float_params}, inputs, **apply_kwargs)
 
+  # One program per distinct layer (not per path): repeated layers compile once.
+  gram_programs: dict[QuantizedLayer, Callable] = {}
+
   def capture(params: Any, layer: QuantizedLayer) -> dict[str, jax.Array]:
-    batch_grams = jax.jit(
-      lambda xq, xf: _stacked(lambda q, f: grams(q, f, layer), len(layer.stack_shape))(xq, xf)
-    )
+    key = dataclasses.replace(layer, path="", attached=())
+    if key not in gram_programs:
+      depth = len(layer.stack_shape)
+      gram_programs[key] = jax.jit(_stacked(lambda q, f: grams(q, f, layer), depth))
+    batch_grams = gram_programs[key]
     total = None
     for inputs in batches:
       xq = quantized_inputs(params, inputs)[layer.path]

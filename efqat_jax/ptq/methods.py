@@ -20,7 +20,7 @@ from typing import Any
 import jax
 
 from efqat_jax.fields import Schema
-from efqat_jax.nn.layer_table import QuantizedLayer, params_at
+from efqat_jax.nn.layer_table import QuantizedLayer, params_at, with_params_at
 from efqat_jax.ptq.capture import Capture, statistics_capture
 from efqat_jax.quant.fake_quant import valid_scale
 from efqat_jax.registry import Registry
@@ -101,34 +101,41 @@ def quantize_weights(
   """
   if not method.statistics:
     # One program for every layer.
-    return jax.jit(lambda p: _quantize_layers(method, p, layers, {}, settings))(params)
+    return jax.jit(lambda p: _quantize_layers(method, p, layers, settings))(params)
   if capture is None:
     raise ValueError(f"this PTQ method needs statistics {method.statistics}: pass capture=")
+  # One program per distinct layer (its shapes, formats and op, not its path): the repeated
+  # layers of a deep model compile once.
+  programs: dict[QuantizedLayer, Callable] = {}
   for path, layer in layers.items():
     stats = {} if dict(layer.op)["op"] == "take" else dict(capture(params, layer))
-    params = _quantize_one(method, path, layer, settings)(params, stats)
+    key = dataclasses.replace(layer, path="", attached=())
+    if key not in programs:
+      programs[key] = jax.jit(_layer_function(method, layer, settings))
+    node = params_at(params, path)
+    weight = programs[key](node[layer.weight_name], node[layer.scale_name], stats)
+    params = with_params_at(params, path, {layer.weight_name: weight})
     if progress is not None:
       jax.block_until_ready(params)
       progress(path)
   return params
 
 
-def _quantize_layers(method, params, layers, statistics, settings):
+def _layer_function(method: PtqMethod, layer: QuantizedLayer, settings: Any) -> Callable:
+  """``(weight, scale, statistics) -> weight`` for one layer, mapped over its stack axes."""
+
+  def one_layer(weight, scale, stats):
+    return method.quantize_weight(weight, valid_scale(scale), layer, stats, settings)
+
+  for _ in layer.stack_shape:
+    one_layer = jax.vmap(one_layer)
+  return one_layer
+
+
+def _quantize_layers(method, params, layers, settings):
   new = jax.tree.map(lambda x: x, params)  # a copy: the caller's tree is left as it was
   for path, layer in layers.items():
     node = params_at(new, path)
-    one_layer = lambda w, s, st, layer=layer: method.quantize_weight(
-      w, valid_scale(s), layer, st, settings
-    )
-    for _ in layer.stack_shape:
-      one_layer = jax.vmap(one_layer)
-    stats = statistics.get(path, {})
-    node[layer.weight_name] = one_layer(node[layer.weight_name], node[layer.scale_name], stats)
+    weight = _layer_function(method, layer, settings)
+    node[layer.weight_name] = weight(node[layer.weight_name], node[layer.scale_name], {})
   return new
-
-
-def _quantize_one(method, path, layer, settings):
-  """A jitted ``(params, statistics) -> params`` that quantizes the layer at ``path``."""
-  return jax.jit(
-    lambda params, stats: _quantize_layers(method, params, {path: layer}, {path: stats}, settings)
-  )

@@ -109,7 +109,7 @@ def test_sigterm_and_ctrl_c_stop_with_one_line_and_the_same_command_resumes(data
   args = [
     *_tiny(data_dir, tmp_path),
     "--config.stages=fp",
-    "--config.fp.steps=800",
+    "--config.fp.steps=300",
     "--config.checkpoint_every=10",
   ]
   cmd = [sys.executable, "-m", "efqat_jax.main", *args]

@@ -1,6 +1,8 @@
 """Capture of H = X~^T X~ and G = X~^T X, layer by layer, through Flax models written the way
 other codebases write them (grouped convolutions, Einsum projections, nn.scan stacks)."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 from efqat_jax.fields import to_config
 from efqat_jax.nn import QuantRule, quantize, quantized_layers
 from efqat_jax.ptq import PTQ_METHODS, calibrate, quantize_weights, statistics_capture
+from efqat_jax.ptq import capture as capture_module
 from efqat_jax.quant import QuantSpec, fake_quant
 from efqat_jax.quant.rows import kernel_axes, to_rows
 
@@ -144,6 +147,49 @@ def test_each_layer_is_captured_with_the_layers_before_it_already_quantized(meth
   np.testing.assert_array_equal(
     seen["stem"]["stem"]["kernel"], np.asarray(variables["params"]["stem"]["kernel"])
   )
+
+
+def test_repeated_layers_compile_one_program_each_and_still_get_their_own_weights(monkeypatch):
+  """The three identical blocks share one traced program for the capture's sums and one for the
+  method (the stem has its own); each block still gets the weights of its own statistics."""
+  x = jax.random.normal(jax.random.key(5), (16, 5))
+  qmodel, variables = calibrated(Unrolled(), QuantRule(".*", weight=W4, input=A4), x)
+  layers = quantized_layers(qmodel, variables, x)
+  optq = PTQ_METHODS.get("optq")
+  traced = {"method": [], "grams": []}
+
+  def counting_method(weight, scale, layer, stats, settings):
+    traced["method"].append(layer.path)
+    return optq.quantize_weight(weight, scale, layer, stats, settings)
+
+  grams = capture_module.grams
+
+  def counting_grams(quantized, float_, layer):
+    traced["grams"].append(layer.path)
+    return grams(quantized, float_, layer)
+
+  monkeypatch.setattr(capture_module, "grams", counting_grams)
+  method = dataclasses.replace(optq, quantize_weight=counting_method)
+  settings = to_config(optq.fields)
+  capture = statistics_capture(qmodel, variables, [x], optq.statistics)
+  seen = {}
+
+  def recording_capture(params, layer):
+    seen[layer.path] = stats = capture(params, layer)
+    return stats
+
+  params = quantize_weights(method, variables["params"], layers, settings, recording_capture)
+  assert traced == {"method": ["stem", "block0/Dense_0"], "grams": ["stem", "block0/Dense_0"]}
+  for i in range(3):  # each block's weights: its own float weights under its own statistics
+    path = f"block{i}/Dense_0"
+    node = variables["params"][f"block{i}"]["Dense_0"]
+    layer = layers[path]
+    expected = optq.quantize_weight(
+      node["kernel"], node["kernel_scale"], layer, seen[path], settings
+    )
+    np.testing.assert_array_equal(params[f"block{i}"]["Dense_0"]["kernel"], expected)
+  blocks = [np.asarray(params[f"block{i}"]["Dense_0"]["kernel"]) for i in range(3)]
+  assert not np.array_equal(blocks[0], blocks[1]) and not np.array_equal(blocks[1], blocks[2])
 
 
 def test_a_statistics_method_without_capture_is_an_error():
