@@ -57,8 +57,9 @@ from reference_results import load_config
 from stage_runs import metric_of, stage_results
 
 from efqat_jax import pipeline
-from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
+from efqat_jax.efqat import freeze_unselected, restrict_backward, set_trainable
 from efqat_jax.nn import quantized_layers
+from efqat_jax.pipeline.qat_efqat import configured_selection
 from efqat_jax.ptq.attention_round import BlockReconstruction
 from efqat_jax.ptq.methods import PTQ_METHODS
 from efqat_jax.train import (
@@ -183,11 +184,8 @@ def train_call(run, state, efqat: bool) -> Callable[[], None]:
   train_state = create_train_state(state.variables, tx)
   extra = None
   if efqat:
-    s = run.config.efqat
     layers = quantized_layers(qmodel, state.variables, run.sample_inputs, train=False)
-    extra = select(
-      train_state.params, layers, s.mode, s.rho, s.bucket, s.train_frozen_scales, s.cheap_params
-    )
+    extra = configured_selection(run.config.efqat, state.variables, layers)
     opt_state = set_trainable(train_state.opt_state, train_state.params, extra)
     train_state = train_state.replace(opt_state=opt_state)
   context = restrict_backward if efqat else None

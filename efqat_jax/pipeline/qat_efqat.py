@@ -15,6 +15,7 @@ from efqat_jax.efqat import (
   MODES,
   RHO_UNITS,
   ReselectingStep,
+  TrainableSet,
   freeze_unselected,
   restrict_backward,
   select,
@@ -67,6 +68,22 @@ EFQAT_FIELDS = {
 }
 
 
+def configured_selection(settings, variables, layers) -> TrainableSet:
+  """The selection ``config.efqat`` (``settings``) makes on ``variables``."""
+  return select(
+    variables["params"],
+    layers,
+    settings.mode,
+    settings.rho,
+    settings.bucket,
+    settings.train_frozen_scales,
+    settings.cheap_params,
+    settings.importance,
+    variables.get("batch_stats", {}),
+    settings.rho_unit,
+  )
+
+
 def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
   settings = run.config.efqat
   every = settings.reselect_every or None
@@ -74,18 +91,7 @@ def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
   recompiles = [0]
 
   def selector(variables):
-    return select(
-      variables["params"],
-      layers,
-      settings.mode,
-      settings.rho,
-      settings.bucket,
-      settings.train_frozen_scales,
-      settings.cheap_params,
-      settings.importance,
-      variables.get("batch_stats", {}),
-      settings.rho_unit,
-    )
+    return configured_selection(settings, variables, layers)
 
   def reselecting(step_fn, writer):
     def on_select(step, params, trainable, new_compiles):
