@@ -1,7 +1,9 @@
 """Every user error is one line naming the field and what is allowed, raised before any file
 is written; the field listing covers every field."""
 
+import importlib.util
 import os
+import pathlib
 
 import ml_collections
 import pytest
@@ -10,6 +12,8 @@ from efqat_jax import fields, pipeline
 from efqat_jax.config import base_config
 from efqat_jax.errors import ConfigError
 from tests.pipeline.conftest import tiny_config
+
+CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
 
 
 def _files_under(path):
@@ -98,6 +102,26 @@ def test_a_config_that_does_not_fit_the_data_or_model_fails_before_any_file_is_w
   with pytest.raises(ConfigError, match=message) as error:
     pipeline.run_pipeline(config, tmp_path / "work")
   assert "\n" not in str(error.value)
+  assert _files_under(tmp_path) == []
+
+
+def _shipped_config(path: pathlib.Path) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.py")), ids=lambda p: p.stem)
+def test_every_shipped_config_passes_every_check_without_writing_a_file(path, tmp_path):
+  """configs/*.py: field values, dataset, model and layer-path patterns fit, as
+  ``pipeline.prepare`` checks them before a run; its block-replacement boundaries too."""
+  config = _shipped_config(path)
+  config.data_dir = str(tmp_path / "data")  # not prepared: the checks read metadata only
+  _, stages = pipeline.prepare(config, tmp_path / "work")
+  assert list(stages) == config.stages.split(",")
+  config.qat.loss = "block_replacement"
+  pipeline.prepare(config, tmp_path / "work")
   assert _files_under(tmp_path) == []
 
 
