@@ -80,6 +80,11 @@ class QuantizedLayer:
   def units(self) -> list[str]:
     return [self.unit(index) for index in self.indices()]
 
+  def without_path(self) -> QuantizedLayer:
+    """This layer with no path and no attached modules: equal for the layers a program treats
+    alike (a key that lets the repeated layers of a deep model share a compiled program)."""
+    return dataclasses.replace(self, path="", attached=())
+
 
 _RECORDERS: contextvars.ContextVar[tuple[dict[str, QuantizedLayer], ...]] = contextvars.ContextVar(
   "efqat_jax_layer_recorders", default=()

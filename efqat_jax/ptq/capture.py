@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -132,7 +131,7 @@ def statistics_capture(
   gram_programs: dict[QuantizedLayer, Callable] = {}
 
   def capture(params: Any, layer: QuantizedLayer) -> dict[str, jax.Array]:
-    key = dataclasses.replace(layer, path="", attached=())
+    key = layer.without_path()
     if key not in gram_programs:
       depth = len(layer.stack_shape)
       gram_programs[key] = jax.jit(_stacked(lambda q, f: grams(q, f, layer), depth))

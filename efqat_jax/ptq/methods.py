@@ -109,7 +109,7 @@ def quantize_weights(
   programs: dict[QuantizedLayer, Callable] = {}
   for path, layer in layers.items():
     stats = {} if dict(layer.op)["op"] == "take" else dict(capture(params, layer))
-    key = dataclasses.replace(layer, path="", attached=())
+    key = layer.without_path()
     if key not in programs:
       programs[key] = jax.jit(_layer_function(method, layer, settings))
     node = params_at(params, path)
