@@ -1,8 +1,9 @@
 """EfQAT accuracy sweep: how much of QAT's gain over PTQ EfQAT recovers when it trains only a
 fraction rho of the weights (modes cwpl, cwpn, lwpn; rho 0, 0.05, 0.1, 0.25, 0.5, 1).
 
-Settings: the CNN and ResNet-20 on mnist5k at W4A4 and W2A2, and the Transformer LM on
-shakespeare_char at W4A4 (configs/<model>.py; first and last layer at 8 bits). Per setting the
+Settings: the CNN and ResNet-20 on mnist5k at W4A4 and W2A2, the Transformer LM on
+shakespeare_char at W4A4, and a larger one (d=256, 4 layers) at W4A4 and W3A3, at rho 0.1 only
+(configs/<model>.py; first and last layer at 8 bits). Per setting the
 float model and PTQ run once; QAT and every EfQAT run train with --seeds seeds (data order and
 dropout: ``config.train_seed``), each from that same PTQ model, EfQAT with QAT's optimizer
 settings and number of steps, so EfQAT and QAT have the same step budget. At rho 0 (no kernel
@@ -50,9 +51,13 @@ SETTINGS = (
   ("resnet20_mnist5k", 4, 4),
   ("resnet20_mnist5k", 2, 2),
   ("transformer_shakespeare", 4, 4),
+  ("transformer_shakespeare_large", 4, 4),
+  ("transformer_shakespeare_large", 3, 3),
 )
 MODES = ("cwpl", "cwpn", "lwpn")
 RHOS = (0.0, 0.05, 0.10, 0.25, 0.50, 1.0)
+# The larger LM's runs cost several times the small one's: rho 10% (the target's) only.
+MODEL_RHOS = {"transformer_shakespeare_large": (0.10,)}
 QUICK_RHOS = (0.1, 1.0)
 QUICK_STEPS = 20
 MIN_GAP = {"accuracy": 0.5, "bits_per_char": 0.02}  # |qat - ptq| below this: no gap_recovered
@@ -101,7 +106,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> lis
   """Trains (or resumes) fp and ptq once, and qat and every EfQAT run with ``seeds`` seeds from
   that PTQ model; returns the setting's rows."""
   config = setting_config(setting, root, quick)
-  rhos = QUICK_RHOS if quick else RHOS
+  rhos = QUICK_RHOS if quick else MODEL_RHOS.get(setting[0], RHOS)
   configs = {(mode, rho): efqat_config(config, mode, rho) for mode in MODES for rho in rhos}
   for cfg in (config, *configs.values()):
     fields.validate(cfg, pipeline.pipeline_schema())
