@@ -1,5 +1,5 @@
 """Every user error is one line naming the field and what is allowed, raised before any file
-is written; the field listing covers every field."""
+is written; the field listing covers every field; every shipped config passes the checks."""
 
 import importlib.util
 import os
@@ -11,6 +11,7 @@ import pytest
 from efqat_jax import fields, pipeline
 from efqat_jax.config import base_config
 from efqat_jax.errors import ConfigError
+from efqat_jax.pipeline.qat_block_replacement import BLOCK_REPLACEMENT
 from tests.pipeline.conftest import tiny_config
 
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
@@ -118,10 +119,9 @@ def test_every_shipped_config_passes_every_check_without_writing_a_file(path, tm
   ``pipeline.prepare`` checks them before a run; its block-replacement boundaries too."""
   config = _shipped_config(path)
   config.data_dir = str(tmp_path / "data")  # not prepared: the checks read metadata only
-  _, stages = pipeline.prepare(config, tmp_path / "work")
+  run, stages = pipeline.prepare(config, tmp_path / "work")
   assert list(stages) == config.stages.split(",")
-  config.qat.loss = "block_replacement"
-  pipeline.prepare(config, tmp_path / "work")
+  BLOCK_REPLACEMENT.check(run, config.block_replacement)
   assert _files_under(tmp_path) == []
 
 
