@@ -133,9 +133,10 @@ def _layer_function(method: PtqMethod, layer: QuantizedLayer, settings: Any) -> 
 
 
 def _quantize_layers(method, params, layers, settings):
-  new = jax.tree.map(lambda x: x, params)  # a copy: the caller's tree is left as it was
   for path, layer in layers.items():
-    node = params_at(new, path)
-    weight = _layer_function(method, layer, settings)
-    node[layer.weight_name] = weight(node[layer.weight_name], node[layer.scale_name], {})
-  return new
+    node = params_at(params, path)
+    weight = _layer_function(method, layer, settings)(
+      node[layer.weight_name], node[layer.scale_name], {}
+    )
+    params = with_params_at(params, path, {layer.weight_name: weight})
+  return params
