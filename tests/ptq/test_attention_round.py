@@ -151,6 +151,8 @@ def test_a_scanned_stack_is_reconstructed_per_layer():
   ar = quantized_params("attention_round", qmodel, variables, batches, steps=100, batch_size=64,
                         learning_rate=1e-2)  # fmt: skip
   error = lambda p: output_error(model, float_vars, qmodel, variables, p, x)
-  assert error(ar) < 0.7 * error(rtn)
+  # 100 steps leave 0.67-0.71 of round-to-nearest's error (data seeds 1-3, across CPUs, whose
+  # float differences move it by a few hundredths); a stack left at rounding gives 1.0.
+  assert error(ar) < 0.8 * error(rtn)
   kernels = ar["layers"]["Dense_0"]["kernel"]
   assert kernels.shape[0] == 2 and not jnp.array_equal(kernels, rtn["layers"]["Dense_0"]["kernel"])
