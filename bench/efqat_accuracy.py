@@ -270,6 +270,7 @@ def draw_vs_rho(ax, rows: list[dict]) -> None:
     if r["method"] != "efqat":
       style = ":" if r["method"] == "fp" else "--"
       ax.axhline(r["metric"], ls=style, color=COLORS[r["method"]], label=r["method"].upper())
+  ax.set_xlim(-0.05, 1.05)  # one scale for every panel, a setting measured at one rho too
   ax.set_xlabel("rho (trained fraction)")
 
 

@@ -10,6 +10,11 @@ gathers ``g``'s selected channels and scatters the k-channel weight gradient int
 kernel. Laying the trainable channels out first (which needs a channel permutation through the
 network) was no faster on ResNet-20, and for the Transformer's Dense kernels the scatter was
 faster than expanding with a one-hot matmul or a gather. So the network is never permuted.
+The weight quantizer's backward runs on the whole kernel (its gradient is zero outside the
+selected channels): differentiating it on the selected channels only, by gathering them from the
+kernel before quantizing, made the d=128 Transformer's CWPL step slower on CPU (43.6 against
+40.2 ms, side by side, 2026-12-06): the gather and its transpose on the kernel's minor axis cost
+more than the few fused elementwise passes over the kernel they replace.
 
 The weight gradient of the k channels is the op's own vjp on ``w``'s and ``g``'s selected
 channels, except for a convolution given its ``ConvSettings``, which on CPU runs as one matmul
