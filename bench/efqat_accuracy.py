@@ -3,8 +3,8 @@ fraction rho of the weights (modes cwpl, cwpn, lwpn; rho 0, 0.05, 0.1, 0.25, 0.5
 
 Settings: the CNN and ResNet-20 on mnist5k at W4A4 and W2A2, the Transformer LM on
 shakespeare_char at W4A4, and a larger one (d=256, 4 layers) at W4A4 and W3A3, at rho 0.1 only
-(configs/<model>.py; first and last layer at 8 bits). Per setting the
-float model and PTQ run once; QAT and every EfQAT run train with --seeds seeds (data order and
+(configs/<model>.py; first and last layer at 8 bits). Per setting the float model and PTQ run
+once; QAT and every EfQAT run train with --seeds seeds (data order and
 dropout: ``config.train_seed``), each from that same PTQ model, EfQAT with QAT's optimizer
 settings and number of steps, so EfQAT and QAT have the same step budget. At rho 0 (no kernel
 channel trains) and rho 1 (every channel trains) the three modes select the same set, so those
