@@ -210,19 +210,12 @@ def efqat_row(rows, ptq_states, base, metric_name, config) -> dict:
 
 
 def plot(rows: list[dict], stem: str) -> None:
-  try:
-    import matplotlib
-  except ImportError:
-    print("no plot: matplotlib is missing (pip install -e '.[bench]')")
+  if not sweep.plotting_ready():
     return
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  groups: dict[str, list[dict]] = {}
-  for r in rows:
-    groups.setdefault(f"{r['model']} W{r['weight_bits']}A{r['act_bits']}", []).append(r)
-  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-  for ax, (title, group) in zip(axes.flat, groups.items(), strict=True):
+  groups = sweep.grouped(rows, sweep.setting_title)
+  fig, axes = sweep.panel_grid(len(groups), max_columns=len(groups))
+  for ax, (title, group) in zip(axes, groups.items(), strict=True):
     for method in (*NAIVE, *AXE):
       for tile, style in zip(TILES, ("-", "--"), strict=True):
         points = sorted(
@@ -244,7 +237,7 @@ def plot(rows: list[dict], stem: str) -> None:
     ax.set_xlabel("accumulator bits P")
     ax.set_ylabel(group[0]["metric_name"])
     ax.grid(alpha=0.3)
-  axes.flat[0].legend(fontsize=6)
+  axes[0].legend(fontsize=6)
   sweep.save_figure(fig, stem)
 
 

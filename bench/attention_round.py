@@ -348,16 +348,10 @@ def compare(rows: dict, lower_is_better: bool) -> list[dict]:
 
 
 def plot(rows: list[dict], stem: str) -> None:
-  try:
-    import matplotlib
-  except ImportError:
-    print("no plot: matplotlib is missing (pip install -e '.[bench]')")
+  if not sweep.plotting_ready():
     return
-  matplotlib.use("Agg")
 
-  groups: dict[str, list[dict]] = {}
-  for r in rows:
-    groups.setdefault(sweep.row_setting(r), []).append(r)
+  groups = sweep.grouped(rows, sweep.row_setting)
   fig, axes = sweep.panel_grid(len(groups), max_columns=4)  # a model's four settings to a row
   for ax, (title, group) in zip(axes, groups.items(), strict=True):
     for bits_mode, marker in zip(BITS_MODES, "osd", strict=True):

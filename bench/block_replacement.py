@@ -178,19 +178,12 @@ def compare(rows: dict, lower_is_better: bool) -> list[dict]:
 
 
 def plot(rows: list[dict], stem: str) -> None:
-  try:
-    import matplotlib
-  except ImportError:
-    print("no plot: matplotlib is missing (pip install -e '.[bench]')")
+  if not sweep.plotting_ready():
     return
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  groups: dict[str, list[dict]] = {}
-  for r in rows:
-    groups.setdefault(r["model"], []).append(r)
-  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-  for ax, (title, group) in zip(axes.flat, groups.items(), strict=True):
+  groups = sweep.grouped(rows, lambda r: r["model"])
+  fig, axes = sweep.panel_grid(len(groups), max_columns=len(groups))
+  for ax, (title, group) in zip(axes, groups.items(), strict=True):
     labels = list(dict.fromkeys(f"{r['method']} ({r['budget']})" for r in group))
     bits = sorted({r["weight_bits"] for r in group})
     width = 0.8 / len(labels)
@@ -204,7 +197,7 @@ def plot(rows: list[dict], stem: str) -> None:
     ax.set_title(title)
     ax.set_ylabel(group[0]["metric_name"])
     ax.grid(alpha=0.3, axis="y")
-  axes.flat[0].legend(fontsize=6)
+  axes[0].legend(fontsize=6)
   sweep.save_figure(fig, stem)
 
 

@@ -239,18 +239,11 @@ def summary_table(groups: dict[str, list[dict]]) -> str:
 
 def tables(rows: list[dict]) -> str:
   """Markdown of every setting's table, then the summary at rho 10%."""
-  groups = by_setting(rows)
+  groups = sweep.grouped(rows, sweep.setting_title)
   return "\n\n".join([*(setting_table(t, g) for t, g in groups.items()), summary_table(groups)])
 
 
 # --- plots ------------------------------------------------------------------------------------
-
-
-def by_setting(rows: list[dict]) -> dict[str, list[dict]]:
-  groups: dict[str, list[dict]] = {}
-  for r in rows:
-    groups.setdefault(f"{r['model']} W{r['weight_bits']}A{r['act_bits']}", []).append(r)
-  return groups
 
 
 def ylabel(rows: list[dict]) -> str:
@@ -300,14 +293,10 @@ def draw_vs_time(ax, rows: list[dict]) -> None:
 
 def plot(rows: list[dict], stem: str) -> None:
   """Writes ``bench/results/<stem>_vs_rho.png`` and ``<stem>_vs_time.png``."""
-  try:
-    import matplotlib
-  except ImportError:
-    print("no plots: matplotlib is missing (pip install -e '.[bench]')")
+  if not sweep.plotting_ready():
     return
-  matplotlib.use("Agg")
 
-  groups = by_setting(rows)
+  groups = sweep.grouped(rows, sweep.setting_title)
   for kind, draw in (("rho", draw_vs_rho), ("time", draw_vs_time)):
     fig, axes = sweep.panel_grid(len(groups), max_columns=3)
     for ax, (title, group) in zip(axes, groups.items(), strict=True):

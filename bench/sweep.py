@@ -37,6 +37,11 @@ def row_setting(row: dict) -> str:
   return setting_name(row["model"], row["weight_bits"], row["act_bits"])
 
 
+def setting_title(row: dict) -> str:
+  """The setting a result row belongs to, as a table or plot title: ``"<model> W<w>A<a>"``."""
+  return f"{row['model']} W{row['weight_bits']}A{row['act_bits']}"
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepArgs:
   """What the command line asked for.
@@ -251,6 +256,25 @@ def error_bars(rows: list[dict]) -> list[list[float]]:
 
 
 # --- plots -------------------------------------------------------------------------------------
+
+
+def plotting_ready() -> bool:
+  """Whether matplotlib imports (then selects its file backend); if not, says how to install it."""
+  try:
+    import matplotlib
+  except ImportError:
+    print("no plots: matplotlib is missing (pip install -e '.[bench]')")
+    return False
+  matplotlib.use("Agg")
+  return True
+
+
+def grouped(rows: list[dict], key: Callable[[dict], str]) -> dict[str, list[dict]]:
+  """``rows`` grouped by ``key(row)``, groups and rows in their first order."""
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(key(r), []).append(r)
+  return groups
 
 
 def panel_grid(count: int, max_columns: int):
