@@ -26,7 +26,8 @@ at k = 1, the matmul about a tenth.
 
 What k channels cannot save: their matmul still reads the layer's whole input. Alone, for the
 d=128 Transformer's second MLP Dense (2,016 tokens x 512 inputs, 128 outputs), 13 columns cost
-0.16 of the full weight gradient and one column 0.08 (XLA:CPU, interleaved, 2026-12-06).
+0.16 of the full weight gradient and one column 0.08 (XLA:CPU, interleaved, beside another
+benchmark, 2026-12-06).
 """
 
 from __future__ import annotations
