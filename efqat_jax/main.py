@@ -27,7 +27,6 @@ from ml_collections import config_flags
 
 from efqat_jax import allocator, fields
 from efqat_jax.errors import ConfigError, StorageError, UserError, storage_reason
-from efqat_jax.train.interrupt import stop_on_signals
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "cnn_mnist5k.py"
 
@@ -220,6 +219,8 @@ def cli() -> None:
   """The entry point: user errors, refused writes, Ctrl-C and SIGTERM end in one line, not a
   traceback."""
   allocator.use_jemalloc()  # restarts this process under jemalloc where it is installed
+  from efqat_jax.train.interrupt import stop_on_signals  # JAX: imported once, after the restart
+
   stop_on_signals(signal.SIGINT, signal.SIGTERM)  # even if inherited as ignored
   argv = sys.argv = _config_first(sys.argv)  # config_flags reads sys.argv itself
   try:

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax.traverse_util import empty_node, flatten_dict, unflatten_dict
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def merge_trees(old: dict, new: dict) -> dict:
@@ -31,3 +32,17 @@ def all_finite(tree: Any) -> bool:
   """Whether every floating-point leaf of ``tree`` is finite."""
   arrays = (np.asarray(x) for x in jax.tree.leaves(tree))  # on the host: no op per leaf
   return all(np.isfinite(a).all() for a in arrays if np.issubdtype(a.dtype, np.floating))
+
+
+def on_inputs_mesh(tree: Any, inputs: Any) -> Any:
+  """``tree`` replicated over the mesh that ``inputs`` are sharded over (unchanged where they
+  are not on one mesh): where a compiled step given both puts its outputs, so feeding them back
+  reuses the first call's program instead of compiling a second one for the new placement."""
+  meshes = {
+    leaf.sharding.mesh
+    for leaf in jax.tree.leaves(inputs)
+    if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, NamedSharding)
+  }
+  if len(meshes) != 1:
+    return tree
+  return jax.device_put(tree, NamedSharding(meshes.pop(), PartitionSpec()))

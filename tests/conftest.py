@@ -1,6 +1,8 @@
 """Shared test settings."""
 
 import atexit
+import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -55,3 +57,33 @@ def pytest_sessionstart(session):
   signal.signal(signal.SIGINT, signal.default_int_handler)
   if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class _Compilations(logging.Handler):
+  """Counts the programs JAX compiles for one function name while attached."""
+
+  def __init__(self, name: str):
+    super().__init__(logging.WARNING)
+    self.prefix, self.count = f"Compiling jit({name})", 0
+
+  def emit(self, record):
+    self.count += record.getMessage().startswith(self.prefix)
+
+
+@pytest.fixture
+def compilations():
+  """``with compilations("observe") as counted: ...``; then ``counted.count`` is how many
+  programs JAX compiled for functions of that name inside (``jax.log_compiles``)."""
+
+  @contextlib.contextmanager
+  def count(name: str):
+    handler = _Compilations(name)
+    logger = logging.getLogger("jax._src.interpreters.pxla")
+    logger.addHandler(handler)
+    try:
+      with jax.log_compiles():
+        yield handler
+    finally:
+      logger.removeHandler(handler)
+
+  return count

@@ -60,3 +60,14 @@ def _describe_declined() -> str:
   return subprocess.run(
     [sys.executable, "-c", code], env=env, capture_output=True, text=True
   ).stdout
+
+
+def test_the_command_line_module_imports_no_jax_before_its_restart():
+  """``python -m efqat_jax.main`` restarts before its heavy imports, so the restart costs no
+  second import of JAX; every name the package exports still resolves on first use."""
+  code = (
+    "import sys, efqat_jax, efqat_jax.main; heavy = 'jax' in sys.modules;"
+    " names = [getattr(efqat_jax, n) for n in efqat_jax.__all__]; print(heavy, 'jax' in sys.modules)"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["False", "True"], out.stderr

@@ -56,6 +56,7 @@ from efqat_jax.nn.ops import Mode, RoundingContext, WeightRounding, weight_round
 from efqat_jax.ptq.capture import Capture
 from efqat_jax.ptq.methods import PTQ_METHODS, PtqMethod
 from efqat_jax.quant.fake_quant import fake_quant, round_ste
+from efqat_jax.trees import on_inputs_mesh
 
 VARIANTS = ("attention", "noise")
 ROUNDING_OFFSET = "rounding_offset"  # the optimised offset of each weight, in grid steps
@@ -234,8 +235,9 @@ class BlockReconstruction:
       return optax.apply_updates(offsets, updates), opt_state, key
 
     key = jax.random.fold_in(jax.random.key(s.seed), self.blocks.index(block))
-    carry = (offsets, optimizer.init(offsets), key)
-    return step, carry, (params, block_inputs, targets, self.inputs)
+    data = (params, block_inputs, targets, self.inputs)
+    carry = on_inputs_mesh((offsets, optimizer.init(offsets), key), data)  # one program
+    return step, carry, data
 
   def _seeds(self, index: int, layer: QuantizedLayer) -> jax.Array:
     units = math.prod(layer.stack_shape)

@@ -19,7 +19,7 @@ from efqat_jax.nn.direct_matmuls import warn_direct_matmuls
 from efqat_jax.nn.export import with_mode
 from efqat_jax.nn.intercept import QuantizedModel, quantizable_paths
 from efqat_jax.nn.ops import CALIBRATION_STATS, QUANT_STATS, Mode
-from efqat_jax.trees import merge_trees
+from efqat_jax.trees import merge_trees, on_inputs_mesh
 
 
 def split_calibration_stats(params: Any) -> tuple[Any, Any]:
@@ -91,6 +91,7 @@ def calibrate(
         lambda s: jnp.zeros(s.shape, s.dtype), split_calibration_stats(shapes)[1]
       )
       variables = {**variables, "params": merge_trees(variables["params"], empty)}
+      variables = on_inputs_mesh(variables, inputs)
       step = jax.jit(observe)
     variables = step(variables, inputs)
     seen += 1

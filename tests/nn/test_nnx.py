@@ -6,6 +6,7 @@ layers, an EfQAT step, export), layer-wise PTQ works on an nnx.scan stack as on 
 unstacked, and to_nnx brings the results back. (More NNX models, each through calibration, QAT,
 EfQAT and export: tests/test_flax_codebases.py.)"""
 
+import functools
 import warnings
 
 import flax.linen as nn
@@ -78,8 +79,10 @@ def test_the_same_model_in_linen_and_nnx_gets_the_same_quantization_params_and_o
   model = NnxNet(nnx.Rngs(0))
   qmodel = quantize(model, RULES, IMAGES, TOKENS)
   linen = quantize(LinenNet(), RULES)
-  # Linen creates the quantization params from the given float params and batch, as init does.
-  out, variables = linen.apply({"params": _params(model)}, IMAGES, TOKENS, mutable=["params"])
+  # Linen creates the quantization params from the given float params and batch, as init does
+  # (compiled, as quantize runs the NNX model: the same program gives the same bits).
+  apply = jax.jit(functools.partial(linen.apply, mutable=["params"]))
+  out, variables = apply({"params": _params(model)}, IMAGES, TOKENS)
   linen_params, nnx_params = variables["params"], _params(qmodel)
   assert jax.tree.structure(linen_params) == jax.tree.structure(nnx_params)
   assert {"kernel_scale", "input_scale", "input_zero_point"} <= set(nnx_params["proj"])

@@ -15,6 +15,7 @@ from efqat_jax.nn import QuantRule, quantize, quantized_layers
 from efqat_jax.ptq import PTQ_METHODS, calibrate, quantize_weights
 from efqat_jax.ptq.attention_round import attention_average, noisy_rounding
 from efqat_jax.quant import QuantSpec
+from efqat_jax.train import make_mesh, shard_batch
 from efqat_jax.trees import merge_trees
 
 QMIN, QMAX = -3, 3
@@ -114,7 +115,7 @@ def output_error(model, float_vars, qmodel, variables, params, x):
   return float(jnp.mean(jnp.square(y - reference)) / jnp.mean(jnp.square(reference)))
 
 
-def test_block_reconstruction_beats_rounding_and_optq_and_is_reproducible():
+def test_block_reconstruction_beats_rounding_and_optq_and_is_reproducible(compilations):
   x = correlated()
   model = OneBlock()
   qmodel, variables, float_vars, batches = calibrated(model, x)
@@ -135,6 +136,13 @@ def test_block_reconstruction_beats_rounding_and_optq_and_is_reproducible():
     jax.tree.leaves(jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), a, b))
   )
   assert same(once, again) and not same(once, other)
+  # Batches sharded over a mesh (as the pipeline gives them): the same weights, and one program
+  # for the block's steps (its carry starts where the program puts it).
+  mesh = make_mesh()
+  sharded = [shard_batch({"x": b}, mesh)["x"] for b in batches]
+  with compilations("step") as steps:
+    on_mesh = quantized_params("attention_round", qmodel, variables, sharded, **noisy)
+  assert same(once, on_mesh) and steps.count == 1
   # The result is on the grid: rounding it again changes nothing.
   layer = quantized_layers(qmodel, variables, batches[0])["block/Dense_0"]
   node = params["block"]["Dense_0"]

@@ -12,6 +12,7 @@ import tqdm
 from efqat_jax.nn import QuantRule, quantize
 from efqat_jax.ptq import calibrate
 from efqat_jax.quant import QuantSpec, ranges
+from efqat_jax.train import make_mesh, shard_batch
 
 W4, A4 = QuantSpec.for_weights(4), QuantSpec.for_activations(4)
 
@@ -58,6 +59,20 @@ def test_input_ranges_are_the_ema_of_calibration_batches():
   np.testing.assert_allclose(second["input_scale"], scale, rtol=1e-5)
   np.testing.assert_allclose(second["input_zero_point"], zero_point)
   assert int(calibrated["quant_stats"]["Dense_1"]["input_count"]) == 2
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_every_batch_runs_one_compiled_program_on_a_mesh_too(on_mesh, compilations):
+  """Batches sharded over a mesh (as the pipeline gives them) reuse the first batch's program:
+  the ranges are placed where the program puts them before the first batch."""
+  model = quantize(TwoDense(), QuantRule(".*", weight=W4, input=A4))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((8, 6)))
+  mesh = make_mesh()
+  batches = [shard_batch({"x": b}, mesh)["x"] if on_mesh else b for b in _batches()]
+  with compilations("observe") as observe:
+    calibrated = calibrate(model, variables, batches, num_batches=3)
+  assert observe.count == 1
+  assert int(calibrated["quant_stats"]["Dense_0"]["input_count"]) == 3
 
 
 def _np_fake_quant_columns(w, s, qmax):
