@@ -247,41 +247,46 @@ def _features(shape, classes=5):
   return {"x": x, "labels": jnp.argmax(x.reshape(shape[0], -1)[:, :classes], -1)}
 
 
-X_BATCH = _features((8, 10))
-CASES = {
-  "scan_over_remat": Case(ScanOverRemat(), X_BATCH, lambda b: (b["x"],), {}, None),
-  "remat_loop": Case(RematLoop(), X_BATCH, lambda b: (b["x"],), {}, None),
-  "vmap_ensemble": Case(VmapEnsemble(), X_BATCH, lambda b: (b["x"],), {}, None),
-  "einsum": Case(EinsumAttention(), _features((8, 6, 12)), lambda b: (b["x"],), {}, None),
-  "tied_embeddings": Case(
+# Each case is built on first use: building models and batches compiles, and a test process
+# builds only the cases of the tests it runs (not every case while collecting).
+CASES: dict[str, Callable[[], Case]] = {
+  "scan_over_remat": lambda: Case(
+    ScanOverRemat(), _features((8, 10)), lambda b: (b["x"],), {}, None
+  ),
+  "remat_loop": lambda: Case(RematLoop(), _features((8, 10)), lambda b: (b["x"],), {}, None),
+  "vmap_ensemble": lambda: Case(VmapEnsemble(), _features((8, 10)), lambda b: (b["x"],), {}, None),
+  "einsum": lambda: Case(EinsumAttention(), _features((8, 6, 12)), lambda b: (b["x"],), {}, None),
+  "tied_embeddings": lambda: Case(
     TiedLM(),
     {"tokens": jax.random.randint(jax.random.key(2), (8, 9), 0, 24)},
     lambda b: (b["tokens"][:, :-1],),
     {},
     _next_token,
   ),
-  "batchnorm_dropout": Case(
+  "batchnorm_dropout": lambda: Case(
     BatchNormDropoutCNN(), _features((8, 8, 8, 3)), lambda b: (b["x"],), {"train": False}, None
   ),
-  "deterministic_flag": Case(
-    DeterministicFlag(), X_BATCH, lambda b: (b["x"],), {"deterministic": True}, None
+  "deterministic_flag": lambda: Case(
+    DeterministicFlag(), _features((8, 10)), lambda b: (b["x"],), {"deterministic": True}, None
   ),
-  "two_inputs": Case(
+  "two_inputs": lambda: Case(
     TwoTower(),
-    {**X_BATCH, "b": jax.random.normal(jax.random.key(3), (8, 7))},
+    {**_features((8, 10)), "b": jax.random.normal(jax.random.key(3), (8, 7))},
     lambda b: (b["x"], b["b"]),
     {},
     None,
   ),
-  "nnx_vit": Case(NnxViT(nnx.Rngs(0)), _features((8, 8, 8, 3)), lambda b: (b["x"],), {}, None),
-  "nnx_batchnorm_dropout": Case(
+  "nnx_vit": lambda: Case(
+    NnxViT(nnx.Rngs(0)), _features((8, 8, 8, 3)), lambda b: (b["x"],), {}, None
+  ),
+  "nnx_batchnorm_dropout": lambda: Case(
     NnxBatchNormDropoutCNN(nnx.Rngs(0)),
     _features((8, 8, 8, 3)),
     lambda b: (b["x"],),
     {"train": False},  # as_linen turns it into model.eval() / model.train()
     None,
   ),
-  "nnx_scan_remat_tied": Case(
+  "nnx_scan_remat_tied": lambda: Case(
     NnxScannedLM(nnx.Rngs(0)),
     {"tokens": jax.random.randint(jax.random.key(2), (8, 9), 0, 24)},
     lambda b: (b["tokens"][:, :-1],),
@@ -289,6 +294,15 @@ CASES = {
     _next_token,
   ),
 }
+NNX_CASES = [name for name in CASES if name.startswith("nnx_")]
+
+
+@functools.cache
+def built(name: str) -> Case:
+  """The case ``name`` (one instance per process, shared by the tests that use it)."""
+  case = CASES[name]()
+  assert isinstance(case.model, nnx.Module) == (name in NNX_CASES), name
+  return case
 
 
 def _loss_fn(case: Case):
@@ -334,7 +348,7 @@ SIGNATURE_ONLY_CASES = ("deterministic_flag", "two_inputs")
 
 @pytest.mark.parametrize("name", CASES)
 def test_quantize_calibrate_qat_efqat_and_export(name):
-  case = CASES[name]
+  case = built(name)
   inputs = case.inputs(case.batch)
   if isinstance(case.model, nnx.Module):
     # NNX: quantized with the inputs of one call, then the same library through as_linen.
@@ -418,15 +432,12 @@ def test_quantize_calibrate_qat_efqat_and_export(name):
   assert accumulators and all(int(a["max_abs"]) > 0 for a in accumulators.values())
 
 
-NNX_CASES = [name for name, case in CASES.items() if isinstance(case.model, nnx.Module)]
-
-
 @pytest.mark.parametrize("name", NNX_CASES)
 def test_nnx_models_take_every_ptq_method(name):
   """Every registered PTQ method on every NNX model (through as_linen): weights on their grid,
   AXE's accumulators within their bound (the overflow proof), and each layer-wise method off
   round to nearest."""
-  case = CASES[name]
+  case = built(name)
   inputs = case.inputs(case.batch)
   qmodel, initial = as_linen(quantize(case.model, W8A8, *inputs))
   calibrated = calibrate(qmodel, initial, [inputs], 1, **case.eval_kwargs)
