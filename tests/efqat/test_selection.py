@@ -1,5 +1,6 @@
 """Importance (mean |w|) and the CWPL / CWPN / LWPN selections."""
 
+import functools
 import math
 
 import jax
@@ -13,14 +14,32 @@ from efqat_jax.models import ResNet, SmallCNN, Transformer
 from efqat_jax.nn import quantized_layers
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
-CNN = quantize(SmallCNN(features=(8, 16)), RULE)
-CNN_VARIABLES = jax.jit(CNN.init)(jax.random.key(0), jnp.ones((2, 12, 12, 1)))
-CNN_PARAMS = CNN_VARIABLES["params"]
-CNN_LAYERS = quantized_layers(CNN, CNN_VARIABLES, jnp.ones((2, 12, 12, 1)))
-TFM = quantize(Transformer(vocab_size=16, d_model=8, num_heads=2, mlp_dim=16, max_len=8), RULE)
-TFM_VARIABLES = jax.jit(TFM.init)(jax.random.key(0), jnp.ones((2, 8), jnp.int32))
-TFM_PARAMS = TFM_VARIABLES["params"]
-TFM_LAYERS = quantized_layers(TFM, TFM_VARIABLES, jnp.ones((2, 8), jnp.int32))
+
+
+class Built:
+  """A quantized model's params and layers, built on first use (not while collecting)."""
+
+  def __init__(self, model, x):
+    self.model, self.x = quantize(model, RULE), x
+
+  @functools.cached_property
+  def variables(self):
+    return jax.jit(self.model.init)(jax.random.key(0), self.x)
+
+  @property
+  def params(self):
+    return self.variables["params"]
+
+  @functools.cached_property
+  def layers(self):
+    return quantized_layers(self.model, self.variables, self.x)
+
+
+CNN = Built(SmallCNN(features=(8, 16)), jnp.ones((2, 12, 12, 1)))
+TFM = Built(
+  Transformer(vocab_size=16, d_model=8, num_heads=2, mlp_dim=16, max_len=8),
+  jnp.ones((2, 8), jnp.int32),
+)
 
 
 def _brute_force_channel_scores(params, layers):
@@ -43,8 +62,8 @@ def test_channel_importance_is_mean_abs_weight_per_output_channel():
 
 
 def test_quantized_layers_are_found_with_their_output_channels():
-  assert set(CNN_LAYERS) == {"Conv_0", "Conv_1", "Dense_0"}
-  tset = select(TFM_PARAMS, TFM_LAYERS, "qat")
+  assert set(CNN.layers) == {"Conv_0", "Conv_1", "Dense_0"}
+  tset = select(TFM.params, TFM.layers, "qat")
   query = "TransformerBlock_0/MultiHeadDotProductAttention_0/query"
   assert tset.size(query) == 8  # heads x head_dim
   assert tset.size("Embed_0") == 16  # an embedding table's channels are its rows
@@ -62,21 +81,21 @@ def test_modules_without_a_quantized_weight_go_with_the_layer_run_before_them():
   # own param) goes with the first layer; a block's norms with the block's layers (the first
   # before the attention, the second before the MLP); the final norm with the last layer.
   attention = "TransformerBlock_0/MultiHeadDotProductAttention_0"
-  assert TFM_LAYERS["Embed_0"].attached == ("",)
-  assert TFM_LAYERS[f"{attention}/query"].attached == ("TransformerBlock_0/LayerNorm_0",)
-  assert TFM_LAYERS[f"{attention}/out"].attached == ("TransformerBlock_0/LayerNorm_1",)
-  last = [path for path in TFM_LAYERS if path.startswith("TransformerBlock")][-1]
-  assert TFM_LAYERS[last].attached == ("LayerNorm_0",)
-  attached = [m for layer in TFM_LAYERS.values() for m in layer.attached]
+  assert TFM.layers["Embed_0"].attached == ("",)
+  assert TFM.layers[f"{attention}/query"].attached == ("TransformerBlock_0/LayerNorm_0",)
+  assert TFM.layers[f"{attention}/out"].attached == ("TransformerBlock_0/LayerNorm_1",)
+  last = [path for path in TFM.layers if path.startswith("TransformerBlock")][-1]
+  assert TFM.layers[last].attached == ("LayerNorm_0",)
+  attached = [m for layer in TFM.layers.values() for m in layer.attached]
   assert len(attached) == len(set(attached))
   with pytest.raises(ValueError, match="cheap_params"):
-    select(CNN_PARAMS, CNN_LAYERS, "cwpl", 0.1, cheap_params="some_layers")
+    select(CNN.params, CNN.layers, "cwpl", 0.1, cheap_params="some_layers")
 
 
 @pytest.mark.parametrize("rho", [0.05, 0.25, 0.5, 1.0])
 def test_cwpl_takes_the_top_ceil_rho_channels_of_every_layer(rho):
-  tset = select(TFM_PARAMS, TFM_LAYERS, "cwpl", rho)
-  for path, scores in _brute_force_channel_scores(TFM_PARAMS, TFM_LAYERS).items():
+  tset = select(TFM.params, TFM.layers, "cwpl", rho)
+  for path, scores in _brute_force_channel_scores(TFM.params, TFM.layers).items():
     k = math.ceil(rho * len(scores))
     assert tset.count(path) == k
     chosen = set(np.asarray(tset.channels[path]).tolist())
@@ -85,8 +104,8 @@ def test_cwpl_takes_the_top_ceil_rho_channels_of_every_layer(rho):
 
 @pytest.mark.parametrize("rho", [0.1, 0.3])
 def test_cwpn_takes_the_global_top_channels(rho):
-  tset = select(TFM_PARAMS, TFM_LAYERS, "cwpn", rho)
-  scores = _brute_force_channel_scores(TFM_PARAMS, TFM_LAYERS)
+  tset = select(TFM.params, TFM.layers, "cwpn", rho)
+  scores = _brute_force_channel_scores(TFM.params, TFM.layers)
   pooled = sorted(((s, p, c) for p, ss in scores.items() for c, s in enumerate(ss)), reverse=True)
   k = math.ceil(rho * len(pooled))
   expected = {(p, c) for _, p, c in pooled[:k]}
@@ -96,15 +115,15 @@ def test_cwpn_takes_the_global_top_channels(rho):
 
 
 def test_cwpn_bucket_rounds_counts_up():
-  tset = select(TFM_PARAMS, TFM_LAYERS, "cwpn", 0.2, bucket=4)
-  plain = select(TFM_PARAMS, TFM_LAYERS, "cwpn", 0.2)
+  tset = select(TFM.params, TFM.layers, "cwpn", 0.2, bucket=4)
+  plain = select(TFM.params, TFM.layers, "cwpn", 0.2)
   for path, k in plain.counts:
     assert tset.count(path) == min(tset.size(path), -(-k // 4) * 4)
 
 
 def test_lwpn_trains_the_top_layers_whole():
-  tset = select(CNN_PARAMS, CNN_LAYERS, "lwpn", 0.3)  # ceil(0.3 * 3 layers) = 1
-  weights = unit_weights(CNN_PARAMS, CNN_LAYERS)
+  tset = select(CNN.params, CNN.layers, "lwpn", 0.3)  # ceil(0.3 * 3 layers) = 1
+  weights = unit_weights(CNN.params, CNN.layers)
   means = {p: float(np.abs(np.asarray(w)).mean()) for p, w in weights.items()}
   top = max(means, key=means.get)
   assert {p for p, k in tset.counts if k} == {top}
@@ -115,16 +134,16 @@ def test_lwpn_trains_the_top_layers_whole():
 def test_rho_in_params_takes_the_fewest_top_blocks_whose_weights_reach_rho(rho):
   per_channel = {
     u: math.prod(layer.weight_shape) // layer.num_channels
-    for layer in TFM_LAYERS.values()
+    for layer in TFM.layers.values()
     for u in layer.units()
   }
-  total = sum(per_channel[p] * n for p, n in select(TFM_PARAMS, TFM_LAYERS, "qat").counts)
-  scores = _brute_force_channel_scores(TFM_PARAMS, TFM_LAYERS)
+  total = sum(per_channel[p] * n for p, n in select(TFM.params, TFM.layers, "qat").counts)
+  scores = _brute_force_channel_scores(TFM.params, TFM.layers)
   # cwpn: channels of all layers ranked together, each weighing its fan-in
   pooled = sorted(((s, p, c) for p, ss in scores.items() for c, s in enumerate(ss)), reverse=True)
   sums = np.cumsum([per_channel[p] for _, p, _ in pooled])
   k = int(np.argmax(sums >= rho * total)) + 1
-  tset = select(TFM_PARAMS, TFM_LAYERS, "cwpn", rho, rho_unit="params")
+  tset = select(TFM.params, TFM.layers, "cwpn", rho, rho_unit="params")
   got = {(p, int(c)) for p, cs in tset.channels.items() for c in np.asarray(cs)}
   assert got == {(p, c) for _, p, c in pooled[:k]}
   assert tset.summary()["param_fraction"] >= rho > (sums[k - 2] if k > 1 else 0) / total
@@ -132,40 +151,40 @@ def test_rho_in_params_takes_the_fewest_top_blocks_whose_weights_reach_rho(rho):
   ranked = sorted(scores, key=lambda p: -np.mean(scores[p]))
   sums = np.cumsum([per_channel[p] * len(scores[p]) for p in ranked])
   n = int(np.argmax(sums >= rho * total)) + 1
-  tset = select(TFM_PARAMS, TFM_LAYERS, "lwpn", rho, rho_unit="params")
+  tset = select(TFM.params, TFM.layers, "lwpn", rho, rho_unit="params")
   assert {p for p, k in tset.counts if k} == set(ranked[:n])
   assert all(tset.count(p) == tset.size(p) for p in ranked[:n])
   # cwpl: a layer's channels weigh the same, so both units give one selection
-  assert select(TFM_PARAMS, TFM_LAYERS, "cwpl", rho, rho_unit="params").counts == (
-    select(TFM_PARAMS, TFM_LAYERS, "cwpl", rho).counts
+  assert select(TFM.params, TFM.layers, "cwpl", rho, rho_unit="params").counts == (
+    select(TFM.params, TFM.layers, "cwpl", rho).counts
   )
 
 
 def test_rho_in_params_trains_rho_of_the_weights_where_a_small_layer_ranks_first():
   """The CNN's first conv (72 weights, fan-in 9) has the largest mean |w|: LWPN's top third of
   the layers in blocks is that layer alone, 5% of the weights; in params, a third of them."""
-  blocks = select(CNN_PARAMS, CNN_LAYERS, "lwpn", 0.3)
-  params = select(CNN_PARAMS, CNN_LAYERS, "lwpn", 0.3, rho_unit="params")
+  blocks = select(CNN.params, CNN.layers, "lwpn", 0.3)
+  params = select(CNN.params, CNN.layers, "lwpn", 0.3, rho_unit="params")
   assert [p for p, k in blocks.counts if k] == ["Conv_0"]
   assert blocks.summary()["param_fraction"] < 0.1 and params.summary()["param_fraction"] >= 0.3
   for mode in ("cwpn", "lwpn"):
-    assert select(CNN_PARAMS, CNN_LAYERS, mode, 0.0, rho_unit="params").counts == (
-      select(CNN_PARAMS, CNN_LAYERS, "ptq").counts
+    assert select(CNN.params, CNN.layers, mode, 0.0, rho_unit="params").counts == (
+      select(CNN.params, CNN.layers, "ptq").counts
     )
 
 
 def test_qat_and_ptq_are_the_two_ends():
   assert all(
-    k == select(CNN_PARAMS, CNN_LAYERS, "qat").size(p)
-    for p, k in select(CNN_PARAMS, CNN_LAYERS, "qat").counts
+    k == select(CNN.params, CNN.layers, "qat").size(p)
+    for p, k in select(CNN.params, CNN.layers, "qat").counts
   )
-  assert all(k == 0 for _, k in select(CNN_PARAMS, CNN_LAYERS, "ptq").counts)
-  assert all(k == 0 for _, k in select(CNN_PARAMS, CNN_LAYERS, "cwpl", 0.0).counts)
+  assert all(k == 0 for _, k in select(CNN.params, CNN.layers, "ptq").counts)
+  assert all(k == 0 for _, k in select(CNN.params, CNN.layers, "cwpl", 0.0).counts)
 
 
 def test_reselection_after_training_keeps_cwpl_counts_static():
-  moved = jax.tree.map(lambda w: w * jax.random.uniform(jax.random.key(1), w.shape), CNN_PARAMS)
-  a, b = select(CNN_PARAMS, CNN_LAYERS, "cwpl", 0.25), select(moved, CNN_LAYERS, "cwpl", 0.25)
+  moved = jax.tree.map(lambda w: w * jax.random.uniform(jax.random.key(1), w.shape), CNN.params)
+  a, b = select(CNN.params, CNN.layers, "cwpl", 0.25), select(moved, CNN.layers, "cwpl", 0.25)
   assert jax.tree.structure(a) == jax.tree.structure(b)  # same static counts: no recompile
   assert any(not np.array_equal(a.channels[p], b.channels[p]) for p in a.channels)
 
@@ -181,7 +200,7 @@ def test_reselection_after_training_keeps_cwpl_counts_static():
 )
 def test_bad_selection_arguments_raise(kwargs, field):
   with pytest.raises(ValueError, match=field):
-    select(CNN_PARAMS, CNN_LAYERS, **kwargs)
+    select(CNN.params, CNN.layers, **kwargs)
 
 
 def test_a_model_without_quantized_layers_raises():
