@@ -249,9 +249,10 @@ def compared(row: dict, other: dict, label: str, lower_is_better: bool) -> dict:
 
 def error_bars(rows: list[dict]) -> list[list[float]]:
   """``yerr`` for matplotlib: each row's mean to its min and to its max over the seeds (0 for
-  rows written before seeds)."""
-  below = [r["metric"] - r.get("metric_min", r["metric"]) for r in rows]
-  above = [r.get("metric_max", r["metric"]) - r["metric"] for r in rows]
+  rows written before seeds). Never negative: the mean of equal values can differ from them in
+  the last bit, and matplotlib rejects a negative length."""
+  below = [max(0.0, r["metric"] - r.get("metric_min", r["metric"])) for r in rows]
+  above = [max(0.0, r.get("metric_max", r["metric"]) - r["metric"]) for r in rows]
   return [below, above]
 
 

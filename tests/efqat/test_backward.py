@@ -14,14 +14,14 @@ from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_tr
 from efqat_jax.models import SmallCNN
 from efqat_jax.nn import quantized_layers
 from efqat_jax.train import create_train_state, make_mesh, make_train_step, replicate, shard_batch
+from tests.built_model import BuiltModel
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
 MODEL = quantize(SmallCNN(features=(8, 16, 16)), RULE)  # Conv_0..2, Dense_0
 X = jax.random.uniform(jax.random.key(0), (8, 12, 12, 1))
 Y = jnp.arange(8) % 10
+CNN = BuiltModel(MODEL, X)
 # One compiled init per model (eager init compiles each of its operations on its own).
-VARIABLES = jax.jit(MODEL.init)(jax.random.key(0), X)
-LAYERS = quantized_layers(MODEL, VARIABLES, X)
 
 
 def _step(model, tx, mesh):
@@ -31,7 +31,7 @@ def _step(model, tx, mesh):
 @pytest.fixture(scope="module")
 def setup():
   mesh, tx = make_mesh(), freeze_unselected(optax.adam(1e-2))
-  state = replicate(create_train_state(VARIABLES, tx), mesh)
+  state = replicate(create_train_state(CNN.variables, tx), mesh)
   return state, _step(MODEL, tx, mesh), shard_batch({"inputs": X, "labels": Y}, mesh)
 
 
@@ -55,7 +55,7 @@ def test_compiled_step_has_weight_gradients_only_for_layers_that_train(
   setup, mode, rho, convolutions, dots
 ):
   state, step, batch = setup
-  assert _op_counts(step, state, batch, select(state.params, LAYERS, mode, rho)) == (
+  assert _op_counts(step, state, batch, select(state.params, CNN.layers, mode, rho)) == (
     convolutions,
     dots,
   )
@@ -69,8 +69,8 @@ def test_with_cheap_params_in_selected_layers_only_the_backward_stops_at_the_low
   (its input quantizer's scale trains) and every layer above it, a weight gradient for every
   selected one, nothing below."""
   state, step, batch = setup
-  trainable = select(state.params, LAYERS, mode, rho, cheap_params="selected_layers")
-  order = list(LAYERS)
+  trainable = select(state.params, CNN.layers, mode, rho, cheap_params="selected_layers")
+  order = list(CNN.layers)
   selected = [i for i, path in enumerate(order) if trainable.count(path)]
   lowest = min(selected, default=len(order))
   is_conv = [path.startswith("Conv") for path in order]
@@ -99,14 +99,14 @@ def _weight_gradient(kernel_shape, k):
 
 def test_partially_trained_layers_compute_weight_gradients_for_their_channels_only(setup):
   state, step, batch = setup
-  trainable = select(state.params, LAYERS, "cwpl", 0.25)  # 8, 16, 16, 10 channels -> 2, 4, 4, 3
+  trainable = select(state.params, CNN.layers, "cwpl", 0.25)  # 8, 16, 16, 10 channels -> 2, 4, 4, 3
   shapes = _backward_output_shapes(step, state, batch, trainable)
   for path, k in trainable.counts:
     kernel = state.params[path]["kernel"].shape
     assert (k, kernel[-1]) in [(2, 8), (4, 16), (3, 10)], path
     assert _weight_gradient(kernel, k) in shapes, path
     assert _weight_gradient(kernel, kernel[-1]) not in shapes, path
-  full = _backward_output_shapes(step, state, batch, select(state.params, LAYERS, "qat"))
+  full = _backward_output_shapes(step, state, batch, select(state.params, CNN.layers, "qat"))
   for path, value in state.params.items():
     assert _weight_gradient(value["kernel"].shape, value["kernel"].shape[-1]) in full, path
 
@@ -217,7 +217,7 @@ def test_restricted_backward_updates_params_like_the_full_backward_with_masks(ca
 
 def test_lwpn_drops_the_weight_gradients_of_the_frozen_layers(setup):
   state, step, batch = setup
-  trainable = select(state.params, LAYERS, "lwpn", 0.5)
+  trainable = select(state.params, CNN.layers, "lwpn", 0.5)
   trained = {p for p, k in trainable.counts if k}
   conv_dw = sum(p.startswith("Conv") for p in trained)
   dense_dw = int("Dense_0" in trained)
@@ -228,14 +228,14 @@ def test_reselection_retraces_only_when_counts_change(setup):
   state, step, batch = setup
   tx = freeze_unselected(optax.adam(1e-2))
   mesh = make_mesh()
-  state = replicate(create_train_state(VARIABLES, tx), mesh)
+  state = replicate(create_train_state(CNN.variables, tx), mesh)
   fresh = _step(MODEL, tx, mesh)
   for i in range(3):
-    trainable = select(state.params, LAYERS, "cwpl", 0.25)
+    trainable = select(state.params, CNN.layers, "cwpl", 0.25)
     state = state.replace(opt_state=set_trainable(state.opt_state, state.params, trainable))
     state, _ = fresh(state, batch, jax.random.key(i), trainable)
   assert fresh.jitted._cache_size() == 1
-  state, _ = fresh(state, batch, jax.random.key(9), select(state.params, LAYERS, "lwpn", 0.5))
+  state, _ = fresh(state, batch, jax.random.key(9), select(state.params, CNN.layers, "lwpn", 0.5))
   assert fresh.jitted._cache_size() == 2
 
 
@@ -243,8 +243,8 @@ def test_frozen_layer_params_do_not_move_through_the_full_step(setup):
   state, step, batch = setup
   tx = freeze_unselected(optax.adam(1e-2))
   mesh = make_mesh()
-  state = replicate(create_train_state(VARIABLES, tx), mesh)
-  trainable = select(state.params, LAYERS, "lwpn", 0.5)
+  state = replicate(create_train_state(CNN.variables, tx), mesh)
+  trainable = select(state.params, CNN.layers, "lwpn", 0.5)
   state = state.replace(opt_state=set_trainable(state.opt_state, state.params, trainable))
   before = jax.device_get(state.params)
   state, _ = _step(MODEL, tx, mesh)(state, batch, jax.random.key(0), trainable)

@@ -11,8 +11,8 @@ import pytest
 from efqat_jax import QuantRule, QuantSpec, quantize
 from efqat_jax.efqat import IMPORTANCES, select, unit_scores, unit_weights
 from efqat_jax.efqat.importance import BATCH_NORM_EPSILON
-from efqat_jax.nn import quantized_layers
 from efqat_jax.nn.layer_table import params_at
+from tests.built_model import BuiltModel
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
 X = jnp.ones((2, 6, 6, 1))
@@ -42,8 +42,7 @@ class StackedConvNet(nn.Module):
 
 
 MODEL = quantize(StackedConvNet(), RULE)
-VARIABLES = jax.jit(MODEL.init)(jax.random.key(0), X)
-LAYERS = quantized_layers(MODEL, VARIABLES, X)
+STACKED = BuiltModel(MODEL, X)
 
 
 def _with_norm_statistics(variables, seed=1):
@@ -66,13 +65,13 @@ def _folded_channel_means(weight, gamma, var):
 
 
 def test_the_three_importances_against_brute_force_on_a_stacked_model():
-  variables = _with_norm_statistics(VARIABLES)
+  variables = _with_norm_statistics(STACKED.variables)
   params, stats = variables["params"], variables["batch_stats"]
-  weights = unit_weights(params, LAYERS)
+  weights = unit_weights(params, STACKED.layers)
   assert set(weights) == {"ConvNorm_0/Conv_0", "Dense_0"} | {f"stack/Conv_0[{i}]" for i in range(3)}
-  mean_abs = unit_scores(params, LAYERS)
-  fan_in = unit_scores(params, LAYERS, "fan_in")
-  folded = unit_scores(params, LAYERS, "bn_folded", stats)
+  mean_abs = unit_scores(params, STACKED.layers)
+  fan_in = unit_scores(params, STACKED.layers, "fan_in")
+  folded = unit_scores(params, STACKED.layers, "bn_folded", stats)
   for unit, w in weights.items():
     w = np.asarray(w)
     plain = np.abs(w).reshape(-1, w.shape[-1]).mean(axis=0)
@@ -103,9 +102,9 @@ def test_fan_in_scaling_stops_cwpn_from_taking_only_the_small_fan_in_layer():
   """At init (std ~ 1/sqrt(fan_in)) mean |w| ranks the channels of the fan-in-8 and -9 layers
   above those of the fan-in-72 stack, so cwpn trains none of the stack; fan-in scaling ranks
   them on one scale."""
-  params = VARIABLES["params"]
-  plain = select(params, LAYERS, "cwpn", 0.2)
-  scaled = select(params, LAYERS, "cwpn", 0.2, importance="fan_in")
+  params = STACKED.variables["params"]
+  plain = select(params, STACKED.layers, "cwpn", 0.2)
+  scaled = select(params, STACKED.layers, "cwpn", 0.2, importance="fan_in")
   stack = [f"stack/Conv_0[{i}]" for i in range(3)]
   assert not any(plain.count(unit) for unit in stack)
   assert sum(bool(scaled.count(unit)) for unit in stack) >= 2
@@ -121,25 +120,25 @@ def test_bn_folded_ranks_layers_by_their_norm_gain():
       if "stack" in str(path) and path[-1].key == "scale"
       else leaf
     ),
-    VARIABLES,
+    STACKED.variables,
   )
   params, stats = variables["params"], variables["batch_stats"]
-  folded = select(params, LAYERS, "lwpn", 0.2, importance="bn_folded", batch_stats=stats)
-  plain = select(params, LAYERS, "lwpn", 0.2)
+  folded = select(params, STACKED.layers, "lwpn", 0.2, importance="bn_folded", batch_stats=stats)
+  plain = select(params, STACKED.layers, "lwpn", 0.2)
   assert {unit for unit, k in folded.counts if k} == {"stack/Conv_0[1]"}
   assert {unit for unit, k in plain.counts if k} != {"stack/Conv_0[1]"}
-  cwpl = select(params, LAYERS, "cwpl", 0.25, importance="bn_folded", batch_stats=stats)
+  cwpl = select(params, STACKED.layers, "cwpl", 0.25, importance="bn_folded", batch_stats=stats)
   assert set(np.asarray(cwpl.channels["stack/Conv_0[1]"]).tolist()) == {6, 7}
 
 
 def test_importance_errors_name_the_argument():
   with pytest.raises(ValueError, match="importance must be one of"):
-    select(VARIABLES["params"], LAYERS, "cwpl", 0.1, importance="grad")
+    select(STACKED.variables["params"], STACKED.layers, "cwpl", 0.1, importance="grad")
   with pytest.raises(ValueError, match="batch_stats"):
-    select(VARIABLES["params"], LAYERS, "cwpl", 0.1, importance="bn_folded")
+    select(STACKED.variables["params"], STACKED.layers, "cwpl", 0.1, importance="bn_folded")
   assert IMPORTANCES == ("mean_abs", "fan_in", "bn_folded")
   # A model without BatchNorm: bn_folded is mean |w|.
-  no_norm = {"params": VARIABLES["params"]}
-  a = select(no_norm["params"], LAYERS, "cwpn", 0.3, importance="bn_folded", batch_stats={})
-  b = select(no_norm["params"], LAYERS, "cwpn", 0.3)
+  no_norm = {"params": STACKED.variables["params"]}
+  a = select(no_norm["params"], STACKED.layers, "cwpn", 0.3, importance="bn_folded", batch_stats={})
+  b = select(no_norm["params"], STACKED.layers, "cwpn", 0.3)
   assert a.counts == b.counts

@@ -10,14 +10,13 @@ from efqat_jax import QuantRule, QuantSpec, quantize
 from efqat_jax.efqat import freeze_unselected, select, set_trainable, trainable_from_state
 from efqat_jax.models import SmallCNN
 from efqat_jax.nn import quantized_layers
+from tests.built_model import BuiltModel
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
 MODEL = quantize(SmallCNN(features=(8, 16)), RULE)
 X = jax.random.uniform(jax.random.key(0), (8, 12, 12, 1))
 Y = jnp.arange(8) % 10
-VARIABLES = jax.jit(MODEL.init)(jax.random.key(0), X)  # one program, not one per operation
-PARAMS = VARIABLES["params"]
-LAYERS = quantized_layers(MODEL, VARIABLES, X)
+CNN = BuiltModel(MODEL, X)
 OPTIMIZERS = {
   "sgd_momentum": optax.sgd(0.05, momentum=0.9),
   "adam": optax.adam(1e-2),
@@ -49,30 +48,32 @@ def _frozen_and_trained(tset, path):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_frozen_channels_do_not_move_and_selected_ones_do(name):
   tx = freeze_unselected(OPTIMIZERS[name])
-  tset = select(PARAMS, LAYERS, "cwpl", 0.25)
-  state = set_trainable(tx.init(PARAMS), PARAMS, tset)
-  params, _, _ = _run(tx, PARAMS, state, 3)
+  tset = select(CNN.params, CNN.layers, "cwpl", 0.25)
+  state = set_trainable(tx.init(CNN.params), CNN.params, tset)
+  params, _, _ = _run(tx, CNN.params, state, 3)
   for path in ("Conv_0", "Conv_1", "Dense_0"):
     frozen, trained = _frozen_and_trained(tset, path)
-    before, after = np.asarray(PARAMS[path]["kernel"]), np.asarray(params[path]["kernel"])
+    before, after = np.asarray(CNN.params[path]["kernel"]), np.asarray(params[path]["kernel"])
     np.testing.assert_array_equal(after[..., frozen], before[..., frozen])  # exactly, decay too
     assert np.all(
       np.any(after[..., trained] != before[..., trained], axis=tuple(range(before.ndim - 1)))
     )
     scale_before, scale_after = (
-      np.asarray(PARAMS[path]["kernel_scale"]),
+      np.asarray(CNN.params[path]["kernel_scale"]),
       np.asarray(params[path]["kernel_scale"]),
     )
     np.testing.assert_array_equal(scale_after[frozen], scale_before[frozen])
-    assert not np.array_equal(params[path]["bias"], PARAMS[path]["bias"])  # biases always train
+    assert not np.array_equal(params[path]["bias"], CNN.params[path]["bias"])  # biases always train
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_channel_frozen_at_reselection_stops_at_once_and_keeps_its_moments(name):
   tx = freeze_unselected(OPTIMIZERS[name])
-  everything = select(PARAMS, LAYERS, "qat")
-  params, state, step = _run(tx, PARAMS, set_trainable(tx.init(PARAMS), PARAMS, everything), 3)
-  nothing = select(params, LAYERS, "ptq")
+  everything = select(CNN.params, CNN.layers, "qat")
+  params, state, step = _run(
+    tx, CNN.params, set_trainable(tx.init(CNN.params), CNN.params, everything), 3
+  )
+  nothing = select(params, CNN.layers, "ptq")
   state = set_trainable(state, params, nothing)
   params2, state2 = step(params, state)
   for path in ("Conv_0", "Dense_0"):
@@ -89,39 +90,45 @@ def test_channel_frozen_at_reselection_stops_at_once_and_keeps_its_moments(name)
 
 def test_default_trains_everything_like_the_inner_optimizer():
   inner = optax.adam(1e-2)
-  a, _, _ = _run(freeze_unselected(inner), PARAMS, freeze_unselected(inner).init(PARAMS), 2)
-  b, _, _ = _run(inner, PARAMS, inner.init(PARAMS), 2)
+  a, _, _ = _run(freeze_unselected(inner), CNN.params, freeze_unselected(inner).init(CNN.params), 2)
+  b, _, _ = _run(inner, CNN.params, inner.init(CNN.params), 2)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
 
 
 def test_train_frozen_scales_lets_every_kernel_scale_move():
   tx = freeze_unselected(optax.adam(1e-2))
-  tset = select(PARAMS, LAYERS, "ptq", train_frozen_scales=True)
-  state = set_trainable(tx.init(PARAMS), PARAMS, tset)
-  params, _, _ = _run(tx, PARAMS, state, 2)
-  np.testing.assert_array_equal(params["Conv_1"]["kernel"], PARAMS["Conv_1"]["kernel"])
-  assert not np.array_equal(params["Conv_1"]["kernel_scale"], PARAMS["Conv_1"]["kernel_scale"])
+  tset = select(CNN.params, CNN.layers, "ptq", train_frozen_scales=True)
+  state = set_trainable(tx.init(CNN.params), CNN.params, tset)
+  params, _, _ = _run(tx, CNN.params, state, 2)
+  np.testing.assert_array_equal(params["Conv_1"]["kernel"], CNN.params["Conv_1"]["kernel"])
+  assert not np.array_equal(params["Conv_1"]["kernel_scale"], CNN.params["Conv_1"]["kernel_scale"])
 
 
 def test_cheap_params_of_frozen_layers_stay_put_with_selected_layers_and_read_back():
   tx = freeze_unselected(optax.adam(1e-2))
-  tset = select(PARAMS, LAYERS, "lwpn", 0.3, cheap_params="selected_layers")  # one layer of 3
+  tset = select(
+    CNN.params, CNN.layers, "lwpn", 0.3, cheap_params="selected_layers"
+  )  # one layer of 3
   (selected,) = [path for path, k in tset.counts if k]
-  state = set_trainable(tx.init(PARAMS), PARAMS, tset)
-  params, state, _ = _run(tx, PARAMS, state, 2)
-  for path in LAYERS:
-    moved = {n for n in PARAMS[path] if not np.array_equal(params[path][n], PARAMS[path][n])}
+  state = set_trainable(tx.init(CNN.params), CNN.params, tset)
+  params, state, _ = _run(tx, CNN.params, state, 2)
+  for path in CNN.layers:
+    moved = {
+      n for n in CNN.params[path] if not np.array_equal(params[path][n], CNN.params[path][n])
+    }
     assert moved >= {"kernel", "bias", "input_scale"} if path == selected else not moved, path
-  restored = trainable_from_state(state, params, LAYERS)
+  restored = trainable_from_state(state, params, CNN.layers)
   assert (restored.cheap_params, restored.counts) == ("selected_layers", tset.counts)
-  everywhere = select(PARAMS, LAYERS, "lwpn", 0.3)
-  state = set_trainable(tx.init(PARAMS), PARAMS, everywhere)
-  assert trainable_from_state(state, PARAMS, LAYERS).cheap_params == "all_layers"
+  everywhere = select(CNN.params, CNN.layers, "lwpn", 0.3)
+  state = set_trainable(tx.init(CNN.params), CNN.params, everywhere)
+  assert trainable_from_state(state, CNN.params, CNN.layers).cheap_params == "all_layers"
 
 
 def test_set_trainable_rejects_a_foreign_state():
   with pytest.raises(ValueError, match="freeze_unselected"):
-    set_trainable(optax.adam(1e-2).init(PARAMS), PARAMS, select(PARAMS, LAYERS, "qat"))
+    set_trainable(
+      optax.adam(1e-2).init(CNN.params), CNN.params, select(CNN.params, CNN.layers, "qat")
+    )
 
 
 def test_frozen_state_is_kept_inside_multi_transform_with_decay_before_momentum():
@@ -136,14 +143,14 @@ def test_frozen_state_is_kept_inside_multi_transform_with_decay_before_momentum(
     ),
   )
   tx = freeze_unselected(inner)
-  tset = select(PARAMS, LAYERS, "cwpl", 0.25)
-  params, state, _ = _run(tx, PARAMS, set_trainable(tx.init(PARAMS), PARAMS, tset), 3)
+  tset = select(CNN.params, CNN.layers, "cwpl", 0.25)
+  params, state, _ = _run(tx, CNN.params, set_trainable(tx.init(CNN.params), CNN.params, tset), 3)
   momentum = state.inner.inner_states["weights"].inner_state[1][0].trace
   frozen = ~np.asarray(tset.channel_mask("Conv_1"))
   np.testing.assert_array_equal(np.asarray(momentum["Conv_1"]["kernel"])[..., frozen], 0.0)
   np.testing.assert_array_equal(
     np.asarray(params["Conv_1"]["kernel"])[..., frozen],
-    np.asarray(PARAMS["Conv_1"]["kernel"])[..., frozen],
+    np.asarray(CNN.params["Conv_1"]["kernel"])[..., frozen],
   )
 
 
@@ -151,9 +158,9 @@ def test_selected_state_has_the_shapes_of_a_fresh_state(tmp_path):
   from efqat_jax.train import Checkpointer
 
   tx = freeze_unselected(optax.adam(1e-2))
-  fresh = tx.init(PARAMS)
+  fresh = tx.init(CNN.params)
   selected = set_trainable(
-    fresh, PARAMS, select(PARAMS, LAYERS, "cwpl", 0.25, train_frozen_scales=True)
+    fresh, CNN.params, select(CNN.params, CNN.layers, "cwpl", 0.25, train_frozen_scales=True)
   )
   assert jax.tree.map(np.shape, selected) == jax.tree.map(np.shape, fresh)
   with Checkpointer(tmp_path / "c") as ckpt:
@@ -194,8 +201,11 @@ def test_a_new_selection_is_placed_like_the_masks_it_replaces():
   tx = freeze_unselected(optax.adam(1e-2))
   mesh = make_mesh()
   state = replicate(
-    set_trainable(tx.init(PARAMS), PARAMS, select(PARAMS, LAYERS, "cwpl", 0.5)), mesh
+    set_trainable(tx.init(CNN.params), CNN.params, select(CNN.params, CNN.layers, "cwpl", 0.5)),
+    mesh,
   )
-  again = set_trainable(state, PARAMS, select(PARAMS, LAYERS, "cwpl", 0.25))  # unreplicated params
+  again = set_trainable(
+    state, CNN.params, select(CNN.params, CNN.layers, "cwpl", 0.25)
+  )  # unreplicated params
   same = jax.tree.map(lambda a, b: a.sharding == b.sharding, again.masks, state.masks)
   assert all(jax.tree.leaves(same))

@@ -16,18 +16,17 @@ from efqat_jax.efqat import (
   trainable_from_state,
 )
 from efqat_jax.models import SmallCNN
-from efqat_jax.nn import quantized_layers
 from efqat_jax.train import create_train_state
+from tests.built_model import BuiltModel
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
 MODEL = quantize(SmallCNN(features=(8, 16)), RULE)  # Conv_0 (8), Conv_1 (16), Dense_0 (10)
-VARIABLES = jax.jit(MODEL.init)(jax.random.key(0), jnp.ones((2, 12, 12, 1)))
-LAYERS = quantized_layers(MODEL, VARIABLES, jnp.ones((2, 12, 12, 1)))
+CNN = BuiltModel(MODEL, jnp.ones((2, 12, 12, 1)))
 TX = freeze_unselected(optax.adam(1e-2))
 
 
 def _state():
-  return create_train_state(VARIABLES, TX)
+  return create_train_state(CNN.variables, TX)
 
 
 class Recorder:
@@ -57,7 +56,7 @@ def test_selects_at_step_zero_and_every_so_many_steps(every, selections):
   recorder = Recorder()
   step = ReselectingStep(
     recorder,
-    lambda v: select(v["params"], LAYERS, "cwpl", 0.25),
+    lambda v: select(v["params"], CNN.layers, "cwpl", 0.25),
     every,
     lambda *a: calls.append(a[0]),
   )
@@ -67,7 +66,7 @@ def test_selects_at_step_zero_and_every_so_many_steps(every, selections):
 
 
 def test_selection_is_installed_in_the_optimizer_state():
-  step = ReselectingStep(Recorder(), lambda v: select(v["params"], LAYERS, "cwpl", 0.25), None)
+  step = ReselectingStep(Recorder(), lambda v: select(v["params"], CNN.layers, "cwpl", 0.25), None)
   state = _run(step, _state(), 1)
   masks = state.opt_state.masks["Conv_1"]["kernel"]
   assert masks.shape == (3, 3, 8, 16) and int(masks[0, 0, 0].sum()) == 4
@@ -77,7 +76,10 @@ def test_selection_is_installed_in_the_optimizer_state():
 def test_recompiles_are_flagged_only_for_counts_not_seen_before():
   flags = []
   step = ReselectingStep(
-    Recorder(), lambda v: select(v["params"], LAYERS, "cwpn", 0.3), 1, lambda *a: flags.append(a[3])
+    Recorder(),
+    lambda v: select(v["params"], CNN.layers, "cwpn", 0.3),
+    1,
+    lambda *a: flags.append(a[3]),
   )
   _run(step, _state(), 4)
   assert flags[0] is True
@@ -88,9 +90,9 @@ def test_recompiles_are_flagged_only_for_counts_not_seen_before():
 @pytest.mark.parametrize("train_frozen_scales", [False, True])
 def test_selection_reads_back_from_the_optimizer_state(mode, rho, train_frozen_scales):
   state = _state()
-  chosen = select(state.params, LAYERS, mode, rho, train_frozen_scales=train_frozen_scales)
+  chosen = select(state.params, CNN.layers, mode, rho, train_frozen_scales=train_frozen_scales)
   opt_state = set_trainable(state.opt_state, state.params, chosen)
-  back = trainable_from_state(opt_state, state.params, LAYERS)
+  back = trainable_from_state(opt_state, state.params, CNN.layers)
   assert back.counts == chosen.counts and back.layers == chosen.layers
   partial = any(k < chosen.size(unit) for unit, k in chosen.counts)
   expect_flag = train_frozen_scales and partial
@@ -102,14 +104,18 @@ def test_selection_reads_back_from_the_optimizer_state(mode, rho, train_frozen_s
 def test_a_resumed_run_between_selections_continues_with_the_installed_selection():
   straight = Recorder()
   _run(
-    ReselectingStep(straight, lambda v: select(v["params"], LAYERS, "cwpn", 0.3), 3), _state(), 5
+    ReselectingStep(straight, lambda v: select(v["params"], CNN.layers, "cwpn", 0.3), 3),
+    _state(),
+    5,
   )
   first = Recorder()
   state = _run(
-    ReselectingStep(first, lambda v: select(v["params"], LAYERS, "cwpn", 0.3), 3), _state(), 2
+    ReselectingStep(first, lambda v: select(v["params"], CNN.layers, "cwpn", 0.3), 3), _state(), 2
   )
   resumed = Recorder()  # a new process: resumes at step 2 (no selection due until step 3)
-  _run(ReselectingStep(resumed, lambda v: select(v["params"], LAYERS, "cwpn", 0.3), 3), state, 3)
+  _run(
+    ReselectingStep(resumed, lambda v: select(v["params"], CNN.layers, "cwpn", 0.3), 3), state, 3
+  )
   for a, b in zip(straight.seen, first.seen + resumed.seen, strict=True):
     assert a.counts == b.counts
     for path in a.channels:
@@ -118,7 +124,7 @@ def test_a_resumed_run_between_selections_continues_with_the_installed_selection
 
 def test_summary_counts_channel_and_parameter_shares():
   params = _state().params
-  chosen = select(params, LAYERS, "lwpn", 0.3)  # one of three layers, trained whole
+  chosen = select(params, CNN.layers, "lwpn", 0.3)  # one of three layers, trained whole
   summary = chosen.summary()
   (trained,) = [p for p, k in chosen.counts if k]
   sizes = {p: np.size(params[p]["kernel"]) for p in ("Conv_0", "Conv_1", "Dense_0")}
@@ -131,7 +137,7 @@ def test_summary_counts_channel_and_parameter_shares():
 @pytest.mark.parametrize("every", [0, -1, 1.5, True])
 def test_bad_period_is_rejected(every):
   with pytest.raises(ValueError, match="every must be"):
-    ReselectingStep(Recorder(), lambda v: select(v["params"], LAYERS, "cwpl"), every)
+    ReselectingStep(Recorder(), lambda v: select(v["params"], CNN.layers, "cwpl"), every)
 
 
 def test_reselecting_with_unchanged_counts_never_retraces_the_step():
@@ -148,7 +154,7 @@ def test_reselecting_with_unchanged_counts_never_retraces_the_step():
   mesh = make_mesh()
   traced_once = chex.assert_max_traces(classification_loss, n=1)  # runs once per trace
   train_step = make_train_step(MODEL, TX, mesh, traced_once, param_context=restrict_backward)
-  step = ReselectingStep(train_step, lambda v: select(v["params"], LAYERS, "cwpl", 0.25), 2)
+  step = ReselectingStep(train_step, lambda v: select(v["params"], CNN.layers, "cwpl", 0.25), 2)
   x = jax.random.uniform(jax.random.key(1), (8, 12, 12, 1))
   batch = shard_batch({"inputs": x, "labels": jnp.arange(8) % 10}, mesh)
   state = replicate(_state(), mesh)
@@ -159,7 +165,7 @@ def test_reselecting_with_unchanged_counts_never_retraces_the_step():
     step.step_fn.jitted._cache_size() == 1
   )  # new masks keep the state's placement: no recompile
   with pytest.raises(AssertionError, match="traced"):  # new counts: the same step retraces
-    step.step_fn(state, batch, jax.random.key(9), select(state.params, LAYERS, "lwpn", 0.5))
+    step.step_fn(state, batch, jax.random.key(9), select(state.params, CNN.layers, "lwpn", 0.5))
 
 
 def test_a_real_reselection_stops_newly_frozen_channels_and_trains_newly_selected_ones():
@@ -169,7 +175,7 @@ def test_a_real_reselection_stops_newly_frozen_channels_and_trains_newly_selecte
   from efqat_jax.train import make_mesh, make_train_step, replicate, shard_batch
 
   mesh = make_mesh()
-  ranked = select(VARIABLES["params"], LAYERS, "cwpl", 1.0)  # every channel, by importance
+  ranked = select(CNN.variables["params"], CNN.layers, "cwpl", 1.0)  # every channel, by importance
   k = {unit: c // 4 for unit, c in ((u, ranked.size(u)) for u, _ in ranked.counts)}
   top = {unit: ranked.channels[unit][: k[unit]] for unit in k}
   bottom = {unit: ranked.channels[unit][-k[unit] :] for unit in k}

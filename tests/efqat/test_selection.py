@@ -1,6 +1,5 @@
 """Importance (mean |w|) and the CWPL / CWPN / LWPN selections."""
 
-import functools
 import math
 
 import jax
@@ -12,32 +11,12 @@ from efqat_jax import QuantRule, QuantSpec, quantize
 from efqat_jax.efqat import channel_importance, select, unit_weights
 from efqat_jax.models import ResNet, SmallCNN, Transformer
 from efqat_jax.nn import quantized_layers
+from tests.built_model import BuiltModel
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
-
-
-class Built:
-  """A quantized model's params and layers, built on first use (not while collecting)."""
-
-  def __init__(self, model, x):
-    self.model, self.x = quantize(model, RULE), x
-
-  @functools.cached_property
-  def variables(self):
-    return jax.jit(self.model.init)(jax.random.key(0), self.x)
-
-  @property
-  def params(self):
-    return self.variables["params"]
-
-  @functools.cached_property
-  def layers(self):
-    return quantized_layers(self.model, self.variables, self.x)
-
-
-CNN = Built(SmallCNN(features=(8, 16)), jnp.ones((2, 12, 12, 1)))
-TFM = Built(
-  Transformer(vocab_size=16, d_model=8, num_heads=2, mlp_dim=16, max_len=8),
+CNN = BuiltModel(quantize(SmallCNN(features=(8, 16)), RULE), jnp.ones((2, 12, 12, 1)))
+TFM = BuiltModel(
+  quantize(Transformer(vocab_size=16, d_model=8, num_heads=2, mlp_dim=16, max_len=8), RULE),
   jnp.ones((2, 8), jnp.int32),
 )
 

@@ -20,9 +20,10 @@ from efqat_jax.train import (
   shard_batch,
   train_loop,
 )
-from tests.efqat.test_reselect import LAYERS, MODEL, TX, VARIABLES
+from tests.efqat.test_reselect import CNN, MODEL, TX
 
-RANKED = select(VARIABLES["params"], LAYERS, "cwpl", 1.0)  # every channel, by importance
+# Every channel, by importance (built while collecting: the selections below need it).
+RANKED = select(CNN.params, CNN.layers, "cwpl", 1.0)
 UNITS = ("Conv_0", "Conv_1", "Dense_0")  # 8, 16 and 10 output channels
 
 
@@ -86,7 +87,7 @@ def _train(workdir, train_step, steps, reuse=True):
   # on resuming between selections the selector is asked only for the layers
   selector = lambda variables: SCHEDULE.get(now[0], A)
   step = ReselectingStep(train_step, selector, EVERY, reuse_steps=reuse)
-  state = replicate(create_train_state(VARIABLES, TX), MESH)
+  state = replicate(create_train_state(CNN.variables, TX), MESH)
   with Checkpointer(workdir / "ckpt") as ckpt, MetricWriter(workdir / "tb") as writer:
     state = train_loop(
       state,

@@ -25,6 +25,7 @@ from efqat_jax.qat.block_replacement import (
   partner_apply,
 )
 from efqat_jax.train import create_train_state, make_mesh, make_train_step, replicate, shard_batch
+from tests.built_model import BuiltModel
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(2), input=QuantSpec.for_activations(2))
 
@@ -143,8 +144,7 @@ def test_distillation_is_zero_for_equal_logits_and_scales_with_the_temperature_s
 # SmallCNN: Conv_0..2, Dense_0; boundaries at Conv_1 and Conv_2 (prefix: two branches).
 CNN = SmallCNN(features=(8, 16, 16))
 QCNN = quantize(CNN, RULE)
-QCNN_VARIABLES = jax.jit(QCNN.init)(jax.random.key(0), CNN_X)
-CNN_LAYERS = quantized_layers(QCNN, QCNN_VARIABLES, CNN_X)
+BUILT_QCNN = BuiltModel(QCNN, CNN_X)
 CNN_Y = jnp.arange(8) % 10
 
 
@@ -152,8 +152,8 @@ CNN_Y = jnp.arange(8) % 10
 def cnn_setup():
   mesh, tx = make_mesh(), freeze_unselected(optax.adam(1e-2))
   fp_variables = jax.jit(CNN.init)(jax.random.key(0), CNN_X)
-  qvariables = QCNN_VARIABLES
-  settings = Replacement(find_boundaries(CNN_LAYERS, "Conv_1,Conv_2"))
+  qvariables = BUILT_QCNN.variables
+  settings = Replacement(find_boundaries(BUILT_QCNN.layers, "Conv_1,Conv_2"))
   loss_fn = block_replacement_loss(CNN, fp_variables, settings)
   step = make_train_step(QCNN, tx, mesh, loss_fn, param_context=restrict_backward)
   state = replicate(create_train_state(qvariables, tx), mesh)
@@ -177,7 +177,7 @@ def test_the_partner_has_no_weight_gradient_op_and_efqat_frozen_layers_none_eith
   cnn_setup, mode, convolutions, dots
 ):
   _, _, step, state, batch = cnn_setup
-  trainable = select(state.params, CNN_LAYERS, mode, 1.0 if mode == "qat" else 0.0)
+  trainable = select(state.params, BUILT_QCNN.layers, mode, 1.0 if mode == "qat" else 0.0)
   assert _op_counts(step, state, batch, trainable) == (convolutions, dots)
 
 
@@ -190,7 +190,7 @@ def test_the_partner_is_an_input_of_the_step_with_no_gradient_and_no_optimizer_s
   )
   assert 'dense<"0x' not in lowered.as_text()  # no weights baked in as constants
   before = jax.tree.map(np.asarray, fp_variables)
-  trainable = select(state.params, CNN_LAYERS, "cwpl", 0.5)
+  trainable = select(state.params, BUILT_QCNN.layers, "cwpl", 0.5)
   state = state.replace(opt_state=set_trainable(state.opt_state, state.params, trainable))
   frozen_before = np.asarray(state.params["Conv_1"]["kernel"])
   losses = []
