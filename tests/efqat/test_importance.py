@@ -102,7 +102,7 @@ def test_fan_in_scaling_stops_cwpn_from_taking_only_the_small_fan_in_layer():
   """At init (std ~ 1/sqrt(fan_in)) mean |w| ranks the channels of the fan-in-8 and -9 layers
   above those of the fan-in-72 stack, so cwpn trains none of the stack; fan-in scaling ranks
   them on one scale."""
-  params = STACKED.variables["params"]
+  params = STACKED.params
   plain = select(params, STACKED.layers, "cwpn", 0.2)
   scaled = select(params, STACKED.layers, "cwpn", 0.2, importance="fan_in")
   stack = [f"stack/Conv_0[{i}]" for i in range(3)]
@@ -133,12 +133,12 @@ def test_bn_folded_ranks_layers_by_their_norm_gain():
 
 def test_importance_errors_name_the_argument():
   with pytest.raises(ValueError, match="importance must be one of"):
-    select(STACKED.variables["params"], STACKED.layers, "cwpl", 0.1, importance="grad")
+    select(STACKED.params, STACKED.layers, "cwpl", 0.1, importance="grad")
   with pytest.raises(ValueError, match="batch_stats"):
-    select(STACKED.variables["params"], STACKED.layers, "cwpl", 0.1, importance="bn_folded")
+    select(STACKED.params, STACKED.layers, "cwpl", 0.1, importance="bn_folded")
   assert IMPORTANCES == ("mean_abs", "fan_in", "bn_folded")
   # A model without BatchNorm: bn_folded is mean |w|.
-  no_norm = {"params": STACKED.variables["params"]}
+  no_norm = {"params": STACKED.params}
   a = select(no_norm["params"], STACKED.layers, "cwpn", 0.3, importance="bn_folded", batch_stats={})
   b = select(no_norm["params"], STACKED.layers, "cwpn", 0.3)
   assert a.counts == b.counts
