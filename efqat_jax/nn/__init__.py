@@ -12,14 +12,16 @@ from efqat_jax.nn.ops import (
   QUANT_STATS,
   Mode,
   QuantizedOps,
+  capturing_inputs,
+)
+from efqat_jax.nn.partial_grad import channel_subset_grad
+from efqat_jax.nn.rounding import (
   RoundingContext,
   WeightRounding,
-  capturing_inputs,
   current_weight_rounding,
   round_to_nearest,
   weight_rounding,
 )
-from efqat_jax.nn.partial_grad import channel_subset_grad
 from efqat_jax.nn.rule import QuantRule
 
 __all__ = [

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 from jax.extend.core import Literal
 
-from efqat_jax.nn.ops import weight_rounding
+from efqat_jax.nn.rounding import weight_rounding
 
 _OPS = {"dot_general": "dot_general", "conv_general_dilated": "convolution"}
 _LAYOUT = {

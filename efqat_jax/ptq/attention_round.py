@@ -52,7 +52,8 @@ from efqat_jax.nn.layer_table import (
   quantized_layers,
   with_params_at,
 )
-from efqat_jax.nn.ops import Mode, RoundingContext, WeightRounding, weight_rounding
+from efqat_jax.nn.ops import Mode
+from efqat_jax.nn.rounding import RoundingContext, WeightRounding, weight_rounding
 from efqat_jax.ptq.capture import Capture
 from efqat_jax.ptq.methods import PTQ_METHODS, PtqMethod
 from efqat_jax.quant.fake_quant import fake_quant, round_ste
