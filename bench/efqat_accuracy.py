@@ -150,6 +150,7 @@ def setting_rows(setting, config, results: dict, qat: list, efqat: dict) -> list
       allocator=sweep.recorded_allocator(runs),
       channel_fraction=runs[0].get("channel_fraction"),
       param_fraction=runs[0].get("param_fraction"),
+      importance=runs[0].get("importance"),  # EfQAT's ranking (None: not EfQAT, or not recorded)
     )
 
   seeds = len(qat)
@@ -199,6 +200,12 @@ def cell(r: dict) -> str:
   return value(r) + recovered + tags
 
 
+def importance_note(rows: list[dict]) -> str:
+  """ ", importance X" where the setting's EfQAT rows record one ranking; "" where none is."""
+  recorded = {r.get("importance") for r in rows if r["method"] == "efqat"} - {None}
+  return f", importance {', '.join(sorted(recorded))}" if recorded else ""
+
+
 def setting_table(title: str, rows: list[dict]) -> str:
   """One setting's heading line and its mode x rho table."""
   by = {r["method"]: r for r in rows if r["method"] != "efqat"}
@@ -208,7 +215,7 @@ def setting_table(title: str, rows: list[dict]) -> str:
   head = (
     f"**{title}** ({metric}; {n} seed{'s' if n > 1 else ''}): FP {value(by['fp'])}, PTQ "
     f"{value(by['ptq'])}, QAT {value(by['qat'])}; {by['qat']['steps']} steps for QAT and every"
-    " EfQAT run."
+    f" EfQAT run{importance_note(rows)}."
   )
   rhos = sorted({r["rho"] for r in rows if r["method"] == "efqat"})
   lines = ["| mode | " + " | ".join(f"ρ={rho:.0%}" for rho in rhos) + " |"]

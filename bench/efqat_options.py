@@ -22,7 +22,8 @@ do not overlap. ``train_time_s`` is the stage's wall time before its final evalu
       --values=mean_abs,fan_in --seeds=0,1
 
 ``--values`` picks some of the option's values (e.g. no ``bn_folded`` for a model without
-BatchNorm, where it equals mean_abs). Rows of other settings already in the JSON are kept.
+BatchNorm, where it equals mean_abs). Rows of other settings, and of values not run, already in
+the JSON are kept.
 Reruns resume: every run keeps its workdir under --root (default /tmp/efqat_options), and
 finished stages are read back, not run again.
 """
@@ -48,7 +49,8 @@ SETTINGS = {
   "resnet20_mnist5k_w2a2": ("resnet20_mnist5k", 2),
   "transformer_shakespeare_w4a4": ("transformer_shakespeare", 4),
 }
-# each option's values, its default first
+# each option's values, the one the others are compared with first: the paper's reading (for
+# cheap_params and rho_unit also the default; importance's default is rounding_error)
 OPTIONS = {"cheap_params": CHEAP_PARAMS, "importance": IMPORTANCES, "rho_unit": RHO_UNITS}
 MODES = {"rho_unit": ("cwpn", "lwpn")}  # where an option changes what they select
 ALL_MODES = ("cwpl", "cwpn", "lwpn")
@@ -126,9 +128,9 @@ def _mean_or_blank(values: list) -> str:
   return "" if None in values else f"{statistics.mean(values):.3f}"
 
 
-def _summary(rows: list[dict], default: str) -> list[dict]:
+def _summary(rows: list[dict], first: str) -> list[dict]:
   """Mean and [min, max] over seeds per setting, mode and value, with the verdict against the
-  option's default (the first value) in the same setting and mode."""
+  option's first value in the same setting and mode."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     groups.setdefault((row["setting"], row["mode"], row["value"]), []).append(row)
@@ -139,7 +141,7 @@ def _summary(rows: list[dict], default: str) -> list[dict]:
     fmt = (lambda v: f"{v:.1f}") if scale == 100 else (lambda v: f"{v:.3f}")
     metric = [scale * r["efqat"] for r in group]
     gaps = [scale * (r["qat"] - r["ptq"]) for r in group]
-    ours, base = recovered[setting, mode, value], recovered.get((setting, mode, default))
+    ours, base = recovered[setting, mode, value], recovered.get((setting, mode, first))
     out.append(
       dict(
         setting=setting,
@@ -150,7 +152,7 @@ def _summary(rows: list[dict], default: str) -> list[dict]:
         metric=f"{fmt(statistics.mean(metric))} [{fmt(min(metric))}, {fmt(max(metric))}]",
         param_fraction=_mean_or_blank([r.get("param_fraction") for r in group]),
         gap_recovered=f"{statistics.mean(ours):.2f} [{min(ours):.2f}, {max(ours):.2f}]",
-        versus_default="" if value == default or base is None else sweep.verdict(ours, base),
+        versus_first="" if value == first or base is None else sweep.verdict(ours, base),
       )
     )
   return out
@@ -184,7 +186,9 @@ def main():
     for row in _seed_rows(setting, seed, args.option, values, root)
   ]
   path = timing.RESULTS / f"efqat_{args.option}.json"
-  rows = sweep.merged(rows, path, lambda r: r["setting"], list(SETTINGS))
+  # the rows of other settings, and of other values of a setting run here, are kept
+  order = [(setting, value) for setting in SETTINGS for value in allowed]
+  rows = sweep.merged(rows, path, lambda r: (r["setting"], r["value"]), order)
   summary = _summary(rows, allowed[0])
   print(timing.markdown_table(summary, list(summary[0])))
   print(f"wrote {timing.write_rows(f'efqat_{args.option}', rows)}")

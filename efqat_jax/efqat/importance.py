@@ -14,6 +14,13 @@ flattened in C order. A channel's score is one of ``IMPORTANCES``:
              (its attached norm, with running ``batch_stats``): the magnitude of the weight
              the norm folds into at inference. A BatchNorm makes its conv's weight scale
              arbitrary; folding removes that freedom. Layers without one keep mean |w|.
+  rounding_error
+             sqrt(sum_j (w_j - Q(w_j))^2) over the channel's weights, Q the channel's current
+             weight quantizer (its format and scale), times the following BatchNorm's
+             |gamma| / sqrt(var + eps) where one follows: the standard deviation of the error
+             that rounding adds to the channel's output for unit-variance, uncorrelated inputs
+             (after the norm). It ranks first the channels whose quantization perturbs the
+             network most, which training can correct; not in the paper.
 
 A unit's (layer's) score is the mean of its channel scores; with ``mean_abs`` that is the mean
 |w| of the whole layer.
@@ -29,8 +36,12 @@ import jax
 import numpy as np
 
 from efqat_jax.nn.layer_table import QuantizedLayer, own_params, params_at
+from efqat_jax.quant import granularity
+from efqat_jax.quant.fake_quant import MIN_SCALE
+from efqat_jax.quant.spec import QuantSpec
 
-IMPORTANCES = ("mean_abs", "fan_in", "bn_folded")
+IMPORTANCES = ("mean_abs", "fan_in", "bn_folded", "rounding_error")
+FOLDED = ("bn_folded", "rounding_error")  # the importances that fold a following BatchNorm in
 BATCH_NORM_EPSILON = 1e-5  # flax.linen.BatchNorm's default
 
 
@@ -55,6 +66,25 @@ def channel_importance(weight: Any, out_axes: tuple[int, ...]) -> np.ndarray:
   return np.mean(np.abs(channels.reshape(-1, *size)), axis=0).reshape(-1)
 
 
+def channel_rounding_error(
+  weight: Any, scale: Any, spec: QuantSpec, out_axes: tuple[int, ...]
+) -> np.ndarray:
+  """sqrt(sum (w - Q(w))^2) over every output channel of one layer's weight (flat, length C),
+  Q rounding to nearest on the grid of ``spec`` with step ``scale`` (symmetric weights)."""
+  weight = np.asarray(weight, np.float32)
+  blocks = granularity.to_blocks(weight, spec)
+  scale = np.maximum(np.abs(np.asarray(scale, np.float32)), MIN_SCALE)  # as layers read it
+  step = np.asarray(granularity.expand_param(scale, spec, weight.shape))
+  rounded = np.clip(np.round(blocks / step), spec.qmin, spec.qmax) * step
+  error = (blocks - rounded).reshape(weight.shape)
+  return np.sqrt(channel_importance(np.square(error), out_axes) * _fan_in(weight.shape, out_axes))
+
+
+def _fan_in(shape: tuple[int, ...], out_axes: tuple[int, ...]) -> int:
+  """Weights per output channel."""
+  return math.prod(shape) // math.prod(shape[a] for a in out_axes)
+
+
 def unit_scores(
   params: Any,
   layers: Mapping[str, QuantizedLayer],
@@ -67,23 +97,30 @@ def unit_scores(
     params: the model's params.
     layers: its quantized layers.
     importance: one of ``IMPORTANCES``.
-    batch_stats: the model's ``batch_stats`` collection; required by ``bn_folded``.
+    batch_stats: the model's ``batch_stats`` collection; required by ``bn_folded`` and
+      ``rounding_error``.
   """
   if importance not in IMPORTANCES:
     raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
-  if importance == "bn_folded" and batch_stats is None:
+  if importance in FOLDED and batch_stats is None:
     raise ValueError(
-      "importance='bn_folded' needs the model's batch_stats (pass batch_stats=variables"
+      f"importance={importance!r} needs the model's batch_stats (pass batch_stats=variables"
       "['batch_stats'], or {} for a model without BatchNorm)"
     )
   scores = {}
   for layer in layers.values():
-    weight = np.asarray(params_at(params, layer.path)[layer.weight_name])
-    fold = _folding_norm(layer, params, batch_stats) if importance == "bn_folded" else None
+    own = params_at(params, layer.path)
+    weight = np.asarray(own[layer.weight_name])
+    fold = _folding_norm(layer, params, batch_stats) if importance in FOLDED else None
     for index in layer.indices():
-      score = channel_importance(weight[index], layer.out_axes)
+      if importance == "rounding_error":
+        score = channel_rounding_error(
+          weight[index], np.asarray(own[layer.scale_name])[index], layer.weight_spec, layer.out_axes
+        )
+      else:
+        score = channel_importance(weight[index], layer.out_axes)
       if importance == "fan_in":
-        score = score * math.sqrt(math.prod(layer.weight_shape) / layer.num_channels)
+        score = score * math.sqrt(_fan_in(layer.weight_shape, layer.out_axes))
       elif fold is not None:
         gamma, var = fold
         score = score * np.abs(gamma[index]) / np.sqrt(var[index] + BATCH_NORM_EPSILON)

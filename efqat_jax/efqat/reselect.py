@@ -23,7 +23,7 @@ from efqat_jax.efqat.selection import TrainableSet
 from efqat_jax.efqat.step_shapes import StepShapes, padded_to
 
 # selector(variables): the state's variables, {"params": ..., **collections} (``batch_stats``
-# for importance="bn_folded").
+# for the importances that fold a BatchNorm in).
 Selector = Callable[[dict[str, Any]], TrainableSet]
 # on_select(step, params, trainable, recompiles): called after every selection; ``recompiles``
 # is True when the step shape serving it is new to this process (the step compiles once more).

@@ -184,7 +184,8 @@ def select(
     train_frozen_scales: let the weight scales of frozen channels train.
     cheap_params: where the params other than quantized weights train (see the module doc).
     importance: how channels and units are ranked, one of ``IMPORTANCES``.
-    batch_stats: the model's ``batch_stats`` collection (``importance='bn_folded'`` needs it).
+    batch_stats: the model's ``batch_stats`` collection (``bn_folded`` and
+      ``rounding_error`` need it).
     rho_unit: what rho counts, one of ``RHO_UNITS`` (see the module doc).
 
   Returns:

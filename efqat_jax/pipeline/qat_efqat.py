@@ -59,10 +59,10 @@ EFQAT_FIELDS = {
     one_of(*CHEAP_PARAMS),
   ),
   "importance": Field(
-    "bn_folded",
-    "how channels and layers are ranked: bn_folded (|w| * gamma / sigma of the following"
-    " BatchNorm, mean |w| where none follows), mean_abs (mean |w|, the paper), or fan_in"
-    " (mean |w| * sqrt(fan_in))",
+    "rounding_error",
+    "how channels and layers are ranked: rounding_error (norm of w - Q(w), times gamma / sigma"
+    " of the following BatchNorm), bn_folded (mean |w| * gamma / sigma; mean |w| where no"
+    " BatchNorm follows), mean_abs (mean |w|, the paper), or fan_in (mean |w| * sqrt(fan_in))",
     one_of(*IMPORTANCES),
   ),
 }

@@ -1,4 +1,5 @@
-"""The importances EfQAT ranks by: mean |w|, fan-in scaled, BatchNorm-folded (also stacked)."""
+"""The importances EfQAT ranks by: mean |w|, fan-in scaled, BatchNorm-folded, rounding error (also
+stacked)."""
 
 import math
 
@@ -12,6 +13,7 @@ from efqat_jax import QuantRule, QuantSpec, quantize
 from efqat_jax.efqat import IMPORTANCES, select, unit_scores, unit_weights
 from efqat_jax.efqat.importance import BATCH_NORM_EPSILON
 from efqat_jax.nn.layer_table import params_at
+from efqat_jax.quant.fake_quant import fake_quant
 from tests.built_model import BuiltModel
 
 RULE = QuantRule(".*", weight=QuantSpec.for_weights(4), input=QuantSpec.for_activations(4))
@@ -136,9 +138,56 @@ def test_importance_errors_name_the_argument():
     select(STACKED.params, STACKED.layers, "cwpl", 0.1, importance="grad")
   with pytest.raises(ValueError, match="batch_stats"):
     select(STACKED.params, STACKED.layers, "cwpl", 0.1, importance="bn_folded")
-  assert IMPORTANCES == ("mean_abs", "fan_in", "bn_folded")
+  with pytest.raises(ValueError, match="rounding_error.*batch_stats"):
+    select(STACKED.params, STACKED.layers, "cwpl", 0.1, importance="rounding_error")
+  assert IMPORTANCES == ("mean_abs", "fan_in", "bn_folded", "rounding_error")
   # A model without BatchNorm: bn_folded is mean |w|.
   no_norm = {"params": STACKED.params}
   a = select(no_norm["params"], STACKED.layers, "cwpn", 0.3, importance="bn_folded", batch_stats={})
   b = select(no_norm["params"], STACKED.layers, "cwpn", 0.3)
   assert a.counts == b.counts
+
+
+def _rounding_error_norms(weight, scale, spec):
+  """Brute force: the layer's own fake quantizer, then the error's norm per output channel."""
+  error = np.asarray(weight - fake_quant(weight, scale, spec=spec))
+  return np.sqrt(np.square(error).reshape(-1, error.shape[-1]).sum(axis=0))
+
+
+def test_rounding_error_against_the_layers_quantizer_folded_and_stacked():
+  variables = _with_norm_statistics(STACKED.variables)
+  params, stats = variables["params"], variables["batch_stats"]
+  plain = unit_scores(params, STACKED.layers, "rounding_error", {})
+  folded = unit_scores(params, STACKED.layers, "rounding_error", stats)
+  for layer in STACKED.layers.values():
+    own = params_at(params, layer.path)
+    for index in layer.indices():
+      unit = layer.unit(index)
+      norms = _rounding_error_norms(
+        own[layer.weight_name][index], own[layer.scale_name][index], layer.weight_spec
+      )
+      np.testing.assert_allclose(plain[unit], norms, rtol=1e-5, atol=1e-7)
+      gain = folded[unit] / plain[unit]  # the norm's gamma / sigma, where a norm follows
+      bn_gain = unit_scores(params, STACKED.layers, "bn_folded", stats)[unit] / np.mean(
+        np.abs(np.asarray(own[layer.weight_name][index]).reshape(-1, len(norms))), axis=0
+      )
+      np.testing.assert_allclose(gain, bn_gain, rtol=1e-4)
+
+
+def test_rounding_error_ranks_an_on_grid_channel_last_where_mean_abs_ranks_it_first():
+  """A Dense channel whose weights lie on its grid loses nothing to rounding: rounding_error
+  leaves it frozen, though it has the largest mean |w|, and trains the channel that rounding
+  perturbs most."""
+  params = STACKED.params
+  dense = dict(params["Dense_0"])
+  kernel = np.asarray(dense["kernel"]).copy()
+  scale = np.abs(np.asarray(dense["kernel_scale"])).reshape(-1)
+  kernel[:, 0] = 7 * scale[0]  # on the grid (4-bit weights reach +-7 steps): the largest
+  kernel[:, 1] = 0.5 * scale[1] * np.sign(kernel[:, 1] + 1e-9)  # each weight halfway: most error
+  dense["kernel"] = jnp.asarray(kernel)
+  params = {**params, "Dense_0": dense}
+  assert np.argmax(unit_scores(params, STACKED.layers)["Dense_0"]) == 0
+  errors = unit_scores(params, STACKED.layers, "rounding_error", {})["Dense_0"]
+  assert errors[0] == 0 and np.argmax(errors) == 1
+  cwpl = select(params, STACKED.layers, "cwpl", 0.25, importance="rounding_error", batch_stats={})
+  assert np.asarray(cwpl.channels["Dense_0"]).tolist() == [1]
