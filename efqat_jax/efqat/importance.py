@@ -20,7 +20,10 @@ flattened in C order. A channel's score is one of ``IMPORTANCES``:
              |gamma| / sqrt(var + eps) where one follows: the standard deviation of the error
              that rounding adds to the channel's output for unit-variance, uncorrelated inputs
              (after the norm). It ranks first the channels whose quantization perturbs the
-             network most, which training can correct; not in the paper.
+             network most, which training can correct; not in the paper. Where every weight
+             of the model lies on its grid (a layer-wise PTQ method such as OPTQ, GPFQ, AXE or
+             Attention Round writes them so), there is no rounding error to rank by, and
+             ``bn_folded`` ranks instead.
 
 A unit's (layer's) score is the mean of its channel scores; with ``mean_abs`` that is the mean
 |w| of the whole layer.
@@ -107,6 +110,15 @@ def unit_scores(
       f"importance={importance!r} needs the model's batch_stats (pass batch_stats=variables"
       "['batch_stats'], or {} for a model without BatchNorm)"
     )
+  scores = _scores(params, layers, importance, batch_stats)
+  if importance == "rounding_error" and not any(np.any(s) for s in scores.values()):
+    return _scores(params, layers, "bn_folded", batch_stats)  # every weight on its grid
+  return scores
+
+
+def _scores(
+  params: Any, layers: Mapping[str, QuantizedLayer], importance: str, batch_stats: Any
+) -> dict[str, np.ndarray]:
   scores = {}
   for layer in layers.values():
     own = params_at(params, layer.path)

@@ -191,3 +191,27 @@ def test_rounding_error_ranks_an_on_grid_channel_last_where_mean_abs_ranks_it_fi
   assert errors[0] == 0 and np.argmax(errors) == 1
   cwpl = select(params, STACKED.layers, "cwpl", 0.25, importance="rounding_error", batch_stats={})
   assert np.asarray(cwpl.channels["Dense_0"]).tolist() == [1]
+
+
+def test_rounding_error_ranks_by_bn_folded_where_every_weight_is_on_its_grid():
+  """A layer-wise PTQ method (OPTQ, GPFQ, AXE, Attention Round) leaves every weight on its grid:
+  with no rounding error anywhere, rounding_error ranks as bn_folded does, not by channel index."""
+  variables = _with_norm_statistics(STACKED.variables)
+  params, stats = variables["params"], variables["batch_stats"]
+  on_grid = jax.tree_util.tree_map(lambda leaf: leaf, params)
+  for layer in STACKED.layers.values():
+    own = params_at(on_grid, layer.path)
+    own[layer.weight_name] = jnp.stack(
+      [
+        fake_quant(own[layer.weight_name][i], own[layer.scale_name][i], spec=layer.weight_spec)
+        for i in layer.indices()
+      ]
+    ).reshape(own[layer.weight_name].shape)
+  errors = unit_scores(on_grid, STACKED.layers, "rounding_error", stats)
+  folded = unit_scores(on_grid, STACKED.layers, "bn_folded", stats)
+  assert errors.keys() == folded.keys()
+  for unit in errors:
+    np.testing.assert_array_equal(errors[unit], folded[unit])
+  assert any(
+    np.any(s) for s in unit_scores(params, STACKED.layers, "rounding_error", stats).values()
+  )
