@@ -123,11 +123,12 @@ def _scores(
   for layer in layers.values():
     own = params_at(params, layer.path)
     weight = np.asarray(own[layer.weight_name])
+    scale = np.asarray(own[layer.scale_name]) if importance == "rounding_error" else None
     fold = _folding_norm(layer, params, batch_stats) if importance in FOLDED else None
     for index in layer.indices():
       if importance == "rounding_error":
         score = channel_rounding_error(
-          weight[index], np.asarray(own[layer.scale_name])[index], layer.weight_spec, layer.out_axes
+          weight[index], scale[index], layer.weight_spec, layer.out_axes
         )
       else:
         score = channel_importance(weight[index], layer.out_axes)
