@@ -41,7 +41,8 @@ import sys
 import sweep
 import timing
 
-from efqat_jax.efqat import CHEAP_PARAMS, IMPORTANCES, RHO_UNITS
+from efqat_jax.efqat import CHEAP_PARAMS, RHO_UNITS
+from efqat_jax.pipeline.qat_efqat import PIPELINE_IMPORTANCES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -50,8 +51,8 @@ SETTINGS = {
   "transformer_shakespeare_w4a4": ("transformer_shakespeare", 4),
 }
 # each option's values, the one the others are compared with first: the paper's reading (for
-# cheap_params and rho_unit also the default; importance's default is rounding_error)
-OPTIONS = {"cheap_params": CHEAP_PARAMS, "importance": IMPORTANCES, "rho_unit": RHO_UNITS}
+# cheap_params and rho_unit also the default; importance's default is bn_folded)
+OPTIONS = {"cheap_params": CHEAP_PARAMS, "importance": PIPELINE_IMPORTANCES, "rho_unit": RHO_UNITS}
 MODES = {"rho_unit": ("cwpn", "lwpn")}  # where an option changes what they select
 ALL_MODES = ("cwpl", "cwpn", "lwpn")
 RHO = 0.1

@@ -8,7 +8,10 @@ all_layers); each mode at rho 10% again with them training only in the selected 
 (selected_layers); and the floor of each (``ptq``: no kernel trains). All are compiled first,
 then run interleaved (one step each per round, after 3 warm-up rounds), and the figures are
 medians over rounds. ``backward_ms`` is step minus forward: the backward pass plus the
-optimizer. Every Dense, Conv and DenseGeneral is quantized W4A4.
+optimizer. Every Dense, Conv and DenseGeneral is quantized W4A4. Channels and layers are ranked
+on the initialised weights by the first of ``--importance`` (default: the pipeline's
+``efqat.importance``, then ``mean_abs``, the paper's); each further ranking is timed in the same
+rounds at rho 10% with both cheap_params settings.
 
 ``attainable_realised`` = (QAT - mode) / (QAT - ideal) on backward times, with ideal = floor +
 param_fraction x (QAT - floor) and floor the all_layers ``ptq`` row: the share of the saving a
@@ -18,6 +21,8 @@ means the mode also skips work the all_layers floor keeps (selected_layers).
   python bench/efqat_speedup.py           # all models, writes bench/results/efqat_speedup.json
   python bench/efqat_speedup.py --quick   # resnet20 and transformer at rho 10%, nothing written
   python bench/efqat_speedup.py --models resnet20,mobilenetv2 --rounds 40 --bucket 8
+  python bench/efqat_speedup.py --importance mean_abs   # the paper's ranking only
+  python bench/efqat_speedup.py --table-only   # the tables of the JSON (bench/README.md)
 
 Targets: a backward speedup of at least 1.7x over QAT at rho 10% in every mode, and rho 100%
 (CWPL) no slower than QAT.
@@ -40,7 +45,15 @@ import optax
 import timing
 
 from efqat_jax import QuantRule, QuantSpec, quantize
-from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
+from efqat_jax.config import base_config
+from efqat_jax.efqat import (
+  CHEAP_PARAMS,
+  IMPORTANCES,
+  freeze_unselected,
+  restrict_backward,
+  select,
+  set_trainable,
+)
 from efqat_jax.models import MobileNetV2, ResNet, Transformer
 from efqat_jax.nn import quantized_layers
 from efqat_jax.nn.intercept import quantizable_paths
@@ -58,18 +71,6 @@ MODES = ("cwpl", "cwpn", "lwpn")
 RHOS = (0.05, 0.10, 0.25, 0.50)
 QUICK_MODELS = ("resnet20", "transformer")
 QUICK_RHOS = (0.1,)
-COLUMNS = [
-  "model",
-  "mode",
-  "rho",
-  "cheap_params",
-  "step_ms",
-  "backward_ms",
-  "step_speedup",
-  "backward_speedup",
-  "attainable_realised",
-  "param_fraction",
-]
 CHEAP_PARAMS_RHO = 0.1  # the rho at which selected_layers is timed beside all_layers
 
 
@@ -140,34 +141,51 @@ def _compiled(name: str, jitted, *args):
   return lambda state, batch, rng, extra: compiled(state, batch, rng, extra, jitted.loss_fn)
 
 
-def _variants(rhos) -> list[tuple[str, float, str]]:
-  """(mode, rho, cheap_params) of every timed step: QAT, each mode at each rho, CWPL at rho 1
-  (everything selected, through the EfQAT path) and PTQ (no kernel trains: the floor of the
-  backward pass while biases, normalisation and activation-quantizer params train), all with
+def _variants(rhos, importances: list[str]) -> list[tuple[str, float, str, str]]:
+  """(mode, rho, cheap_params, importance) of every timed step: QAT, each mode at each rho, CWPL
+  at rho 1 (everything selected, through the EfQAT path) and PTQ (no kernel trains: the floor of
+  the backward pass while biases, normalisation and activation-quantizer params train), all with
   cheap params in every layer; then each mode at ``CHEAP_PARAMS_RHO`` and PTQ with cheap params
-  in the selected layers only."""
+  in the selected layers only. All ranked by ``importances[0]``; then each mode at
+  ``CHEAP_PARAMS_RHO`` with both cheap_params settings ranked by each further importance."""
+  first = importances[0]
   return [
-    ("qat", 1.0, "all_layers"),
-    *((mode, rho, "all_layers") for mode in MODES for rho in rhos),
-    ("cwpl", 1.0, "all_layers"),
-    ("ptq", 0.0, "all_layers"),
-    *((mode, CHEAP_PARAMS_RHO, "selected_layers") for mode in MODES),
-    ("ptq", 0.0, "selected_layers"),
+    ("qat", 1.0, "all_layers", first),
+    *((mode, rho, "all_layers", first) for mode in MODES for rho in rhos),
+    ("cwpl", 1.0, "all_layers", first),
+    ("ptq", 0.0, "all_layers", first),
+    *((mode, CHEAP_PARAMS_RHO, "selected_layers", first) for mode in MODES),
+    ("ptq", 0.0, "selected_layers", first),
+    *(
+      (mode, CHEAP_PARAMS_RHO, cheap, importance)
+      for importance in importances[1:]
+      for cheap in CHEAP_PARAMS
+      for mode in MODES
+    ),
   ]
 
 
 def _efqat_state(base, layers, variant, bucket: int, mesh):
-  """A copy of ``base`` with the selection of ``variant`` (mode, rho, cheap_params) installed,
-  and that selection."""
-  mode, rho, cheap = variant
+  """A copy of ``base`` with the selection of ``variant`` (mode, rho, cheap_params, importance)
+  installed, and that selection."""
+  mode, rho, cheap, importance = variant
   state = jax.tree.map(jnp.copy, base)
-  trainable = select(state.params, layers, mode, rho, bucket=bucket, cheap_params=cheap)
+  trainable = select(
+    state.params,
+    layers,
+    mode,
+    rho,
+    bucket=bucket,
+    cheap_params=cheap,
+    importance=importance,
+    batch_stats=state.collections.get("batch_stats", {}),
+  )
   trainable = replicate(trainable, mesh)
   opt_state = set_trainable(state.opt_state, state.params, trainable)
   return replicate(state.replace(opt_state=opt_state), mesh), trainable
 
 
-def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
+def _bench_model(name: str, rhos, rounds: int, bucket: int, importances: list[str]) -> list[dict]:
   """Compiles every variant of model ``name``, times them interleaved, returns its rows."""
   print(f"{name}:", flush=True)
   build, data = MODELS[name]
@@ -185,7 +203,7 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
   forward = _compiled("forward", _forward(qmodel), base, batch, rng)
   runs = {"forward": lambda: forward(base, batch, rng).block_until_ready()}
   fractions = {}
-  for variant in _variants(rhos):
+  for variant in _variants(rhos, importances):
     if variant[0] == "qat":
       state, args = jax.tree.map(jnp.copy, base), (batch, rng, None)
       trainable = select(base.params, layers, "qat")
@@ -198,11 +216,11 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
 
   times = {k: timing.median(v) for k, v in timing.interleaved_ms(runs, rounds).items()}
   forward_ms = times["forward"]
-  qat_bw = times["qat", 1.0, "all_layers"] - forward_ms
-  floor_bw = times["ptq", 0.0, "all_layers"] - forward_ms
+  qat_bw = times["qat", 1.0, "all_layers", importances[0]] - forward_ms
+  floor_bw = times["ptq", 0.0, "all_layers", importances[0]] - forward_ms
   rows = []
-  for variant in _variants(rhos):
-    mode, rho, cheap = variant
+  for variant in _variants(rhos, importances):
+    mode, rho, cheap, importance = variant
     backward_ms, share = times[variant] - forward_ms, fractions[variant]["param_fraction"]
     ideal_bw = floor_bw + share * (qat_bw - floor_bw)
     rows.append(
@@ -219,6 +237,7 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int) -> list[dict]:
         attainable_realised=(qat_bw - backward_ms) / (qat_bw - ideal_bw) if share < 1 else None,
         channel_fraction=fractions[variant]["channel_fraction"],
         param_fraction=share,
+        importance=importance,
         rounds=rounds,
         **timing.machine(),
       )
@@ -236,6 +255,68 @@ def _with_other_models(rows: list[dict], stem: str) -> list[dict]:
   return kept + rows
 
 
+def _cell(row: dict) -> str:
+  """``backward speedup (step speedup, attainable share)``, bold from the 1.7x target."""
+  text = f"{row['backward_speedup']:.2f}x"
+  text = f"**{text}**" if row["backward_speedup"] >= 1.7 else text
+  share = row["attainable_realised"]
+  return f"{text} ({row['step_speedup']:.2f}x{'' if share is None else f', {share:.0%}'})"
+
+
+def _find(rows: list[dict], mode: str, rho: float, cheap: str, importance=None) -> dict:
+  """The row of (mode, rho, cheap_params), of ``importance`` where given."""
+  return next(
+    r
+    for r in rows
+    if (r["mode"], r["rho"], r["cheap_params"]) == (mode, rho, cheap)
+    and importance in (None, r["importance"])
+  )
+
+
+def summary_table(rows: list[dict]) -> str:
+  """One line per model, cheap_params and ranking at ``CHEAP_PARAMS_RHO``: the backward speedup
+  of each mode, (its step speedup, the attainable saving realised), its kernel params trained;
+  the floor (``ptq``) and rho 100% beside (bench/README.md quotes it)."""
+  lines = [
+    "| model | cheap params | ranking | QAT step / backward (ms) | CWPL ρ=10% | CWPN ρ=10% |"
+    " LWPN ρ=10% | floor | ρ=100% step vs QAT |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for model in dict.fromkeys(r["model"] for r in rows):
+    own = [r for r in rows if r["model"] == model]
+    qat, full = _find(own, "qat", 1.0, "all_layers"), _find(own, "cwpl", 1.0, "all_layers")
+    timed = dict.fromkeys((r["cheap_params"], r["importance"]) for r in own if r["mode"] != "qat")
+    for cheap, importance in sorted(timed, key=lambda k: (k[1] != qat["importance"], k)):
+      modes = [_find(own, m, CHEAP_PARAMS_RHO, cheap, importance) for m in MODES]
+      cells = [f"{_cell(r)}, {r['param_fraction']:.1%}" for r in modes]
+      floor = _find(own, "ptq", 0.0, cheap)
+      lines.append(
+        f"| {model} | {cheap} | {importance} | {qat['step_ms']:.1f} / {qat['backward_ms']:.1f} | "
+        + " | ".join(cells)
+        + f" | {floor['backward_speedup']:.2f}x ({floor['step_speedup']:.2f}x) |"
+        f" {full['step_speedup']:.3f}x |"
+      )
+  return "\n".join(lines)
+
+
+def rows_table(rows: list[dict]) -> str:
+  """Every row (bench/README.md's table of all rows)."""
+  lines = [
+    "| model | ranking | mode | ρ | cheap params | step ms | backward ms | step speedup |"
+    " backward speedup | attainable saving realised | channels trained | kernel params trained |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    share = "" if r["attainable_realised"] is None else f"{r['attainable_realised']:.0%}"
+    lines.append(
+      f"| {r['model']} | {r['importance']} | {r['mode']} | {r['rho']:.2f} | {r['cheap_params']} |"
+      f" {r['step_ms']:.1f} | {r['backward_ms']:.1f} | {r['step_speedup']:.2f} |"
+      f" {r['backward_speedup']:.2f} | {share} | {r['channel_fraction']:.1%} |"
+      f" {r['param_fraction']:.1%} |"
+    )
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="two models, rho 10%%, 5 rounds")
@@ -243,19 +324,38 @@ def main():
   parser.add_argument("--models", default=None, help=f"comma list of {', '.join(MODELS)}")
   parser.add_argument("--bucket", type=int, default=1, help="cwpn per-layer count rounding")
   parser.add_argument("--allocator", choices=["jemalloc", "default"], default="jemalloc")
+  parser.add_argument("--table-only", action="store_true", help="the tables of the JSON")
+  default_importances = dict.fromkeys([base_config().efqat.importance, "mean_abs"])
+  parser.add_argument(
+    "--importance",
+    default=",".join(default_importances),
+    help=f"comma list of rankings, of {', '.join(IMPORTANCES)}: the first at every rho, the"
+    " others at rho 10%% (default: the pipeline's, then the paper's)",
+  )
   args = parser.parse_args()
+  if args.table_only:
+    stem = "efqat_speedup" + ("" if args.allocator == "jemalloc" else "_default_allocator")
+    rows = json.loads((timing.RESULTS / f"{stem}.json").read_text())
+    print(f"{summary_table(rows)}\n\n{rows_table(rows)}")
+    return
   models = args.models.split(",") if args.models else QUICK_MODELS if args.quick else MODELS
   unknown = [m for m in models if m not in MODELS]
   if unknown:
     parser.error(f"unknown models {unknown}; allowed: {', '.join(MODELS)}")
+  importances = args.importance.split(",")
+  unknown = [i for i in importances if i not in IMPORTANCES]
+  if unknown or len(set(importances)) < len(importances):
+    parser.error(f"--importance: {args.importance!r}; allowed: distinct {', '.join(IMPORTANCES)}")
   rounds = args.rounds or (5 if args.quick else 30)
   if not args.quick and rounds < 20:
     parser.error("--rounds must be at least 20 (medians of fewer are too noisy)")
   if args.allocator == "jemalloc":
     timing.use_jemalloc()
   rhos = QUICK_RHOS if args.quick else RHOS
-  rows = [row for name in models for row in _bench_model(name, rhos, rounds, args.bucket)]
-  print(timing.markdown_table(rows, COLUMNS))
+  rows = [
+    row for name in models for row in _bench_model(name, rhos, rounds, args.bucket, importances)
+  ]
+  print(f"{rows_table(rows)}\n\n{summary_table(rows)}")
   if not args.quick:
     stem = "efqat_speedup" + ("" if timing.allocator() == "jemalloc" else "_default_allocator")
     print(f"wrote {timing.write_rows(stem, _with_other_models(rows, stem))}")

@@ -4,10 +4,12 @@ re-selection, checkpoints and evaluation dilute it?
 Settings: ResNet-20 on mnist5k and the Transformer LM on shakespeare_char at W4A4 (configs/;
 first and last layer at 8 bits), each at its config's full step count (300 and 500). Per
 setting the float model and PTQ run once (resumed from --root); then QAT and EfQAT in each mode
-at rho 10% (the pipeline's defaults otherwise: re-selection every 100 steps), and CWPN with
-``reuse_steps`` off, run as pipeline stages, --repeats times each, interleaved (qat, cwpl, cwpn,
-cwpn_no_reuse, lwpn, qat, ...), every run from scratch in its own workdir within this one
-process, after one short warm-up run that pays the process's first compilations.
+at rho 10% (the pipeline's defaults otherwise: re-selection every 100 steps, its default
+ranking), CWPN with ``reuse_steps`` off, and CWPN and LWPN ranked by mean |w| (the
+paper's importance), run as pipeline stages, --repeats times each, interleaved (qat, cwpl, cwpn,
+cwpn_no_reuse, lwpn, cwpn_mean_abs, lwpn_mean_abs, qat, ...), every run from scratch in its own
+workdir within this one process, after one short warm-up run that pays the process's first
+compilations.
 
 Per run: the stage's wall time; its step time, the median of the intervals the training loop
 logs (every 10 steps; the first, which holds the compilation, is left out), so one slow
@@ -49,7 +51,7 @@ from efqat_jax.train.metrics import read_scalars
 
 SETTINGS = (("resnet20_mnist5k", 4, 4), ("transformer_shakespeare", 4, 4))
 SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
-METHODS = ("qat", "cwpl", "cwpn", "cwpn_no_reuse", "lwpn")
+METHODS = ("qat", "cwpl", "cwpn", "cwpn_no_reuse", "lwpn", "cwpn_mean_abs", "lwpn_mean_abs")
 RHO = 0.1
 QUICK_STEPS = 60
 WARMUP_STEPS = 20
@@ -83,12 +85,15 @@ def compile_seconds() -> float:
 def method_config(config, method: str):
   """The config of one run: QAT as configured, or EfQAT in ``method``'s mode at RHO with QAT's
   optimizer settings and steps (``cwpn_no_reuse``: CWPN with ``reuse_steps`` off, a new
-  compilation for every new set of counts)."""
+  compilation for every new set of counts; ``<mode>_mean_abs``: ranked by mean |w|, the paper's
+  importance, instead of the pipeline's default)."""
   if method == "qat":
     return config
   mode, _, variant = method.partition("_")
   cfg = efqat_config(config, mode, RHO)
   cfg.efqat.reuse_steps = variant != "no_reuse"
+  if variant == "mean_abs":
+    cfg.efqat.importance = "mean_abs"
   return cfg
 
 
@@ -150,7 +155,8 @@ def bench_setting(setting, root: pathlib.Path, repeats: int, steps: int | None) 
     if method != "qat":
       step_speedup, stage_speedup = qat["step_ms"] / m["step_ms"], qat["wall_s"] / m["wall_s"]
       row.update(step_speedup=step_speedup, stage_speedup=stage_speedup,
-                 kept=stage_speedup / step_speedup)  # fmt: skip
+                 kept=stage_speedup / step_speedup,
+                 importance=method_config(config, method).efqat.importance)  # fmt: skip
     rows.append(row)
   return rows
 

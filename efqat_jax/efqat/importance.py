@@ -19,11 +19,12 @@ flattened in C order. A channel's score is one of ``IMPORTANCES``:
              weight quantizer (its format and scale), times the following BatchNorm's
              |gamma| / sqrt(var + eps) where one follows: the standard deviation of the error
              that rounding adds to the channel's output for unit-variance, uncorrelated inputs
-             (after the norm). It ranks first the channels whose quantization perturbs the
-             network most, which training can correct; not in the paper. Where every weight
-             of the model lies on its grid (a layer-wise PTQ method such as OPTQ, GPFQ, AXE or
-             Attention Round writes them so), there is no rounding error to rank by, and
-             ``bn_folded`` ranks instead.
+             (after the norm); not in the paper. It needs weights off their grid (a float or
+             QAT-trained model's latent weights). Every PTQ method here, round-to-nearest
+             included, writes each weight onto its grid, so on a PTQ model every channel
+             scores 0 and ``unit_scores`` refuses it; where training has moved only the
+             selected channels, it scores only those. So the pipeline, which ranks the PTQ
+             model, does not offer it.
 
 A unit's (layer's) score is the mean of its channel scores; with ``mean_abs`` that is the mean
 |w| of the whole layer.
@@ -102,6 +103,10 @@ def unit_scores(
     importance: one of ``IMPORTANCES``.
     batch_stats: the model's ``batch_stats`` collection; required by ``bn_folded`` and
       ``rounding_error``.
+
+  Raises:
+    ValueError: for an unknown importance, a folding one without ``batch_stats``, or
+      ``rounding_error`` where every weight lies on its grid.
   """
   if importance not in IMPORTANCES:
     raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
@@ -112,7 +117,10 @@ def unit_scores(
     )
   scores = _scores(params, layers, importance, batch_stats)
   if importance == "rounding_error" and not any(np.any(s) for s in scores.values()):
-    return _scores(params, layers, "bn_folded", batch_stats)  # every weight on its grid
+    raise ValueError(
+      "importance='rounding_error': every weight lies on its grid (as PTQ writes them), so"
+      " every channel scores 0; rank by 'bn_folded' or 'mean_abs'"
+    )
   return scores
 
 

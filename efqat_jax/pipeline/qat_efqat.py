@@ -26,6 +26,9 @@ from efqat_jax.nn import quantized_layers
 from efqat_jax.pipeline.qat import QAT_VARIANTS, QatVariant
 from efqat_jax.pipeline.training import train
 
+# rounding_error is left out: the stage ranks the PTQ model, whose weights all lie on their grid
+PIPELINE_IMPORTANCES = tuple(i for i in IMPORTANCES if i != "rounding_error")
+
 EFQAT_FIELDS = {
   "mode": Field(
     "cwpl", "cwpl, cwpn, lwpn, or the ends qat / ptq (efqat_jax.efqat.select)", one_of(*MODES)
@@ -59,11 +62,11 @@ EFQAT_FIELDS = {
     one_of(*CHEAP_PARAMS),
   ),
   "importance": Field(
-    "rounding_error",
-    "how channels and layers are ranked: rounding_error (norm of w - Q(w), times gamma / sigma"
-    " of the following BatchNorm), bn_folded (mean |w| * gamma / sigma; mean |w| where no"
-    " BatchNorm follows), mean_abs (mean |w|, the paper), or fan_in (mean |w| * sqrt(fan_in))",
-    one_of(*IMPORTANCES),
+    "bn_folded",
+    "how channels and layers are ranked: bn_folded (mean |w| * gamma / sigma of the following"
+    " BatchNorm; mean |w| where none follows), mean_abs (mean |w|, the paper), or fan_in (mean"
+    " |w| * sqrt(fan_in)); not rounding_error, which scores 0 on PTQ's on-grid weights",
+    one_of(*PIPELINE_IMPORTANCES),
   ),
 }
 

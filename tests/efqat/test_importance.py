@@ -13,6 +13,7 @@ from efqat_jax import QuantRule, QuantSpec, quantize
 from efqat_jax.efqat import IMPORTANCES, select, unit_scores, unit_weights
 from efqat_jax.efqat.importance import BATCH_NORM_EPSILON
 from efqat_jax.nn.layer_table import params_at
+from efqat_jax.pipeline.qat_efqat import PIPELINE_IMPORTANCES
 from efqat_jax.quant.fake_quant import fake_quant
 from tests.built_model import BuiltModel
 
@@ -193,9 +194,10 @@ def test_rounding_error_ranks_an_on_grid_channel_last_where_mean_abs_ranks_it_fi
   assert np.asarray(cwpl.channels["Dense_0"]).tolist() == [1]
 
 
-def test_rounding_error_ranks_by_bn_folded_where_every_weight_is_on_its_grid():
-  """A layer-wise PTQ method (OPTQ, GPFQ, AXE, Attention Round) leaves every weight on its grid:
-  with no rounding error anywhere, rounding_error ranks as bn_folded does, not by channel index."""
+def test_rounding_error_refuses_weights_that_all_lie_on_their_grid():
+  """Every PTQ method, round-to-nearest included, leaves every weight on its grid: with no
+  rounding error anywhere, rounding_error refuses to rank (not by channel index, not silently by
+  another importance), and the pipeline does not offer it."""
   variables = _with_norm_statistics(STACKED.variables)
   params, stats = variables["params"], variables["batch_stats"]
   on_grid = jax.tree_util.tree_map(lambda leaf: leaf, params)
@@ -207,11 +209,11 @@ def test_rounding_error_ranks_by_bn_folded_where_every_weight_is_on_its_grid():
         for i in layer.indices()
       ]
     ).reshape(own[layer.weight_name].shape)
-  errors = unit_scores(on_grid, STACKED.layers, "rounding_error", stats)
-  folded = unit_scores(on_grid, STACKED.layers, "bn_folded", stats)
-  assert errors.keys() == folded.keys()
-  for unit in errors:
-    np.testing.assert_array_equal(errors[unit], folded[unit])
+  with pytest.raises(ValueError, match="rounding_error.*every weight lies on its grid"):
+    unit_scores(on_grid, STACKED.layers, "rounding_error", stats)
+  with pytest.raises(ValueError, match="every weight lies on its grid"):
+    select(on_grid, STACKED.layers, "cwpn", 0.1, importance="rounding_error", batch_stats=stats)
+  assert "rounding_error" not in PIPELINE_IMPORTANCES
   assert any(
     np.any(s) for s in unit_scores(params, STACKED.layers, "rounding_error", stats).values()
   )

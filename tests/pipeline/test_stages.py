@@ -33,7 +33,7 @@ def test_every_stage_runs_for_classification_and_for_a_language_model(
     assert results[stage]["allocator"] == allocator.current()  # what the wall time ran under
   assert results["efqat"]["method"] == "efqat"
   assert results["efqat"]["rho_unit"] == "blocks"
-  assert results["efqat"]["importance"] == ("rounding_error" if dataset == "digits" else "fan_in")
+  assert results["efqat"]["importance"] == ("bn_folded" if dataset == "digits" else "fan_in")
   times = results["efqat"]
   assert times["train_time_s"] + times["eval_time_s"] == pytest.approx(times["wall_time_s"])
   assert min(times["train_time_s"], times["eval_time_s"]) > 0
