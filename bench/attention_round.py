@@ -176,8 +176,9 @@ def attention_round_calls(run, ar) -> dict[str, Callable[[], None]]:
   return calls
 
 
-def train_call(run, state, efqat: bool) -> Callable[[], None]:
-  """A call of the compiled QAT step (EfQAT's with its first selection) from ``state``."""
+def train_call(run, state, efqat: bool, fp=None) -> Callable[[], None]:
+  """A call of the compiled QAT step (EfQAT's with its first selection, ranked against the
+  float model ``fp`` where the importance reads it) from ``state``."""
   qmodel = run.quantized_model(state.formats)
   tx, _ = make_optimizer(run.config.qat.optimizer, learning_rate=1e-4, steps=10**6)
   tx = freeze_unselected(tx) if efqat else tx
@@ -185,7 +186,8 @@ def train_call(run, state, efqat: bool) -> Callable[[], None]:
   extra = None
   if efqat:
     layers = quantized_layers(qmodel, state.variables, run.sample_inputs, train=False)
-    extra = configured_selection(run.config.efqat, state.variables, layers)
+    reference = None if fp is None else fp.variables["params"]
+    extra = configured_selection(run.config.efqat, state.variables, layers, reference)
     opt_state = set_trainable(train_state.opt_state, train_state.params, extra)
     train_state = train_state.replace(opt_state=opt_state)
   context = restrict_backward if efqat else None
@@ -195,10 +197,11 @@ def train_call(run, state, efqat: bool) -> Callable[[], None]:
   return timing.stepping_call(step, state, batch, jax.random.key(0), extra)
 
 
-def step_seconds(rtn_run, rtn, ar_run, ar, rounds: int) -> dict[str, float]:
-  """Median seconds of QAT's step (from ``rtn``), EfQAT's (from ``ar``) and the sum over blocks
-  of Attention Round's (one Adam step of each block), interleaved in this process."""
-  calls = {"qat": train_call(rtn_run, rtn, False), "efqat": train_call(ar_run, ar, True)}
+def step_seconds(rtn_run, rtn, ar_run, ar, fp, rounds: int) -> dict[str, float]:
+  """Median seconds of QAT's step (from ``rtn``), EfQAT's (from ``ar``, ranked against ``fp``)
+  and the sum over blocks of Attention Round's (one Adam step of each block), interleaved in
+  this process."""
+  calls = {"qat": train_call(rtn_run, rtn, False), "efqat": train_call(ar_run, ar, True, fp)}
   calls |= attention_round_calls(ar_run, ar)
   ms = {name: timing.median(t) for name, t in timing.interleaved_ms(calls, rounds).items()}
   blocks = sum(v for name, v in ms.items() if name.startswith(AR))
@@ -248,7 +251,7 @@ def measure_budgets(config, here: pathlib.Path, bits_mode: str, fp, rtn, quick: 
   qat_probe = sweep.stage_result(
     qat_config(config, probe), here / f"{bits_mode}_qat_probe", "qat", {"ptq": rtn_model}
   )
-  step_s = step_seconds(rtn_run, rtn_model, ar_run, ar, ROUNDS[quick])
+  step_s = step_seconds(rtn_run, rtn_model, ar_run, ar, fp, ROUNDS[quick])
   walls = {AR: ar_probe["ptq"], "efqat": ar_probe["efqat"], "qat": qat_probe}
   fixed_s = {k: fixed_seconds(r["wall_time_s"], probe, step_s[k]) for k, r in walls.items()}
   steps = {AR: config.ptq.attention_round.steps, "efqat": config.efqat.steps}

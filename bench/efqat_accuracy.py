@@ -91,13 +91,13 @@ def efqat_config(config, mode: str, rho: float):
   return cfg
 
 
-def seeded_results(cfg, workdir: pathlib.Path, stage: str, ptq, seeds: range) -> list[dict]:
+def seeded_results(
+  cfg, workdir: pathlib.Path, stage: str, inputs: dict, seeds: range
+) -> list[dict]:
   """``results[stage]`` of each seed number in ``seeds`` of the run in ``workdir``, each from
-  the same ``ptq`` model."""
+  the same ``inputs`` (the ptq and fp stages' output)."""
   return [
-    sweep.stage_result(
-      sweep.with_train_seed(cfg, i), sweep.seed_dir(workdir, i), stage, {"ptq": ptq}
-    )
+    sweep.stage_result(sweep.with_train_seed(cfg, i), sweep.seed_dir(workdir, i), stage, inputs)
     for i in seeds
   ]
 
@@ -114,15 +114,19 @@ def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> lis
   run = pipeline.Run(config, workdir)
   fp = pipeline.STAGES.get("fp").run(run, {})
   ptq = pipeline.STAGES.get("ptq").run(run, {"fp": fp})
-  pipeline.STAGES.get("qat").run(run, {"ptq": ptq})  # seed 0, beside fp and ptq
-  qat = [run.results["qat"], *seeded_results(config, workdir / "qat", "qat", ptq, range(1, seeds))]
+  inputs = {"ptq": ptq, "fp": fp}
+  pipeline.STAGES.get("qat").run(run, inputs)  # seed 0, beside fp and ptq
+  qat = [
+    run.results["qat"],
+    *seeded_results(config, workdir / "qat", "qat", inputs, range(1, seeds)),
+  ]
   efqat = {}
   for (mode, rho), cfg in configs.items():
     if rho in (0.0, 1.0) and mode != MODES[0]:  # no channel or every channel: same run
       efqat[mode, rho] = efqat[MODES[0], rho]
       continue
     efqat_dir = workdir / f"efqat_{mode}_{rho}"
-    efqat[mode, rho] = seeded_results(cfg, efqat_dir, "efqat", ptq, range(seeds))
+    efqat[mode, rho] = seeded_results(cfg, efqat_dir, "efqat", inputs, range(seeds))
     seconds = sum(r["wall_time_s"] for r in efqat[mode, rho])
     print(f"{workdir.name}: efqat {mode} rho={rho} done ({seconds:.0f} s)", flush=True)
   return setting_rows(setting, config, run.results, qat, efqat)

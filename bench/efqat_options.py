@@ -22,8 +22,13 @@ do not overlap. ``train_time_s`` is the stage's wall time before its final evalu
       --values=mean_abs,fan_in --seeds=0,1
 
 ``--values`` picks some of the option's values (e.g. no ``bn_folded`` for a model without
-BatchNorm, where it equals mean_abs). Rows of other settings, and of values not run, already in
-the JSON are kept.
+BatchNorm, where it equals mean_abs). ``--rho-unit=params`` runs cheap_params or importance with
+rho counted in weights (``efqat.rho_unit``), so that values which pick blocks of different sizes
+train the same share of weights:
+
+  python bench/efqat_options.py --option=importance --values=bn_folded,ptq_error --rho-unit=params
+
+Rows of other settings, and of values or rho units not run, already in the JSON are kept.
 Reruns resume: every run keeps its workdir under --root (default /tmp/efqat_options), and
 finished stages are read back, not run again.
 """
@@ -81,16 +86,21 @@ def _metric(result: dict) -> str:
   return "bits_per_char" if "bits_per_char" in result else "accuracy"
 
 
-def _seed_rows(setting: str, seed: int, option: str, values: list[str], root: pathlib.Path):
+def _seed_rows(
+  setting: str, seed: int, option: str, values: list[str], root: pathlib.Path, rho_unit: str
+):
   config, bits = SETTINGS[setting]
+  fixed = [] if option == "rho_unit" else [f"--config.efqat.rho_unit={rho_unit}"]
+  suffix = "" if rho_unit == RHO_UNITS[0] else f"_{rho_unit}"
   base = root / f"{config}_w{bits}_s{seed}"
   results = _run(config, bits, base, f"--config.seed={seed}", "--config.stages=fp,ptq,qat")
   metric = _metric(results["ptq"])
   ptq, qat = results["ptq"][metric], results["qat"][metric]
   rows = []
-  for mode in MODES.get(option, ALL_MODES):
+  # cwpl is the same whatever rho counts: with --rho-unit=params, cwpn and lwpn only
+  for mode in MODES.get(option if rho_unit == RHO_UNITS[0] else "rho_unit", ALL_MODES):
     for value in values:
-      workdir = root / f"{base.name}_{mode}_{value}"
+      workdir = root / f"{base.name}_{mode}_{value}{suffix}"
       if not workdir.exists():
         shutil.copytree(base, workdir, ignore=shutil.ignore_patterns("qat", "export"))
       efqat = _run(
@@ -102,6 +112,7 @@ def _seed_rows(setting: str, seed: int, option: str, values: list[str], root: pa
         f"--config.efqat.mode={mode}",
         f"--config.efqat.rho={RHO}",
         f"--config.efqat.{option}={value}",
+        *fixed,
       )["efqat"]
       rows.append(
         dict(
@@ -110,6 +121,7 @@ def _seed_rows(setting: str, seed: int, option: str, values: list[str], root: pa
           mode=mode,
           option=option,
           value=value,
+          rho_unit=efqat["rho_unit"],
           metric=metric,
           ptq=ptq,
           qat=qat,
@@ -129,23 +141,33 @@ def _mean_or_blank(values: list) -> str:
   return "" if None in values else f"{statistics.mean(values):.3f}"
 
 
+def _rho_unit(row: dict) -> str:
+  """What rho counted in a row's run (rows written before it was recorded: their value where
+  the option is rho_unit, else the default)."""
+  if "rho_unit" in row:
+    return row["rho_unit"]
+  return row["value"] if row["option"] == "rho_unit" else RHO_UNITS[0]
+
+
 def _summary(rows: list[dict], first: str) -> list[dict]:
-  """Mean and [min, max] over seeds per setting, mode and value, with the verdict against the
-  option's first value in the same setting and mode."""
+  """Mean and [min, max] over seeds per setting, rho unit, mode and value, with the verdict
+  against the option's first value in the same setting, rho unit and mode."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
-    groups.setdefault((row["setting"], row["mode"], row["value"]), []).append(row)
+    groups.setdefault((row["setting"], _rho_unit(row), row["mode"], row["value"]), []).append(row)
   recovered = {key: [r["gap_recovered"] for r in group] for key, group in groups.items()}
   out = []
-  for (setting, mode, value), group in groups.items():
+  for (setting, unit, mode, value), group in groups.items():
     scale = 100 if group[0]["metric"] == "accuracy" else 1
     fmt = (lambda v: f"{v:.1f}") if scale == 100 else (lambda v: f"{v:.3f}")
     metric = [scale * r["efqat"] for r in group]
     gaps = [scale * (r["qat"] - r["ptq"]) for r in group]
-    ours, base = recovered[setting, mode, value], recovered.get((setting, mode, first))
+    ours = recovered[setting, unit, mode, value]
+    base = recovered.get((setting, unit, mode, first))
     out.append(
       dict(
         setting=setting,
+        rho_unit=unit,
         mode=mode,
         value=value,
         seeds=len(group),
@@ -168,6 +190,9 @@ def main():
   )
   parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
   parser.add_argument("--root", default="/tmp/efqat_options", help="where runs are kept")
+  parser.add_argument(
+    "--rho-unit", default=RHO_UNITS[0], choices=RHO_UNITS, help="efqat.rho_unit of every run"
+  )
   args = parser.parse_args()
   settings = args.settings.split(",")
   unknown = [s for s in settings if s not in SETTINGS]
@@ -177,6 +202,8 @@ def main():
   values = args.values.split(",") if args.values else list(allowed)
   if set(values) - set(allowed):
     parser.error(f"--values={args.values}: {args.option} takes {', '.join(allowed)}")
+  if args.option == "rho_unit" and args.rho_unit != RHO_UNITS[0]:
+    parser.error("--rho-unit: --option=rho_unit runs every rho unit already")
   timing.use_jemalloc()
   root = pathlib.Path(args.root)
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -184,12 +211,12 @@ def main():
     row
     for setting in settings
     for seed in seeds
-    for row in _seed_rows(setting, seed, args.option, values, root)
+    for row in _seed_rows(setting, seed, args.option, values, root, args.rho_unit)
   ]
   path = timing.RESULTS / f"efqat_{args.option}.json"
-  # the rows of other settings, and of other values of a setting run here, are kept
-  order = [(setting, value) for setting in SETTINGS for value in allowed]
-  rows = sweep.merged(rows, path, lambda r: (r["setting"], r["value"]), order)
+  # the rows of other settings, and of other values or rho units of a setting run here, are kept
+  order = [(s, value, unit) for s in SETTINGS for value in allowed for unit in RHO_UNITS]
+  rows = sweep.merged(rows, path, lambda r: (r["setting"], r["value"], _rho_unit(r)), order)
   summary = _summary(rows, allowed[0])
   print(timing.markdown_table(summary, list(summary[0])))
   print(f"wrote {timing.write_rows(f'efqat_{args.option}', rows)}")

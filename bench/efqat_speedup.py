@@ -11,7 +11,8 @@ medians over rounds. ``backward_ms`` is step minus forward: the backward pass pl
 optimizer. Every Dense, Conv and DenseGeneral is quantized W4A4. Channels and layers are ranked
 on the initialised weights by the first of ``--importance`` (default: the pipeline's
 ``efqat.importance``, then ``mean_abs``, the paper's); each further ranking is timed in the same
-rounds at rho 10% with both cheap_params settings.
+rounds at rho 10% with both cheap_params settings. ``ptq_error`` takes the initialised weights as
+the float model, so it ranks by the error round-to-nearest PTQ would leave in them.
 
 ``attainable_realised`` = (QAT - mode) / (QAT - ideal) on backward times, with ideal = floor +
 param_fraction x (QAT - floor) and floor the all_layers ``ptq`` row: the share of the saving a
@@ -179,6 +180,7 @@ def _efqat_state(base, layers, variant, bucket: int, mesh):
     cheap_params=cheap,
     importance=importance,
     batch_stats=state.collections.get("batch_stats", {}),
+    reference=state.params,  # ptq_error: as round-to-nearest PTQ of these weights leaves them
   )
   trainable = replicate(trainable, mesh)
   opt_state = set_trainable(state.opt_state, state.params, trainable)

@@ -6,8 +6,9 @@ first and last layer at 8 bits), each at its config's full step count (300 and 5
 setting the float model and PTQ run once (resumed from --root); then QAT and EfQAT in each mode
 at rho 10% (the pipeline's defaults otherwise: re-selection every 100 steps, its default
 ranking), CWPN with ``reuse_steps`` off, and CWPN and LWPN ranked by mean |w| (the
-paper's importance), run as pipeline stages, --repeats times each, interleaved (qat, cwpl, cwpn,
-cwpn_no_reuse, lwpn, cwpn_mean_abs, lwpn_mean_abs, qat, ...), every run from scratch in its own
+paper's importance) and by ``ptq_error``, run as pipeline stages, --repeats times each,
+interleaved (qat, cwpl, cwpn, cwpn_no_reuse, lwpn, cwpn_mean_abs, lwpn_mean_abs,
+cwpn_ptq_error, lwpn_ptq_error, qat, ...), every run from scratch in its own
 workdir within this one process, after one short warm-up run that pays the process's first
 compilations.
 
@@ -15,8 +16,9 @@ Per run: the stage's wall time; its step time, the median of the intervals the t
 logs (every 10 steps; the first, which holds the compilation, is left out), so one slow
 interval (a re-selection, a checkpoint, other load) does not move it; the compilation time
 (tracing, lowering and XLA, from ``jax.monitoring``); the evaluation time; and the rest (data,
-selections, checkpoints, logging) as wall - steps x step - compilation - evaluation. Rows give
-the medians over the repeats, and for each EfQAT mode:
+selections, checkpoints, logging) as wall - steps x step - compilation - evaluation; and the
+share of kernel params the last selection trains. Rows give the medians over the repeats, and
+for each EfQAT mode:
 
   step_speedup  = QAT step / EfQAT step
   stage_speedup = QAT stage wall time / EfQAT stage wall time
@@ -47,11 +49,15 @@ import timing
 from efqat_accuracy import efqat_config, setting_config
 
 from efqat_jax import pipeline
+from efqat_jax.pipeline.qat_efqat import PIPELINE_IMPORTANCES
 from efqat_jax.train.metrics import read_scalars
 
 SETTINGS = (("resnet20_mnist5k", 4, 4), ("transformer_shakespeare", 4, 4))
 SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
-METHODS = ("qat", "cwpl", "cwpn", "cwpn_no_reuse", "lwpn", "cwpn_mean_abs", "lwpn_mean_abs")
+METHODS = (
+  "qat", "cwpl", "cwpn", "cwpn_no_reuse", "lwpn", "cwpn_mean_abs", "lwpn_mean_abs",
+  "cwpn_ptq_error", "lwpn_ptq_error",
+)  # fmt: skip
 RHO = 0.1
 QUICK_STEPS = 60
 WARMUP_STEPS = 20
@@ -62,8 +68,8 @@ COMPILE_EVENTS = (
   "/jax/core/compile/backend_compile_duration",
 )
 HEADER = (
-  "| model | method | stage (s) | step (ms) | compilation (s) | evaluation (s) | other (s) |"
-  " step compilations | step speedup | stage speedup | kept |"
+  "| model | method | ranking | stage (s) | step (ms) | compilation (s) | evaluation (s) | other (s) |"
+  " step compilations | kernel params trained | step speedup | stage speedup | kept |"
 )
 
 
@@ -85,15 +91,15 @@ def compile_seconds() -> float:
 def method_config(config, method: str):
   """The config of one run: QAT as configured, or EfQAT in ``method``'s mode at RHO with QAT's
   optimizer settings and steps (``cwpn_no_reuse``: CWPN with ``reuse_steps`` off, a new
-  compilation for every new set of counts; ``<mode>_mean_abs``: ranked by mean |w|, the paper's
-  importance, instead of the pipeline's default)."""
+  compilation for every new set of counts; ``<mode>_<importance>``: ranked by that importance,
+  e.g. mean |w|, the paper's, instead of the pipeline's default)."""
   if method == "qat":
     return config
   mode, _, variant = method.partition("_")
   cfg = efqat_config(config, mode, RHO)
   cfg.efqat.reuse_steps = variant != "no_reuse"
-  if variant == "mean_abs":
-    cfg.efqat.importance = "mean_abs"
+  if variant in PIPELINE_IMPORTANCES:
+    cfg.efqat.importance = variant
   return cfg
 
 
@@ -101,14 +107,15 @@ def stage_of(method: str) -> str:
   return "qat" if method == "qat" else "efqat"
 
 
-def timed_run(config, method: str, workdir: pathlib.Path, ptq) -> dict:
-  """Runs one stage from scratch in ``workdir`` and returns where its wall time went."""
+def timed_run(config, method: str, workdir: pathlib.Path, inputs: dict) -> dict:
+  """Runs one stage from scratch in ``workdir`` on ``inputs`` (the ptq and fp stages' output)
+  and returns where its wall time went."""
   shutil.rmtree(workdir, ignore_errors=True)
   run = pipeline.Run(method_config(config, method), workdir)
   stage = stage_of(method)
   compiled = compile_seconds()
   start = time.perf_counter()
-  pipeline.STAGES.get(stage).run(run, {"ptq": ptq})
+  pipeline.STAGES.get(stage).run(run, inputs)
   wall = time.perf_counter() - start
   result = run.results[stage]
   intervals = [ms for _, ms in read_scalars(workdir / "tb" / stage)["step_time_ms"][1:]]
@@ -123,6 +130,7 @@ def timed_run(config, method: str, workdir: pathlib.Path, ptq) -> dict:
     eval_s=eval_s,
     other_s=wall - steps * step_ms / 1e3 - compile_s - eval_s,
     recompiles=result.get("recompiles_this_process", 1),
+    param_fraction=result.get("param_fraction", 1.0),
   )
 
 
@@ -137,11 +145,12 @@ def bench_setting(setting, root: pathlib.Path, repeats: int, steps: int | None) 
   ptq = pipeline.STAGES.get("ptq").run(run, {"fp": fp})
   warmup = config.copy_and_resolve_references()
   warmup.qat.steps = WARMUP_STEPS
-  timed_run(warmup, "cwpl", here / "timed" / "warmup", ptq)
+  inputs = {"ptq": ptq, "fp": fp}
+  timed_run(warmup, "cwpl", here / "timed" / "warmup", inputs)
   runs = {method: [] for method in METHODS}
   for repeat in range(repeats):
     for method in METHODS:
-      runs[method].append(timed_run(config, method, here / "timed" / f"{method}_{repeat}", ptq))
+      runs[method].append(timed_run(config, method, here / "timed" / f"{method}_{repeat}", inputs))
       print(f"{here.name} {method} #{repeat}: {runs[method][-1]}", flush=True)
   medians = {
     method: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for method, rs in runs.items()
@@ -163,7 +172,7 @@ def bench_setting(setting, root: pathlib.Path, repeats: int, steps: int | None) 
 
 def table(rows: list[dict]) -> str:
   """The markdown table of the rows (bench/README.md quotes it)."""
-  lines = [HEADER, "|---|---|" + "---|" * 9]
+  lines = [HEADER, "|---|---|---|" + "---|" * 10]
   for r in rows:
     efqat = r["method"] != "qat"
     ratios = (
@@ -172,11 +181,17 @@ def table(rows: list[dict]) -> str:
       else " |  | "
     )
     lines.append(
-      f"| {r['model']} | {r['method']} | {r['wall_s']:.1f} | {r['step_ms']:.1f} | "
+      f"| {r['model']} | {r['method']} | {r.get('importance') or ''} | {r['wall_s']:.1f} | "
+      f"{r['step_ms']:.1f} | "
       f"{r['compile_s']:.1f} | {r['eval_s']:.1f} | {r['other_s']:.1f} | {r['recompiles']:.0f} | "
-      f"{ratios} |"
+      f"{_share(r.get('param_fraction'))} | {ratios} |"
     )
   return "\n".join(lines)
+
+
+def _share(fraction) -> str:
+  """A share of kernel params as a percentage; blank for rows written before it was recorded."""
+  return "" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def main():

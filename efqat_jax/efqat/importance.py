@@ -25,6 +25,11 @@ flattened in C order. A channel's score is one of ``IMPORTANCES``:
              scores 0 and ``unit_scores`` refuses it; where training has moved only the
              selected channels, it scores only those. So the pipeline, which ranks the PTQ
              model, does not offer it.
+  ptq_error  sqrt(sum_j (v_j - Q(w_j))^2), folded like rounding_error, where v is the float
+             model's weight (``reference``): on a PTQ model, the output error PTQ left in the
+             channel (rounding, and what OPTQ, GPFQ or AXE moved to compensate); at a later
+             re-selection, how far the channel's quantized weights are from the float ones.
+             Not in the paper; it needs the float model's params.
 
 A unit's (layer's) score is the mean of its channel scores; with ``mean_abs`` that is the mean
 |w| of the whole layer.
@@ -44,8 +49,10 @@ from efqat_jax.quant import granularity
 from efqat_jax.quant.fake_quant import MIN_SCALE
 from efqat_jax.quant.spec import QuantSpec
 
-IMPORTANCES = ("mean_abs", "fan_in", "bn_folded", "rounding_error")
-FOLDED = ("bn_folded", "rounding_error")  # the importances that fold a following BatchNorm in
+IMPORTANCES = ("mean_abs", "fan_in", "bn_folded", "rounding_error", "ptq_error")
+FOLDED = ("bn_folded", "rounding_error", "ptq_error")  # they fold a following BatchNorm in
+ERRORS = ("rounding_error", "ptq_error")  # they score the error of the quantized weights
+NEEDS_REFERENCE = ("ptq_error",)  # they need the float model's params
 BATCH_NORM_EPSILON = 1e-5  # flax.linen.BatchNorm's default
 
 
@@ -70,18 +77,20 @@ def channel_importance(weight: Any, out_axes: tuple[int, ...]) -> np.ndarray:
   return np.mean(np.abs(channels.reshape(-1, *size)), axis=0).reshape(-1)
 
 
-def channel_rounding_error(
-  weight: Any, scale: Any, spec: QuantSpec, out_axes: tuple[int, ...]
-) -> np.ndarray:
-  """sqrt(sum (w - Q(w))^2) over every output channel of one layer's weight (flat, length C),
-  Q rounding to nearest on the grid of ``spec`` with step ``scale`` (symmetric weights)."""
+def quantized_weight(weight: Any, scale: Any, spec: QuantSpec) -> np.ndarray:
+  """Q(w) on the host: ``weight`` rounded to nearest on the grid of ``spec`` with step ``scale``
+  (symmetric weights), clipped to its range, as the layer's weight quantizer gives it."""
   weight = np.asarray(weight, np.float32)
   blocks = granularity.to_blocks(weight, spec)
   scale = np.maximum(np.abs(np.asarray(scale, np.float32)), MIN_SCALE)  # as layers read it
   step = np.asarray(granularity.expand_param(scale, spec, weight.shape))
-  rounded = np.clip(np.round(blocks / step), spec.qmin, spec.qmax) * step
-  error = (blocks - rounded).reshape(weight.shape)
-  return np.sqrt(channel_importance(np.square(error), out_axes) * _fan_in(weight.shape, out_axes))
+  return (np.clip(np.round(blocks / step), spec.qmin, spec.qmax) * step).reshape(weight.shape)
+
+
+def channel_error_norm(error: Any, out_axes: tuple[int, ...]) -> np.ndarray:
+  """sqrt(sum_j error_j^2) over every output channel of a weight-shaped error (flat, length C)."""
+  error = np.asarray(error, np.float32)
+  return np.sqrt(channel_importance(np.square(error), out_axes) * _fan_in(error.shape, out_axes))
 
 
 def _fan_in(shape: tuple[int, ...], out_axes: tuple[int, ...]) -> int:
@@ -94,6 +103,7 @@ def unit_scores(
   layers: Mapping[str, QuantizedLayer],
   importance: str = "mean_abs",
   batch_stats: Any = None,
+  reference: Any = None,
 ) -> dict[str, np.ndarray]:
   """Per unit, the score of each of its output channels (``float[C]``, see the module doc).
 
@@ -101,12 +111,14 @@ def unit_scores(
     params: the model's params.
     layers: its quantized layers.
     importance: one of ``IMPORTANCES``.
-    batch_stats: the model's ``batch_stats`` collection; required by ``bn_folded`` and
-      ``rounding_error``.
+    batch_stats: the model's ``batch_stats`` collection; required by the ``FOLDED`` ones.
+    reference: the float model's params (its weights at the same paths); required by
+      ``ptq_error``.
 
   Raises:
-    ValueError: for an unknown importance, a folding one without ``batch_stats``, or
-      ``rounding_error`` where every weight lies on its grid.
+    ValueError: for an unknown importance, a folding one without ``batch_stats``, ``ptq_error``
+      without a ``reference`` of the model's weight shapes, or an error importance under
+      which every channel scores 0 (nothing to rank by).
   """
   if importance not in IMPORTANCES:
     raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
@@ -115,29 +127,42 @@ def unit_scores(
       f"importance={importance!r} needs the model's batch_stats (pass batch_stats=variables"
       "['batch_stats'], or {} for a model without BatchNorm)"
     )
-  scores = _scores(params, layers, importance, batch_stats)
-  if importance == "rounding_error" and not any(np.any(s) for s in scores.values()):
+  if importance in NEEDS_REFERENCE and reference is None:
     raise ValueError(
-      "importance='rounding_error': every weight lies on its grid (as PTQ writes them), so"
-      " every channel scores 0; rank by 'bn_folded' or 'mean_abs'"
+      f"importance={importance!r} needs the float model's params (pass reference=fp_params)"
+    )
+  scores = _scores(params, layers, importance, batch_stats, reference)
+  if importance in ERRORS and not any(np.any(s) for s in scores.values()):
+    raise ValueError(
+      f"importance={importance!r}: every channel scores 0 ("
+      + (
+        "every weight lies on its grid, as PTQ writes them"
+        if importance == "rounding_error"
+        else "the quantized weights equal the reference's: is reference the float model's?"
+      )
+      + "), nothing to rank by; rank by 'bn_folded' or 'mean_abs'"
     )
   return scores
 
 
 def _scores(
-  params: Any, layers: Mapping[str, QuantizedLayer], importance: str, batch_stats: Any
+  params: Any,
+  layers: Mapping[str, QuantizedLayer],
+  importance: str,
+  batch_stats: Any,
+  reference: Any,
 ) -> dict[str, np.ndarray]:
   scores = {}
   for layer in layers.values():
     own = params_at(params, layer.path)
     weight = np.asarray(own[layer.weight_name])
-    scale = np.asarray(own[layer.scale_name]) if importance == "rounding_error" else None
+    scale = np.asarray(own[layer.scale_name]) if importance in ERRORS else None
+    target = weight if importance == "rounding_error" else _reference_weight(reference, layer)
     fold = _folding_norm(layer, params, batch_stats) if importance in FOLDED else None
     for index in layer.indices():
-      if importance == "rounding_error":
-        score = channel_rounding_error(
-          weight[index], scale[index], layer.weight_spec, layer.out_axes
-        )
+      if importance in ERRORS:
+        quantized = quantized_weight(weight[index], scale[index], layer.weight_spec)
+        score = channel_error_norm(target[index] - quantized, layer.out_axes)
       else:
         score = channel_importance(weight[index], layer.out_axes)
       if importance == "fan_in":
@@ -147,6 +172,25 @@ def _scores(
         score = score * np.abs(gamma[index]) / np.sqrt(var[index] + BATCH_NORM_EPSILON)
       scores[layer.unit(index)] = score
   return scores
+
+
+def _reference_weight(reference: Any, layer: QuantizedLayer) -> np.ndarray | None:
+  """The float model's weight of ``layer`` (None without a reference)."""
+  if reference is None:
+    return None
+  try:
+    weight = np.asarray(params_at(reference, layer.path)[layer.weight_name])
+  except (KeyError, TypeError):
+    raise ValueError(
+      f"reference has no {layer.path}/{layer.weight_name}: pass the float model's params"
+    ) from None
+  shape = (*layer.stack_shape, *layer.weight_shape)
+  if weight.shape != shape:
+    raise ValueError(
+      f"reference {layer.path}/{layer.weight_name} has shape {weight.shape}, the model's is "
+      f"{shape}: pass the float model's params"
+    )
+  return weight
 
 
 def _folding_norm(

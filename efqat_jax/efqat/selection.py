@@ -171,6 +171,7 @@ def select(
   importance: str = "mean_abs",
   batch_stats: Any = None,
   rho_unit: str = "blocks",
+  reference: Any = None,
 ) -> TrainableSet:
   """Chooses the trainable output channels of every unit.
 
@@ -184,9 +185,10 @@ def select(
     train_frozen_scales: let the weight scales of frozen channels train.
     cheap_params: where the params other than quantized weights train (see the module doc).
     importance: how channels and units are ranked, one of ``IMPORTANCES``.
-    batch_stats: the model's ``batch_stats`` collection (``bn_folded`` and
-      ``rounding_error`` need it).
+    batch_stats: the model's ``batch_stats`` collection (the importances that fold a BatchNorm
+      in need it: ``bn_folded``, ``rounding_error``, ``ptq_error``).
     rho_unit: what rho counts, one of ``RHO_UNITS`` (see the module doc).
+    reference: the float model's params (``ptq_error`` needs them).
 
   Returns:
     The TrainableSet.
@@ -195,7 +197,7 @@ def select(
   if not layers:
     raise ValueError("layers is empty: the model has no quantized layer, nothing to select")
   layers = dict(sorted(layers.items()))
-  scores = unit_scores(params, layers, importance, batch_stats)
+  scores = unit_scores(params, layers, importance, batch_stats, reference)
   sizes = {unit: s.size for unit, s in scores.items()}
   # what one channel of each unit counts for in rho: 1 block, or its weights
   per_channel = weights_per_channel(layers) if rho_unit == "params" else dict.fromkeys(sizes, 1)

@@ -39,19 +39,23 @@ class QatVariant:
   """A registered QAT variant.
 
   Attributes:
-    train: ``(run, stage, qmodel, variables, cfg, **step_options) -> (state, result fields)``;
-      trains (or resumes) ``qmodel`` from the PTQ ``variables`` with the stage's block ``cfg``,
-      in the stage's checkpoint directory, passing ``step_options`` on to
+    train: ``(run, stage, qmodel, variables, cfg, fp, **step_options) -> (state, result
+      fields)``; trains (or resumes) ``qmodel`` from the PTQ ``variables`` with the stage's
+      block ``cfg``, in the stage's checkpoint directory (``fp``: the fp stage's output where
+      ``needs_fp`` or the loss asks for it, else None), passing ``step_options`` on to
       ``pipeline.training.train``: ``constrain`` (None, or ``params -> params``: the PTQ
       result's constraint, e.g. its accumulators, applied after every update) and ``loss_fn``
       (the stage's loss); the fields go into the stage's result.
     summary: one line for the field listing.
     fields: its settings block ``config.<name>`` (merged with a stage block of that name).
+    needs_fp: ``config -> bool``, whether under ``config`` it reads the full-precision model
+      (the stage then takes the fp stage's output as an input too).
   """
 
   train: Callable[..., tuple[TrainState, dict]]
   summary: str
   fields: Schema = dataclasses.field(default_factory=dict)
+  needs_fp: Callable[[ml_collections.ConfigDict], bool] = lambda config: False
 
 
 QAT_VARIANTS: Registry[QatVariant] = Registry("qat.method")
@@ -102,7 +106,14 @@ def _run_stage(stage: str) -> Callable[[Run, dict[str, ModelState]], ModelState]
       run, qmodel, ptq.variables, inputs.get("fp"), run.config.get(loss)
     )
     state, extra = QAT_VARIANTS.get(method).train(
-      run, stage, qmodel, ptq.variables, run.config[stage], constrain=constrain, loss_fn=loss_fn
+      run,
+      stage,
+      qmodel,
+      ptq.variables,
+      run.config[stage],
+      inputs.get("fp"),
+      constrain=constrain,
+      loss_fn=loss_fn,
     )
     if stage not in run.results:
       trained = time.perf_counter()
@@ -133,7 +144,9 @@ def _fields(stage: str) -> Callable[[ml_collections.ConfigDict], tuple[str, ...]
 
 def _needs(stage: str) -> Callable[[ml_collections.ConfigDict, set[str]], tuple[str, ...]]:
   def needs(config, finished):
-    return ("ptq", "fp") if QAT_LOSSES.get(config[stage].loss).needs_fp else ("ptq",)
+    variant = QAT_VARIANTS.get(stage_method(config, stage))
+    fp = QAT_LOSSES.get(config[stage].loss).needs_fp or variant.needs_fp(config)
+    return ("ptq", "fp") if fp else ("ptq",)
 
   return needs
 

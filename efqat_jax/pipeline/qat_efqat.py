@@ -1,6 +1,7 @@
 """QAT variant ``efqat``: train the channels or layers selected by importance (``importance``),
 re-selected every ``reselect_every`` steps, plus the non-weight params (where ``cheap_params``
-says); the optimizer freezes the rest and the backward pass skips their weight gradients."""
+says); the optimizer freezes the rest and the backward pass skips their weight gradients.
+``ptq_error`` ranks against the float model, which the stage then reads from stage ``fp``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from efqat_jax.efqat import (
   select,
   trainable_from_state,
 )
+from efqat_jax.efqat.importance import NEEDS_REFERENCE
 from efqat_jax.fields import Field, boolean, integer, number, one_of
 from efqat_jax.nn import quantized_layers
 from efqat_jax.pipeline.qat import QAT_VARIANTS, QatVariant
@@ -64,15 +66,18 @@ EFQAT_FIELDS = {
   "importance": Field(
     "bn_folded",
     "how channels and layers are ranked: bn_folded (mean |w| * gamma / sigma of the following"
-    " BatchNorm; mean |w| where none follows), mean_abs (mean |w|, the paper), or fan_in (mean"
-    " |w| * sqrt(fan_in)); not rounding_error, which scores 0 on PTQ's on-grid weights",
+    " BatchNorm; mean |w| where none follows), mean_abs (mean |w|, the paper), fan_in (mean"
+    " |w| * sqrt(fan_in)), or ptq_error (the norm of the float model's weights minus the"
+    " quantized ones, times gamma / sigma; reads stage fp); not rounding_error, which scores 0"
+    " on PTQ's on-grid weights",
     one_of(*PIPELINE_IMPORTANCES),
   ),
 }
 
 
-def configured_selection(settings, variables, layers) -> TrainableSet:
-  """The selection ``config.efqat`` (``settings``) makes on ``variables``."""
+def configured_selection(settings, variables, layers, reference=None) -> TrainableSet:
+  """The selection ``config.efqat`` (``settings``) makes on ``variables`` (``reference``: the
+  float model's params, which ``ptq_error`` ranks against)."""
   return select(
     variables["params"],
     layers,
@@ -84,17 +89,31 @@ def configured_selection(settings, variables, layers) -> TrainableSet:
     settings.importance,
     variables.get("batch_stats", {}),
     settings.rho_unit,
+    reference,
   )
 
 
-def train_efqat(run, stage, qmodel, variables, cfg, **step_options):
+def needs_fp(config) -> bool:
+  """Whether the selection reads the float model (``ptq_error``)."""
+  return config.efqat.importance in NEEDS_REFERENCE
+
+
+def train_efqat(run, stage, qmodel, variables, cfg, fp, **step_options):
   settings = run.config.efqat
   every = settings.reselect_every or None
   layers = quantized_layers(qmodel, variables, run.sample_inputs, train=False)
+  reference = None
+  if needs_fp(run.config):
+    if fp is None:
+      raise ValueError(
+        f"efqat.importance={settings.importance!r} ranks against the float model: run the stage"
+        " with the fp stage's output as inputs['fp']"
+      )
+    reference = fp.variables["params"]
   recompiles = [0]
 
   def selector(variables):
-    return configured_selection(settings, variables, layers)
+    return configured_selection(settings, variables, layers, reference)
 
   def reselecting(step_fn, writer):
     def on_select(step, params, trainable, new_compiles):
@@ -139,5 +158,6 @@ EFQAT = QAT_VARIANTS.register(
     train_efqat,
     summary="train only the most important channels or layers (EfQAT)",
     fields=EFQAT_FIELDS,
+    needs_fp=needs_fp,
   ),
 )

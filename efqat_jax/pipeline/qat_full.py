@@ -6,7 +6,8 @@ from efqat_jax.pipeline.qat import QAT_VARIANTS, QatVariant
 from efqat_jax.pipeline.training import train
 
 
-def train_full(run, stage, qmodel, variables, cfg, **step_options):
+def train_full(run, stage, qmodel, variables, cfg, fp, **step_options):
+  del fp  # not read
   return train(run, stage, qmodel, variables, cfg, **step_options), {}
 
 

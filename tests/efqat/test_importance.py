@@ -1,5 +1,5 @@
-"""The importances EfQAT ranks by: mean |w|, fan-in scaled, BatchNorm-folded, rounding error (also
-stacked)."""
+"""The importances EfQAT ranks by: mean |w|, fan-in scaled, BatchNorm-folded, rounding error, PTQ
+error against the float model (also stacked)."""
 
 import math
 
@@ -141,7 +141,7 @@ def test_importance_errors_name_the_argument():
     select(STACKED.params, STACKED.layers, "cwpl", 0.1, importance="bn_folded")
   with pytest.raises(ValueError, match="rounding_error.*batch_stats"):
     select(STACKED.params, STACKED.layers, "cwpl", 0.1, importance="rounding_error")
-  assert IMPORTANCES == ("mean_abs", "fan_in", "bn_folded", "rounding_error")
+  assert IMPORTANCES == ("mean_abs", "fan_in", "bn_folded", "rounding_error", "ptq_error")
   # A model without BatchNorm: bn_folded is mean |w|.
   no_norm = {"params": STACKED.params}
   a = select(no_norm["params"], STACKED.layers, "cwpn", 0.3, importance="bn_folded", batch_stats={})
@@ -194,12 +194,8 @@ def test_rounding_error_ranks_an_on_grid_channel_last_where_mean_abs_ranks_it_fi
   assert np.asarray(cwpl.channels["Dense_0"]).tolist() == [1]
 
 
-def test_rounding_error_refuses_weights_that_all_lie_on_their_grid():
-  """Every PTQ method, round-to-nearest included, leaves every weight on its grid: with no
-  rounding error anywhere, rounding_error refuses to rank (not by channel index, not silently by
-  another importance), and the pipeline does not offer it."""
-  variables = _with_norm_statistics(STACKED.variables)
-  params, stats = variables["params"], variables["batch_stats"]
+def _on_grid(params):
+  """``params`` with every quantized weight replaced by its layer's Q(w), as PTQ writes them."""
   on_grid = jax.tree_util.tree_map(lambda leaf: leaf, params)
   for layer in STACKED.layers.values():
     own = params_at(on_grid, layer.path)
@@ -209,6 +205,16 @@ def test_rounding_error_refuses_weights_that_all_lie_on_their_grid():
         for i in layer.indices()
       ]
     ).reshape(own[layer.weight_name].shape)
+  return on_grid
+
+
+def test_rounding_error_refuses_weights_that_all_lie_on_their_grid():
+  """Every PTQ method, round-to-nearest included, leaves every weight on its grid: with no
+  rounding error anywhere, rounding_error refuses to rank (not by channel index, not silently by
+  another importance), and the pipeline does not offer it."""
+  variables = _with_norm_statistics(STACKED.variables)
+  params, stats = variables["params"], variables["batch_stats"]
+  on_grid = _on_grid(params)
   with pytest.raises(ValueError, match="rounding_error.*every weight lies on its grid"):
     unit_scores(on_grid, STACKED.layers, "rounding_error", stats)
   with pytest.raises(ValueError, match="every weight lies on its grid"):
@@ -217,3 +223,64 @@ def test_rounding_error_refuses_weights_that_all_lie_on_their_grid():
   assert any(
     np.any(s) for s in unit_scores(params, STACKED.layers, "rounding_error", stats).values()
   )
+
+
+def test_ptq_error_against_the_float_weights_minus_the_layers_quantizer_folded_and_stacked():
+  """ptq_error is || v - Q(w) || per channel, v the float model's weight, Q the layer's own
+  quantizer, times gamma / sigma of a following norm; on PTQ's on-grid weights and on a QAT
+  model's latent (off-grid) ones alike. On the PTQ model of the float weights themselves it is
+  their rounding error."""
+  variables = _with_norm_statistics(STACKED.variables)
+  floats, stats = variables["params"], variables["batch_stats"]
+  ptq = _on_grid(floats)
+  latent = jax.tree_util.tree_map(lambda w: w * 1.1, ptq)  # as after some QAT steps: off grid
+  rounding = unit_scores(floats, STACKED.layers, "rounding_error", stats)
+  np.testing.assert_allclose(
+    np.concatenate(list(unit_scores(ptq, STACKED.layers, "ptq_error", stats, floats).values())),
+    np.concatenate(list(rounding.values())),
+    rtol=1e-5,
+    atol=1e-7,
+  )
+  plain = unit_scores(latent, STACKED.layers, "ptq_error", {}, floats)
+  folded = unit_scores(latent, STACKED.layers, "ptq_error", stats, floats)
+  bn = unit_scores(latent, STACKED.layers, "bn_folded", stats)
+  mean_abs = unit_scores(latent, STACKED.layers)
+  for layer in STACKED.layers.values():
+    own, reference = params_at(latent, layer.path), params_at(floats, layer.path)
+    for index in layer.indices():
+      unit, spec = layer.unit(index), layer.weight_spec
+      w = own[layer.weight_name][index]
+      error = np.asarray(
+        reference[layer.weight_name][index] - fake_quant(w, own[layer.scale_name][index], spec=spec)
+      )
+      norms = np.sqrt(np.square(error).reshape(-1, error.shape[-1]).sum(axis=0))
+      np.testing.assert_allclose(plain[unit], norms, rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(folded[unit], norms * bn[unit] / mean_abs[unit], rtol=1e-4)
+
+
+def test_ptq_error_trains_the_channel_ptq_moved_most_and_refuses_without_the_float_model():
+  """The Dense channel whose quantized weights PTQ moved furthest from the float ones is the
+  one cwpl trains, though mean |w| ranks it last; without the float params, with params of
+  another shape, or with the quantized model as its own reference (nothing to rank by), a
+  one-line error."""
+  floats = STACKED.params
+  ptq = _on_grid(floats)
+  dense = dict(ptq["Dense_0"])
+  kernel = np.asarray(dense["kernel"]).copy()
+  kernel[:, 2] = 0.0  # what a method that zeroes a channel leaves: the smallest mean |w|
+  dense["kernel"] = jnp.asarray(kernel)
+  ptq = {**ptq, "Dense_0": dense}
+  assert np.argmin(unit_scores(ptq, STACKED.layers)["Dense_0"]) == 2
+  cwpl = select(ptq, STACKED.layers, "cwpl", 0.25, importance="ptq_error", batch_stats={},
+                reference=floats)  # fmt: skip
+  assert np.asarray(cwpl.channels["Dense_0"]).tolist() == [2]
+  with pytest.raises(ValueError, match="ptq_error.*needs the float model's params"):
+    select(ptq, STACKED.layers, "cwpn", 0.1, importance="ptq_error", batch_stats={})
+  wrong = {**floats, "Dense_0": {**floats["Dense_0"], "kernel": floats["Dense_0"]["kernel"][:3]}}
+  with pytest.raises(ValueError, match="reference Dense_0/kernel has shape"):
+    unit_scores(ptq, STACKED.layers, "ptq_error", {}, wrong)
+  with pytest.raises(ValueError, match="reference has no Dense_0/kernel"):
+    unit_scores(ptq, STACKED.layers, "ptq_error", {}, {**floats, "Dense_0": {}})
+  with pytest.raises(ValueError, match="ptq_error.*every channel scores 0"):
+    unit_scores(ptq, STACKED.layers, "ptq_error", {}, ptq)
+  assert "ptq_error" in PIPELINE_IMPORTANCES

@@ -44,7 +44,11 @@ def _files_under(path):
     ("efqat.rho", 1.5, "a finite number >= 0 and <= 1"),
     ("efqat.reselect_every", -1, "an integer >= 0"),
     ("efqat.bucket", 0, "a positive integer"),
-    ("efqat.importance", "rounding_error", "one of ['mean_abs', 'fan_in', 'bn_folded']"),
+    (
+      "efqat.importance",
+      "rounding_error",
+      "one of ['mean_abs', 'fan_in', 'bn_folded', 'ptq_error']",
+    ),
     ("efqat.steps", -5, "an integer >= 0"),
     ("export.source", "fp", "one of ['auto', 'ptq', 'qat', 'efqat']"),
   ],

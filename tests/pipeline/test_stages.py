@@ -24,7 +24,7 @@ def test_every_stage_runs_for_classification_and_for_a_language_model(
   else:
     config = tiny_config(dataset, data_dir, eval_split="validation[:512]")
     config.stages = "fp,ptq,efqat,export"  # qat: the same code path as for digits
-    config.efqat.importance = "fan_in"
+    config.efqat.importance = "ptq_error"  # ranked against the fp stage's model
     results = pipeline.run_pipeline(config, tmp_path)
   assert set(results) >= {"fp", "ptq", "efqat", "export"}
   metric = "bits_per_char" if dataset.startswith("shakespeare") else "accuracy"
@@ -33,7 +33,7 @@ def test_every_stage_runs_for_classification_and_for_a_language_model(
     assert results[stage]["allocator"] == allocator.current()  # what the wall time ran under
   assert results["efqat"]["method"] == "efqat"
   assert results["efqat"]["rho_unit"] == "blocks"
-  assert results["efqat"]["importance"] == ("bn_folded" if dataset == "digits" else "fan_in")
+  assert results["efqat"]["importance"] == ("bn_folded" if dataset == "digits" else "ptq_error")
   times = results["efqat"]
   assert times["train_time_s"] + times["eval_time_s"] == pytest.approx(times["wall_time_s"])
   assert min(times["train_time_s"], times["eval_time_s"]) > 0
@@ -94,6 +94,10 @@ def test_a_stage_not_asked_for_runs_only_when_a_later_one_needs_it_and_says_so(
   }
   config.stages = "efqat"
   assert pipeline.plan(config, set(results)) == {"fp": (), "ptq": ("fp",), "efqat": ("ptq",)}
+  config.efqat.importance = "ptq_error"  # ranks against the float model: reads stage fp too
+  assert pipeline.plan(config, set(results))["efqat"] == ("ptq", "fp")
+  config.stages, config.qat.method = "qat", "efqat"
+  assert pipeline.plan(config, set(results))["qat"] == ("ptq", "fp")
 
 
 def _final_params(workdir, stage):
