@@ -53,6 +53,10 @@ IMPORTANCES = ("mean_abs", "fan_in", "bn_folded", "rounding_error", "ptq_error")
 FOLDED = ("bn_folded", "rounding_error", "ptq_error")  # they fold a following BatchNorm in
 ERRORS = ("rounding_error", "ptq_error")  # they score the error of the quantized weights
 NEEDS_REFERENCE = ("ptq_error",)  # they need the float model's params
+ALL_ZERO = {  # why an error importance can score every channel 0
+  "rounding_error": "every weight lies on its grid, as PTQ writes them",
+  "ptq_error": "the quantized weights equal the reference's: is reference the float model's?",
+}
 BATCH_NORM_EPSILON = 1e-5  # flax.linen.BatchNorm's default
 
 
@@ -134,13 +138,8 @@ def unit_scores(
   scores = _scores(params, layers, importance, batch_stats, reference)
   if importance in ERRORS and not any(np.any(s) for s in scores.values()):
     raise ValueError(
-      f"importance={importance!r}: every channel scores 0 ("
-      + (
-        "every weight lies on its grid, as PTQ writes them"
-        if importance == "rounding_error"
-        else "the quantized weights equal the reference's: is reference the float model's?"
-      )
-      + "), nothing to rank by; rank by 'bn_folded' or 'mean_abs'"
+      f"importance={importance!r}: every channel scores 0 ({ALL_ZERO[importance]}), nothing to"
+      " rank by; rank by 'bn_folded' or 'mean_abs'"
     )
   return scores
 
@@ -156,8 +155,9 @@ def _scores(
   for layer in layers.values():
     own = params_at(params, layer.path)
     weight = np.asarray(own[layer.weight_name])
-    scale = np.asarray(own[layer.scale_name]) if importance in ERRORS else None
-    target = weight if importance == "rounding_error" else _reference_weight(reference, layer)
+    if importance in ERRORS:  # error = target - Q(w): from w itself, or from the float model
+      scale = np.asarray(own[layer.scale_name])
+      target = weight if importance == "rounding_error" else _reference_weight(reference, layer)
     fold = _folding_norm(layer, params, batch_stats) if importance in FOLDED else None
     for index in layer.indices():
       if importance in ERRORS:
@@ -174,10 +174,8 @@ def _scores(
   return scores
 
 
-def _reference_weight(reference: Any, layer: QuantizedLayer) -> np.ndarray | None:
-  """The float model's weight of ``layer`` (None without a reference)."""
-  if reference is None:
-    return None
+def _reference_weight(reference: Any, layer: QuantizedLayer) -> np.ndarray:
+  """The float model's weight of ``layer``, checked against the layer's shape."""
   try:
     weight = np.asarray(params_at(reference, layer.path)[layer.weight_name])
   except (KeyError, TypeError):
