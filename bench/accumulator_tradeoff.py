@@ -31,7 +31,7 @@ import pathlib
 import jax
 import sweep
 from reference_results import load_config
-from stage_runs import metric_of, stage_results
+from stage_runs import metric_of, run_stage, stage_results
 
 from efqat_jax import pipeline
 from efqat_jax.nn import quantized_layers
@@ -109,7 +109,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
   config = base_config(setting, root, quick)
   metric_name = sweep.metric_name_of(config)
   fp_run = pipeline.Run(config, root / model)
-  fp = pipeline.STAGES.get("fp").run(fp_run, {})
+  fp = run_stage(fp_run, "fp", {})
   ks = layer_inputs(fp_run)
   widest = max(datatype_bound(k, QuantSpec.for_activations(act_bits), weight_bits) for k in ks)
   widths = [widest - 2 * i for i in range(3 if quick else WIDTHS)]

@@ -54,7 +54,7 @@ import jax
 import sweep
 import timing
 from reference_results import load_config
-from stage_runs import metric_of, stage_results
+from stage_runs import metric_of, run_stage, stage_results
 
 from efqat_jax import pipeline
 from efqat_jax.efqat import freeze_unselected, restrict_backward, set_trainable
@@ -140,7 +140,7 @@ def attention_round_config(config, index: int = 0, steps: int | None = None):
 def ptq_model(config, workdir: pathlib.Path, fp):
   """The run in ``workdir`` and its PTQ model (quantized now, or restored once finished)."""
   run = pipeline.Run(config, workdir)
-  return run, pipeline.STAGES.get("ptq").run(run, {"fp": fp})
+  return run, run_stage(run, "ptq", {"fp": fp})
 
 
 # --- step times, side by side -------------------------------------------------------------------
@@ -324,7 +324,7 @@ def run_setting(
   config = base_config(setting, root, quick)
   metric_name = sweep.metric_name_of(config)
   fp_run = pipeline.Run(config, root / model)
-  fp = pipeline.STAGES.get("fp").run(fp_run, {})
+  fp = run_stage(fp_run, "fp", {})
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
   fp_cell = cell([fp_run.results] * seeds, ("fp",), metric_name, steps=config.fp.steps)
   rows = [dict(base, bits_mode="uniform", method="fp", **fp_cell)] * ("uniform" in bits_modes)

@@ -35,7 +35,7 @@ import jax
 import sweep
 import timing
 from reference_results import load_config
-from stage_runs import metric_of
+from stage_runs import metric_of, run_stage
 
 from efqat_jax import pipeline
 from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
@@ -118,10 +118,10 @@ def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> lis
   config = base_config(setting, root, quick)
   metric_name = sweep.metric_name_of(config)
   fp_run = pipeline.Run(config, root / model)
-  fp = pipeline.STAGES.get("fp").run(fp_run, {})
+  fp = run_stage(fp_run, "fp", {})
   here = root / sweep.setting_name(*setting)
   ptq_run = pipeline.Run(config, here / "ptq")
-  ptq = pipeline.STAGES.get("ptq").run(ptq_run, {"fp": fp})
+  ptq = run_stage(ptq_run, "ptq", {"fp": fp})
   guided = variant(config, "qat", True)
   ms = sweep.cached_json(here / "step_ms.json", lambda: step_times(guided, ptq_run, ptq, fp))
   steps = config.qat.steps

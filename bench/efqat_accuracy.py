@@ -42,6 +42,7 @@ import pathlib
 
 import sweep
 from reference_results import load_config
+from stage_runs import run_stage
 
 from efqat_jax import fields, pipeline
 
@@ -61,6 +62,7 @@ MODEL_RHOS = {"transformer_shakespeare_large": (0.10,)}
 QUICK_RHOS = (0.1, 1.0)
 QUICK_STEPS = 20
 MIN_GAP = {"accuracy": 0.5, "bits_per_char": 0.02}  # |qat - ptq| below this: no gap_recovered
+RHO_COUNTS = {"blocks": "channels (CWPN) and layers (LWPN)", "params": "weights in CWPN and LWPN"}
 COLORS = {"cwpl": "C0", "cwpn": "C1", "lwpn": "C2", "fp": "C7", "ptq": "C3", "qat": "k"}
 COLUMNS = [
   "model", "weight_bits", "act_bits", "method", "mode", "rho", "steps", "metric_name", "metric",
@@ -112,10 +114,10 @@ def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> lis
     fields.validate(cfg, pipeline.pipeline_schema())
   workdir = root / sweep.setting_name(*setting)
   run = pipeline.Run(config, workdir)
-  fp = pipeline.STAGES.get("fp").run(run, {})
-  ptq = pipeline.STAGES.get("ptq").run(run, {"fp": fp})
+  fp = run_stage(run, "fp", {})
+  ptq = run_stage(run, "ptq", {"fp": fp})
   inputs = {"ptq": ptq, "fp": fp}
-  pipeline.STAGES.get("qat").run(run, inputs)  # seed 0, beside fp and ptq
+  run_stage(run, "qat", inputs)  # seed 0, beside fp and ptq
   qat = [
     run.results["qat"],
     *seeded_results(config, workdir / "qat", "qat", inputs, range(1, seeds)),
@@ -155,6 +157,7 @@ def setting_rows(setting, config, results: dict, qat: list, efqat: dict) -> list
       channel_fraction=runs[0].get("channel_fraction"),
       param_fraction=runs[0].get("param_fraction"),
       importance=runs[0].get("importance"),  # EfQAT's ranking (None: not EfQAT, or not recorded)
+      rho_unit=runs[0].get("rho_unit"),
     )
 
   seeds = len(qat)
@@ -205,9 +208,19 @@ def cell(r: dict) -> str:
 
 
 def importance_note(rows: list[dict]) -> str:
-  """ ", importance X" where the setting's EfQAT rows record one ranking; "" where none is."""
-  recorded = {r.get("importance") for r in rows if r["method"] == "efqat"} - {None}
-  return f", importance {', '.join(sorted(recorded))}" if recorded else ""
+  """ ", importance X" where the setting's EfQAT rows record their ranking, and ", rho in Y"
+  (what rho counts in cwpn and lwpn: channels and layers, or weights); "" where none is."""
+  efqat = [r for r in rows if r["method"] == "efqat"]
+  recorded = {r.get("importance") for r in efqat} - {None}
+  note = f", importance {', '.join(sorted(recorded))}" if recorded else ""
+  return note + f", ρ counts {rho_counts(efqat)}"
+
+
+def rho_counts(rows: list[dict]) -> str:
+  """What rho counted in the CWPN and LWPN rows of ``rows`` (rows written before the field was
+  recorded: blocks, the default then)."""
+  units = {r.get("rho_unit") or "blocks" for r in rows if r["mode"] in ("cwpn", "lwpn")}
+  return " and ".join(RHO_COUNTS[u] for u in sorted(units))
 
 
 def setting_table(title: str, rows: list[dict]) -> str:

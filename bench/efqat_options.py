@@ -1,32 +1,32 @@
 """EfQAT's options compared on gap recovery at rho 10%, 3 seeds: where the cheap params train
-(``efqat.cheap_params``), how channels and layers are ranked (``efqat.importance``), or what rho
-counts (``efqat.rho_unit``).
+(``efqat.cheap_params``) or how channels and layers are ranked (``efqat.importance``), with rho
+counting channels and layers or weights (``efqat.rho_unit``).
 
 Per setting and seed, the float model, PTQ and QAT run once (``config.seed`` seeds init, data
 order and dropout, so every seed has its own float and PTQ model); then EfQAT in each mode
-(cwpl, cwpn, lwpn; for rho_unit cwpn and lwpn, as cwpl is the same in both) at rho 10% with each
-value of the option, each from a copy of that seed's workdir (same PTQ model, same step budget
-as QAT).
+(cwpl, cwpn, lwpn) at rho 10% with each value of the option, each from a copy of that seed's
+workdir (same PTQ model, same step budget as QAT).
 
   gap_recovered = (efqat - ptq) / (qat - ptq)
 
 per seed (for bits per character, lower is better, the same ratio); the table gives the mean
 and the [min, max] over seeds. A difference between two values counts only where their ranges
-do not overlap. ``train_time_s`` is the stage's wall time before its final evaluation
-(compilation and re-selection included).
+do not overlap: ``versus_first`` compares each value with the option's first in the same rho
+unit, ``versus_blocks`` a value's params rows with its blocks rows. ``train_time_s`` is the
+stage's wall time before its final evaluation (compilation and re-selection included).
 
   python bench/efqat_options.py --option=cheap_params    # writes results/efqat_cheap_params.json
   python bench/efqat_options.py --option=importance      # writes results/efqat_importance.json
-  python bench/efqat_options.py --option=rho_unit        # writes results/efqat_rho_unit.json
   python bench/efqat_options.py --option=importance --settings=transformer_shakespeare_w4a4 \
       --values=mean_abs,fan_in --seeds=0,1
 
 ``--values`` picks some of the option's values (e.g. no ``bn_folded`` for a model without
-BatchNorm, where it equals mean_abs). ``--rho-unit=params`` runs cheap_params or importance with
-rho counted in weights (``efqat.rho_unit``), so that values which pick blocks of different sizes
-train the same share of weights:
+BatchNorm, where it equals mean_abs). ``--rho-unit`` sets what rho counts (default: params, the
+pipeline's; blocks: channels and layers, the paper's). Counted in weights, values that rank
+blocks of different sizes first train about the same share of weights. cwpl selects the same
+channels in both units, so its runs are always in blocks (a params run resumes them):
 
-  python bench/efqat_options.py --option=importance --values=bn_folded,ptq_error --rho-unit=params
+  python bench/efqat_options.py --option=importance --values=bn_folded,ptq_error --rho-unit=blocks
 
 Rows of other settings, and of values or rho units not run, already in the JSON are kept.
 Reruns resume: every run keeps its workdir under --root (default /tmp/efqat_options), and
@@ -46,6 +46,7 @@ import sys
 import sweep
 import timing
 
+from efqat_jax.config import base_config
 from efqat_jax.efqat import CHEAP_PARAMS, RHO_UNITS
 from efqat_jax.pipeline.qat_efqat import PIPELINE_IMPORTANCES
 
@@ -56,10 +57,9 @@ SETTINGS = {
   "transformer_shakespeare_w4a4": ("transformer_shakespeare", 4),
 }
 # each option's values, the one the others are compared with first: the paper's reading (for
-# cheap_params and rho_unit also the default; importance's default is bn_folded)
-OPTIONS = {"cheap_params": CHEAP_PARAMS, "importance": PIPELINE_IMPORTANCES, "rho_unit": RHO_UNITS}
-MODES = {"rho_unit": ("cwpn", "lwpn")}  # where an option changes what they select
-ALL_MODES = ("cwpl", "cwpn", "lwpn")
+# cheap_params also the default; importance's default is bn_folded)
+OPTIONS = {"cheap_params": CHEAP_PARAMS, "importance": PIPELINE_IMPORTANCES}
+MODES = ("cwpl", "cwpn", "lwpn")
 RHO = 0.1
 
 
@@ -90,17 +90,15 @@ def _seed_rows(
   setting: str, seed: int, option: str, values: list[str], root: pathlib.Path, rho_unit: str
 ):
   config, bits = SETTINGS[setting]
-  fixed = [] if option == "rho_unit" else [f"--config.efqat.rho_unit={rho_unit}"]
-  suffix = "" if rho_unit == RHO_UNITS[0] else f"_{rho_unit}"
   base = root / f"{config}_w{bits}_s{seed}"
   results = _run(config, bits, base, f"--config.seed={seed}", "--config.stages=fp,ptq,qat")
   metric = _metric(results["ptq"])
   ptq, qat = results["ptq"][metric], results["qat"][metric]
   rows = []
-  # cwpl is the same whatever rho counts: with --rho-unit=params, cwpn and lwpn only
-  for mode in MODES.get(option if rho_unit == RHO_UNITS[0] else "rho_unit", ALL_MODES):
+  for mode in MODES:
+    unit = "blocks" if mode == "cwpl" else rho_unit  # cwpl's selection is the same in both
     for value in values:
-      workdir = root / f"{base.name}_{mode}_{value}{suffix}"
+      workdir = root / f"{base.name}_{mode}_{value}{'' if unit == 'blocks' else '_' + unit}"
       if not workdir.exists():
         shutil.copytree(base, workdir, ignore=shutil.ignore_patterns("qat", "export"))
       efqat = _run(
@@ -112,7 +110,7 @@ def _seed_rows(
         f"--config.efqat.mode={mode}",
         f"--config.efqat.rho={RHO}",
         f"--config.efqat.{option}={value}",
-        *fixed,
+        f"--config.efqat.rho_unit={unit}",
       )["efqat"]
       rows.append(
         dict(
@@ -142,16 +140,18 @@ def _mean_or_blank(values: list) -> str:
 
 
 def _rho_unit(row: dict) -> str:
-  """What rho counted in a row's run (rows written before it was recorded: their value where
-  the option is rho_unit, else the default)."""
-  if "rho_unit" in row:
-    return row["rho_unit"]
-  return row["value"] if row["option"] == "rho_unit" else RHO_UNITS[0]
+  """What rho counted in a row's run (rows written before it was recorded: blocks)."""
+  return row.get("rho_unit", "blocks")
+
+
+def _row_key(row: dict) -> tuple:
+  return row["setting"], row["value"], _rho_unit(row), row["mode"]
 
 
 def _summary(rows: list[dict], first: str) -> list[dict]:
-  """Mean and [min, max] over seeds per setting, rho unit, mode and value, with the verdict
-  against the option's first value in the same setting, rho unit and mode."""
+  """Mean and [min, max] over seeds per setting, rho unit, mode and value, with the verdicts
+  against the option's first value in the same setting, rho unit and mode, and (params rows)
+  against the same value with rho in blocks."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     groups.setdefault((row["setting"], _rho_unit(row), row["mode"], row["value"]), []).append(row)
@@ -164,6 +164,7 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
     gaps = [scale * (r["qat"] - r["ptq"]) for r in group]
     ours = recovered[setting, unit, mode, value]
     base = recovered.get((setting, unit, mode, first))
+    blocks = recovered.get((setting, "blocks", mode, value)) if unit == "params" else None
     out.append(
       dict(
         setting=setting,
@@ -176,6 +177,7 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
         param_fraction=_mean_or_blank([r.get("param_fraction") for r in group]),
         gap_recovered=f"{statistics.mean(ours):.2f} [{min(ours):.2f}, {max(ours):.2f}]",
         versus_first="" if value == first or base is None else sweep.verdict(ours, base),
+        versus_blocks="" if blocks is None else sweep.verdict(ours, blocks),
       )
     )
   return out
@@ -191,7 +193,10 @@ def main():
   parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
   parser.add_argument("--root", default="/tmp/efqat_options", help="where runs are kept")
   parser.add_argument(
-    "--rho-unit", default=RHO_UNITS[0], choices=RHO_UNITS, help="efqat.rho_unit of every run"
+    "--rho-unit",
+    default=base_config().efqat.rho_unit,
+    choices=RHO_UNITS,
+    help="efqat.rho_unit of the cwpn and lwpn runs (cwpl's are in blocks; default: the pipeline's)",
   )
   args = parser.parse_args()
   settings = args.settings.split(",")
@@ -202,8 +207,6 @@ def main():
   values = args.values.split(",") if args.values else list(allowed)
   if set(values) - set(allowed):
     parser.error(f"--values={args.values}: {args.option} takes {', '.join(allowed)}")
-  if args.option == "rho_unit" and args.rho_unit != RHO_UNITS[0]:
-    parser.error("--rho-unit: --option=rho_unit runs every rho unit already")
   timing.use_jemalloc()
   root = pathlib.Path(args.root)
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -214,9 +217,15 @@ def main():
     for row in _seed_rows(setting, seed, args.option, values, root, args.rho_unit)
   ]
   path = timing.RESULTS / f"efqat_{args.option}.json"
-  # the rows of other settings, and of other values or rho units of a setting run here, are kept
-  order = [(s, value, unit) for s in SETTINGS for value in allowed for unit in RHO_UNITS]
-  rows = sweep.merged(rows, path, lambda r: (r["setting"], r["value"], _rho_unit(r)), order)
+  # the rows of other settings, values, rho units and modes than those run here are kept
+  order = [
+    (s, value, unit, mode)
+    for s in SETTINGS
+    for value in allowed
+    for unit in RHO_UNITS
+    for mode in MODES
+  ]
+  rows = sweep.merged(rows, path, _row_key, order)
   summary = _summary(rows, allowed[0])
   print(timing.markdown_table(summary, list(summary[0])))
   print(f"wrote {timing.write_rows(f'efqat_{args.option}', rows)}")

@@ -17,13 +17,17 @@ the float model, so it ranks by the error round-to-nearest PTQ would leave in th
 ``attainable_realised`` = (QAT - mode) / (QAT - ideal) on backward times, with ideal = floor +
 param_fraction x (QAT - floor) and floor the all_layers ``ptq`` row: the share of the saving a
 backward pass whose weight-gradient cost followed the trained share exactly would make. Above 1
-means the mode also skips work the all_layers floor keeps (selected_layers).
+means the mode also skips work the all_layers floor keeps (selected_layers). A conv's weight
+gradient costs its weights times its output pixels, so where the trained weights sit in early,
+large-output layers their share of the work (``--shares``) exceeds their share of the weights,
+and this ratio reads low.
 
   python bench/efqat_speedup.py           # all models, writes bench/results/efqat_speedup.json
   python bench/efqat_speedup.py --quick   # resnet20 and transformer at rho 10%, nothing written
   python bench/efqat_speedup.py --models resnet20,mobilenetv2 --rounds 40 --bucket 8
   python bench/efqat_speedup.py --importance mean_abs   # the paper's ranking only
   python bench/efqat_speedup.py --table-only   # the tables of the JSON (bench/README.md)
+  python bench/efqat_speedup.py --shares       # no timing: params and weight-gradient work trained
 
 Targets: a backward speedup of at least 1.7x over QAT at rho 10% in every mode, and rho 100%
 (CWPL) no slower than QAT.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -50,6 +55,7 @@ from efqat_jax.config import base_config
 from efqat_jax.efqat import (
   CHEAP_PARAMS,
   IMPORTANCES,
+  RHO_UNITS,
   freeze_unselected,
   restrict_backward,
   select,
@@ -166,9 +172,60 @@ def _variants(rhos, importances: list[str]) -> list[tuple[str, float, str, str]]
   ]
 
 
-def _efqat_state(base, layers, variant, bucket: int, mesh):
+def weight_grad_fraction(qmodel, variables, layers, inputs, trainable) -> float:
+  """The share of the weight-gradient multiply-adds that ``trainable`` computes. A layer's weight
+  gradient costs its weights times the positions of its output (a conv's output pixels, a Dense
+  layer's tokens), a trained channel its share of that; so a weight of an early conv, with a large
+  output, costs more than one of a late conv, where the kernel params trained count both alike."""
+  _, state = qmodel.apply(
+    variables, inputs, train=False, capture_intermediates=True, mutable=["intermediates"]
+  )
+  full = kept = 0.0
+  for path, layer in layers.items():
+    node = state["intermediates"]
+    for name in path.split("/"):
+      node = node[name]
+    out = node["__call__"][0]
+    cost = math.prod(layer.weight_shape) * math.prod(out.shape[1 : out.ndim - len(layer.out_axes)])
+    full += cost
+    kept += cost * trainable.count(path) / layer.num_channels
+  return kept / full
+
+
+def shares_table(models, importance: str) -> str:
+  """Per model and mode at rho 10%, in each rho unit: the kernel params trained and the share of
+  the weight-gradient work (``weight_grad_fraction``); no timing."""
+  lines = [
+    "| model | ρ counts | mode | kernel params trained | weight-gradient work |",
+    "|---|---|---|---|---|",
+  ]
+  for name in models:
+    build, data = MODELS[name]
+    inputs, _ = data(jax.random.key(1))
+    qmodel = _w4a4(build(), inputs)
+    variables = qmodel.init(jax.random.key(0), inputs, train=False)
+    layers = quantized_layers(qmodel, variables, inputs, train=False)
+    for unit in RHO_UNITS:
+      for mode in MODES:
+        trainable = select(
+          variables["params"],
+          layers,
+          mode,
+          CHEAP_PARAMS_RHO,
+          importance=importance,
+          rho_unit=unit,
+          batch_stats=variables.get("batch_stats", {}),
+          reference=variables["params"],
+        )
+        work = weight_grad_fraction(qmodel, variables, layers, inputs, trainable)
+        share = trainable.summary()["param_fraction"]
+        lines.append(f"| {name} | {unit} | {mode} | {share:.1%} | {work:.1%} |")
+  return "\n".join(lines)
+
+
+def _efqat_state(base, layers, variant, bucket: int, rho_unit: str, mesh):
   """A copy of ``base`` with the selection of ``variant`` (mode, rho, cheap_params, importance)
-  installed, and that selection."""
+  installed, rho counting ``rho_unit``, and that selection."""
   mode, rho, cheap, importance = variant
   state = jax.tree.map(jnp.copy, base)
   trainable = select(
@@ -179,6 +236,7 @@ def _efqat_state(base, layers, variant, bucket: int, mesh):
     bucket=bucket,
     cheap_params=cheap,
     importance=importance,
+    rho_unit=rho_unit,
     batch_stats=state.collections.get("batch_stats", {}),
     reference=state.params,  # ptq_error: as round-to-nearest PTQ of these weights leaves them
   )
@@ -187,7 +245,9 @@ def _efqat_state(base, layers, variant, bucket: int, mesh):
   return replicate(state.replace(opt_state=opt_state), mesh), trainable
 
 
-def _bench_model(name: str, rhos, rounds: int, bucket: int, importances: list[str]) -> list[dict]:
+def _bench_model(
+  name: str, rhos, rounds: int, bucket: int, importances: list[str], rho_unit: str
+) -> list[dict]:
   """Compiles every variant of model ``name``, times them interleaved, returns its rows."""
   print(f"{name}:", flush=True)
   build, data = MODELS[name]
@@ -210,7 +270,7 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int, importances: list[st
       state, args = jax.tree.map(jnp.copy, base), (batch, rng, None)
       trainable = select(base.params, layers, "qat")
     else:
-      state, trainable = _efqat_state(base, layers, variant, bucket, mesh)
+      state, trainable = _efqat_state(base, layers, variant, bucket, rho_unit, mesh)
       args = (batch, rng, trainable)
     step = _compiled(" ".join(map(str, variant)), jitted, state, *args)
     runs[variant] = timing.stepping_call(step, state, *args)
@@ -240,6 +300,7 @@ def _bench_model(name: str, rhos, rounds: int, bucket: int, importances: list[st
         channel_fraction=fractions[variant]["channel_fraction"],
         param_fraction=share,
         importance=importance,
+        rho_unit=rho_unit,
         rounds=rounds,
         **timing.machine(),
       )
@@ -265,6 +326,19 @@ def _cell(row: dict) -> str:
   return f"{text} ({row['step_speedup']:.2f}x{'' if share is None else f', {share:.0%}'})"
 
 
+def _floor(row: dict) -> str:
+  """The floor's backward speedup; where its backward time is within a few ms of 0 (no kernel
+  and nothing below the lowest trained layer trains), the ratio is noise: "~0 ms"."""
+  if row["backward_ms"] < 5:
+    return f"~0 ms ({row['backward_ms']:.1f})"
+  return f"{row['backward_speedup']:.2f}x"
+
+
+def _rho_unit(row: dict) -> str:
+  """What rho counted in CWPN and LWPN (rows written before it was recorded: blocks)."""
+  return row.get("rho_unit", "blocks")
+
+
 def _find(rows: list[dict], mode: str, rho: float, cheap: str, importance=None) -> dict:
   """The row of (mode, rho, cheap_params), of ``importance`` where given."""
   return next(
@@ -280,9 +354,9 @@ def summary_table(rows: list[dict]) -> str:
   of each mode, (its step speedup, the attainable saving realised), its kernel params trained;
   the floor (``ptq``) and rho 100% beside (bench/README.md quotes it)."""
   lines = [
-    "| model | cheap params | ranking | QAT step / backward (ms) | CWPL ρ=10% | CWPN ρ=10% |"
-    " LWPN ρ=10% | floor | ρ=100% step vs QAT |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| model | cheap params | ranking | ρ counts | QAT step / backward (ms) | CWPL ρ=10% |"
+    " CWPN ρ=10% | LWPN ρ=10% | floor | ρ=100% step vs QAT |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for model in dict.fromkeys(r["model"] for r in rows):
     own = [r for r in rows if r["model"] == model]
@@ -293,9 +367,10 @@ def summary_table(rows: list[dict]) -> str:
       cells = [f"{_cell(r)}, {r['param_fraction']:.1%}" for r in modes]
       floor = _find(own, "ptq", 0.0, cheap)
       lines.append(
-        f"| {model} | {cheap} | {importance} | {qat['step_ms']:.1f} / {qat['backward_ms']:.1f} | "
+        f"| {model} | {cheap} | {importance} | {_rho_unit(qat)} |"
+        f" {qat['step_ms']:.1f} / {qat['backward_ms']:.1f} | "
         + " | ".join(cells)
-        + f" | {floor['backward_speedup']:.2f}x ({floor['step_speedup']:.2f}x) |"
+        + f" | {_floor(floor)} ({floor['step_speedup']:.2f}x) |"
         f" {full['step_speedup']:.3f}x |"
       )
   return "\n".join(lines)
@@ -327,12 +402,24 @@ def main():
   parser.add_argument("--bucket", type=int, default=1, help="cwpn per-layer count rounding")
   parser.add_argument("--allocator", choices=["jemalloc", "default"], default="jemalloc")
   parser.add_argument("--table-only", action="store_true", help="the tables of the JSON")
+  parser.add_argument(
+    "--shares",
+    action="store_true",
+    help="no timing: per model and mode at rho 10%%, the kernel params and the weight-gradient"
+    " work each rho unit trains (first --importance)",
+  )
   default_importances = dict.fromkeys([base_config().efqat.importance, "mean_abs"])
   parser.add_argument(
     "--importance",
     default=",".join(default_importances),
     help=f"comma list of rankings, of {', '.join(IMPORTANCES)}: the first at every rho, the"
     " others at rho 10%% (default: the pipeline's, then the paper's)",
+  )
+  parser.add_argument(
+    "--rho-unit",
+    default=base_config().efqat.rho_unit,
+    choices=RHO_UNITS,
+    help="what rho counts in cwpn and lwpn (default: the pipeline's)",
   )
   args = parser.parse_args()
   if args.table_only:
@@ -348,6 +435,9 @@ def main():
   unknown = [i for i in importances if i not in IMPORTANCES]
   if unknown or len(set(importances)) < len(importances):
     parser.error(f"--importance: {args.importance!r}; allowed: distinct {', '.join(IMPORTANCES)}")
+  if args.shares:
+    print(shares_table(models, importances[0]))
+    return
   rounds = args.rounds or (5 if args.quick else 30)
   if not args.quick and rounds < 20:
     parser.error("--rounds must be at least 20 (medians of fewer are too noisy)")
@@ -355,7 +445,9 @@ def main():
     timing.use_jemalloc()
   rhos = QUICK_RHOS if args.quick else RHOS
   rows = [
-    row for name in models for row in _bench_model(name, rhos, rounds, args.bucket, importances)
+    row
+    for name in models
+    for row in _bench_model(name, rhos, rounds, args.bucket, importances, args.rho_unit)
   ]
   print(f"{rows_table(rows)}\n\n{summary_table(rows)}")
   if not args.quick:

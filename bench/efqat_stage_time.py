@@ -47,6 +47,7 @@ import jax
 import sweep
 import timing
 from efqat_accuracy import efqat_config, setting_config
+from stage_runs import run_stage
 
 from efqat_jax import pipeline
 from efqat_jax.pipeline.qat_efqat import PIPELINE_IMPORTANCES
@@ -68,7 +69,7 @@ COMPILE_EVENTS = (
   "/jax/core/compile/backend_compile_duration",
 )
 HEADER = (
-  "| model | method | ranking | stage (s) | step (ms) | compilation (s) | evaluation (s) | other (s) |"
+  "| model | method | ranking | ρ counts | stage (s) | step (ms) | compilation (s) | evaluation (s) | other (s) |"
   " step compilations | kernel params trained | step speedup | stage speedup | kept |"
 )
 
@@ -141,8 +142,8 @@ def bench_setting(setting, root: pathlib.Path, repeats: int, steps: int | None) 
     config.qat.steps = steps
   here = root / sweep.setting_name(*setting)
   run = pipeline.Run(config, here)
-  fp = pipeline.STAGES.get("fp").run(run, {})
-  ptq = pipeline.STAGES.get("ptq").run(run, {"fp": fp})
+  fp = run_stage(run, "fp", {})
+  ptq = run_stage(run, "ptq", {"fp": fp})
   warmup = config.copy_and_resolve_references()
   warmup.qat.steps = WARMUP_STEPS
   inputs = {"ptq": ptq, "fp": fp}
@@ -163,16 +164,17 @@ def bench_setting(setting, root: pathlib.Path, repeats: int, steps: int | None) 
                **m, runs=runs[method])  # fmt: skip
     if method != "qat":
       step_speedup, stage_speedup = qat["step_ms"] / m["step_ms"], qat["wall_s"] / m["wall_s"]
+      efqat = method_config(config, method).efqat
       row.update(step_speedup=step_speedup, stage_speedup=stage_speedup,
-                 kept=stage_speedup / step_speedup,
-                 importance=method_config(config, method).efqat.importance)  # fmt: skip
+                 kept=stage_speedup / step_speedup, importance=efqat.importance,
+                 rho_unit=efqat.rho_unit)  # fmt: skip
     rows.append(row)
   return rows
 
 
 def table(rows: list[dict]) -> str:
   """The markdown table of the rows (bench/README.md quotes it)."""
-  lines = [HEADER, "|---|---|---|" + "---|" * 10]
+  lines = [HEADER, "|---|---|---|---|" + "---|" * 10]
   for r in rows:
     efqat = r["method"] != "qat"
     ratios = (
@@ -181,12 +183,21 @@ def table(rows: list[dict]) -> str:
       else " |  | "
     )
     lines.append(
-      f"| {r['model']} | {r['method']} | {r.get('importance') or ''} | {r['wall_s']:.1f} | "
+      f"| {r['model']} | {r['method']} | {r.get('importance') or ''} | {_rho_unit(r)} |"
+      f" {r['wall_s']:.1f} | "
       f"{r['step_ms']:.1f} | "
       f"{r['compile_s']:.1f} | {r['eval_s']:.1f} | {r['other_s']:.1f} | {r['recompiles']:.0f} | "
       f"{_share(r.get('param_fraction'))} | {ratios} |"
     )
   return "\n".join(lines)
+
+
+def _rho_unit(row: dict) -> str:
+  """What rho counted in an EfQAT row's CWPN or LWPN (rows written before it was recorded:
+  blocks); blank for QAT and CWPL, where it changes nothing."""
+  if not row["method"].startswith(("cwpn", "lwpn")):
+    return ""
+  return row.get("rho_unit", "blocks")
 
 
 def _share(fraction) -> str:

@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+import stage_runs
 import timing
 
 from efqat_jax import pipeline
@@ -172,13 +173,10 @@ def seed_dir(workdir: pathlib.Path, index: int) -> pathlib.Path:
 
 def stage_result(config, workdir: pathlib.Path, stage: str, inputs: dict) -> dict:
   """``results[stage]`` of the run in ``workdir``, whose ``stage`` starts from ``inputs`` (the
-  outputs of the stages it needs, made elsewhere): as recorded there, else trained (resumed)."""
-  path = workdir / "results.json"
-  done = json.loads(path.read_text()) if path.exists() else {}
-  if stage in done:
-    return done[stage]
+  outputs of the stages it needs, made elsewhere): restored where it finished with the same
+  config values, else trained (resumed); see ``stage_runs.run_stage``."""
   run = pipeline.Run(config, workdir)
-  pipeline.STAGES.get(stage).run(run, inputs)
+  stage_runs.run_stage(run, stage, inputs)
   return run.results[stage]
 
 

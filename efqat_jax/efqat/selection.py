@@ -8,10 +8,13 @@ Modes (``rho`` is the unfrozen fraction; a unit is a layer, or one layer of a st
   qat   everything (rho is ignored);  ptq  nothing.
 What rho counts (``rho_unit``), an open point of the paper:
   blocks  channels (cwpl, cwpn) or units (lwpn), as above;
-  params  quantized weights: cwpn and lwpn take channels or units in order of importance until
-          their weights reach rho of all quantized weights (the one that crosses included).
-          The budget is then the share of weight gradients computed, whatever the sizes of the
-          blocks ranked first. cwpl is the same in both: a layer's channels are equal in size.
+  params  quantized weights: cwpn and lwpn go through the channels or units in order of
+          importance and take each one whose weights still fit in rho of all quantized weights
+          (one that does not fit is passed over, and the next ones are tried); if none fits,
+          the most important one trains alone. rho then bounds the share of weight gradients
+          computed, whatever the sizes of the blocks ranked first (for cwpn, before its counts
+          are rounded up to ``bucket``). cwpl is the same in both: a layer's channels are equal
+          in size.
 Importance is mean |w| (the paper) or another of ``IMPORTANCES``
 (``efqat_jax.efqat.importance``); a unit's is the mean of its channels'.
 
@@ -151,13 +154,18 @@ def weights_per_channel(layers: Mapping[str, QuantizedLayer]) -> dict[str, int]:
   }
 
 
-def _leading_count(sizes: np.ndarray, rho: float) -> int:
-  """How many of the ranked blocks of ``sizes`` train: the fewest whose sizes reach rho of the
-  total (all sizes 1: exactly ``ceil(rho * n)``)."""
+def _within_budget(sizes: np.ndarray, rho: float) -> np.ndarray:
+  """Which of the ranked blocks of ``sizes`` train when rho counts weights: each in turn whose
+  size still fits in rho of the total (the most important one alone if none fits)."""
+  chosen = np.zeros(len(sizes), bool)
   if rho == 0:
-    return 0
-  total = np.cumsum(sizes, dtype=np.float64)
-  return min(len(sizes), int(np.searchsorted(total, rho * total[-1])) + 1)
+    return chosen
+  room = rho * float(np.sum(sizes, dtype=np.float64)) * (1 + 1e-9)  # rho = 1 takes all
+  for i, size in enumerate(sizes):
+    if size <= room:
+      chosen[i], room = True, room - size
+  chosen[0] |= not chosen.any()
+  return chosen
 
 
 def select(
@@ -199,8 +207,7 @@ def select(
   layers = dict(sorted(layers.items()))
   scores = unit_scores(params, layers, importance, batch_stats, reference)
   sizes = {unit: s.size for unit, s in scores.items()}
-  # what one channel of each unit counts for in rho: 1 block, or its weights
-  per_channel = weights_per_channel(layers) if rho_unit == "params" else dict.fromkeys(sizes, 1)
+  per_channel = weights_per_channel(layers)
   if mode == "qat":
     counts = dict(sizes)
   elif mode == "ptq":
@@ -209,16 +216,26 @@ def select(
     counts = {unit: math.ceil(rho * c) for unit, c in sizes.items()}
   elif mode == "lwpn":
     ranked = sorted(scores, key=lambda u: -float(np.mean(scores[u])))
-    unit_weight = [per_channel[u] * sizes[u] if rho_unit == "params" else 1 for u in ranked]
-    chosen = set(ranked[: _leading_count(np.array(unit_weight), rho)])
+    if rho_unit == "params":
+      fits = _within_budget(np.array([per_channel[u] * sizes[u] for u in ranked]), rho)
+      chosen = {u for u, fit in zip(ranked, fits, strict=True) if fit}
+    else:
+      chosen = set(ranked[: math.ceil(rho * len(ranked))])
     counts = {unit: sizes[unit] if unit in chosen else 0 for unit in sizes}
   else:  # cwpn
     pooled = np.concatenate(list(scores.values()))
-    weights = np.concatenate([np.full(sizes[u], per_channel[u]) for u in scores])
     order = np.argsort(-pooled, kind="stable")
-    k = _leading_count(weights[order], rho)
-    threshold = pooled[order[k - 1]] if k else np.inf
-    counts = {unit: int(np.sum(s >= threshold)) for unit, s in scores.items()}
+    if rho_unit == "params":
+      # a unit's channels weigh the same, so the ones that fit are its most important ones
+      owner = np.concatenate([np.full(sizes[u], i) for i, u in enumerate(scores)])
+      weights = np.array([per_channel[u] for u in scores])[owner]
+      fits = _within_budget(weights[order], rho)
+      taken = np.bincount(owner[order][fits], minlength=len(scores))
+      counts = {unit: int(n) for unit, n in zip(scores, taken, strict=True)}
+    else:
+      k = math.ceil(rho * len(pooled))
+      threshold = pooled[order[k - 1]] if k else np.inf
+      counts = {unit: int(np.sum(s >= threshold)) for unit, s in scores.items()}
     counts = {unit: _bucketed(k, sizes[unit], bucket) for unit, k in counts.items()}
   channels = {
     unit: jnp.asarray(np.argsort(-scores[unit], kind="stable")[: counts[unit]], jnp.int32)

@@ -36,12 +36,15 @@ EFQAT_FIELDS = {
     "cwpl", "cwpl, cwpn, lwpn, or the ends qat / ptq (efqat_jax.efqat.select)", one_of(*MODES)
   ),
   "rho": Field(
-    0.1, "fraction of output channels (cwpl, cwpn) or of layers (lwpn) that train", number(0, 1)
+    0.1,
+    "the trained fraction: of output channels in cwpl; in cwpn and lwpn, of what rho_unit counts",
+    number(0, 1),
   ),
   "rho_unit": Field(
-    "blocks",
-    "what rho counts in cwpn and lwpn: blocks (channels, or layers for lwpn: the paper) or params"
-    " (blocks taken by importance until their weights reach rho of all quantized weights)",
+    "params",
+    "what rho counts in cwpn and lwpn: params (channels or layers taken in order of importance"
+    " while their weights fit in rho of all quantized weights) or blocks (channels, or layers for"
+    " lwpn: the paper's reading)",
     one_of(*RHO_UNITS),
   ),
   "reselect_every": Field(100, "steps between importance re-rankings (0: rank once)", integer(0)),

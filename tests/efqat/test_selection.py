@@ -109,8 +109,18 @@ def test_lwpn_trains_the_top_layers_whole():
   assert tset.count(top) == tset.size(top)
 
 
+def _fit_in_order(blocks, sizes, budget):
+  """The blocks, in order, that still fit in ``budget`` (the first alone if none does)."""
+  taken, room = [], budget * (1 + 1e-9)
+  for block in blocks:
+    if sizes[block] <= room:
+      taken.append(block)
+      room -= sizes[block]
+  return taken or blocks[:1]
+
+
 @pytest.mark.parametrize("rho", [0.02, 0.1, 0.3, 0.7, 1.0])
-def test_rho_in_params_takes_the_fewest_top_blocks_whose_weights_reach_rho(rho):
+def test_rho_in_params_takes_the_top_blocks_that_fit_in_rho_of_the_weights(rho):
   per_channel = {
     u: math.prod(layer.weight_shape) // layer.num_channels
     for layer in TFM.layers.values()
@@ -120,32 +130,43 @@ def test_rho_in_params_takes_the_fewest_top_blocks_whose_weights_reach_rho(rho):
   scores = _brute_force_channel_scores(TFM.params, TFM.layers)
   # cwpn: channels of all layers ranked together, each weighing its fan-in
   pooled = sorted(((s, p, c) for p, ss in scores.items() for c, s in enumerate(ss)), reverse=True)
-  sums = np.cumsum([per_channel[p] for _, p, _ in pooled])
-  k = int(np.argmax(sums >= rho * total)) + 1
+  want = _fit_in_order(
+    [(p, c) for _, p, c in pooled], {(p, c): per_channel[p] for _, p, c in pooled}, rho * total
+  )
   tset = select(TFM.params, TFM.layers, "cwpn", rho, rho_unit="params")
   got = {(p, int(c)) for p, cs in tset.channels.items() for c in np.asarray(cs)}
-  assert got == {(p, c) for _, p, c in pooled[:k]}
-  assert tset.summary()["param_fraction"] >= rho > (sums[k - 2] if k > 1 else 0) / total
+  assert got == set(want)
+  assert tset.summary()["param_fraction"] <= rho + 1e-9
+  if rho < 1:  # the budget was used up: no channel left out would have fit
+    left = total * (rho - tset.summary()["param_fraction"])
+    assert all(per_channel[p] > left for _, p, c in pooled if (p, c) not in got)
   # lwpn: whole layers by mean score, each weighing all its weights
   ranked = sorted(scores, key=lambda p: -np.mean(scores[p]))
-  sums = np.cumsum([per_channel[p] * len(scores[p]) for p in ranked])
-  n = int(np.argmax(sums >= rho * total)) + 1
+  want = _fit_in_order(ranked, {p: per_channel[p] * len(scores[p]) for p in ranked}, rho * total)
   tset = select(TFM.params, TFM.layers, "lwpn", rho, rho_unit="params")
-  assert {p for p, k in tset.counts if k} == set(ranked[:n])
-  assert all(tset.count(p) == tset.size(p) for p in ranked[:n])
+  assert {p for p, k in tset.counts if k} == set(want)
+  assert all(tset.count(p) == tset.size(p) for p in want)
   # cwpl: a layer's channels weigh the same, so both units give one selection
   assert select(TFM.params, TFM.layers, "cwpl", rho, rho_unit="params").counts == (
     select(TFM.params, TFM.layers, "cwpl", rho).counts
   )
 
 
-def test_rho_in_params_trains_rho_of_the_weights_where_a_small_layer_ranks_first():
-  """The CNN's first conv (72 weights, fan-in 9) has the largest mean |w|: LWPN's top third of
-  the layers in blocks is that layer alone, 5% of the weights; in params, a third of them."""
+def test_rho_in_params_never_trains_more_than_rho_of_the_weights():
+  """The CNN's layers rank Conv_0 (72 weights, the largest mean |w|), Dense_0 (160), Conv_1
+  (1,152). LWPN's top third in blocks is Conv_0 alone, 5% of the weights. In params, a third is
+  461 weights: Conv_0 and Dense_0 fit, Conv_1 does not and is passed over (taking the block that
+  crosses the budget would train all of them). A budget below the smallest layer trains the top
+  one alone."""
+  sizes = {p: math.prod(layer.weight_shape) for p, layer in CNN.layers.items()}
+  assert sizes == {"Conv_0": 72, "Conv_1": 1152, "Dense_0": 160}
   blocks = select(CNN.params, CNN.layers, "lwpn", 0.3)
-  params = select(CNN.params, CNN.layers, "lwpn", 0.3, rho_unit="params")
   assert [p for p, k in blocks.counts if k] == ["Conv_0"]
-  assert blocks.summary()["param_fraction"] < 0.1 and params.summary()["param_fraction"] >= 0.3
+  params = select(CNN.params, CNN.layers, "lwpn", 1 / 3, rho_unit="params")
+  assert [p for p, k in params.counts if k] == ["Conv_0", "Dense_0"]
+  assert params.summary()["param_fraction"] == 232 / 1384
+  tiny = select(CNN.params, CNN.layers, "lwpn", 0.01, rho_unit="params")
+  assert [p for p, k in tiny.counts if k] == ["Conv_0"]
   for mode in ("cwpn", "lwpn"):
     assert select(CNN.params, CNN.layers, mode, 0.0, rho_unit="params").counts == (
       select(CNN.params, CNN.layers, "ptq").counts

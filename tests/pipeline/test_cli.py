@@ -73,7 +73,7 @@ def test_fields_lists_every_field_with_its_value_and_meaning():
   out = _cli("--config.efqat.rho=0.25", "--config=configs/cnn_mnist5k.py", "--fields")
   assert out.returncode == 0, out.stderr
   rho = next(line for line in out.stdout.splitlines() if line.startswith("efqat.rho "))
-  assert "0.25" in rho and "fraction of output channels" in rho
+  assert "0.25" in rho and "trained fraction" in rho
   assert any(line.startswith("ptq.method ") for line in out.stdout.splitlines())
 
 

@@ -143,7 +143,7 @@ def test_the_field_listing_shows_every_field_with_its_default_and_meaning():
     "quant.weight_bits",
   ):
     assert expected in names
-  assert "fraction of output channels" in listing and "0.1" in listing
+  assert "the trained fraction" in listing and "0.1" in listing
 
 
 def test_every_registered_component_brings_its_config_block():
