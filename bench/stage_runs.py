@@ -25,28 +25,31 @@ def _needs(config, stage: str) -> dict[str, tuple[str, ...]]:
   return needs
 
 
-def run_stage(run: pipeline.Run, stage: str, inputs: dict):
-  """``stage``'s output in ``run`` (trained on ``inputs``, the outputs of the stages it needs,
-  made here or elsewhere; or restored where it finished). As the command line does, it first
-  checks the stage fingerprints recorded in the workdir: a stage made with other config values,
-  or one with no fingerprint, is a ConfigError / DataError that says what to delete, never a
-  result; then records the fingerprints of ``stage`` and its inputs where missing."""
+def checked(run: pipeline.Run, stage: str) -> bool:
+  """Whether ``stage`` finished in ``run``, after the check the command line makes: a stage
+  recorded in the workdir with other config values, or with no fingerprint, is a ConfigError /
+  DataError that says what to delete, never a result. Records the fingerprints of ``stage`` and
+  the stages it takes its input from where missing."""
   needs = _needs(run.config, stage)
   fingerprint.check(run, needs)
   fingerprint.write_missing(run, needs)
+  return stage in run.results
+
+
+def run_stage(run: pipeline.Run, stage: str, inputs: dict):
+  """``stage``'s output in ``run``: trained on ``inputs`` (the outputs of the stages it needs,
+  made here or elsewhere), or restored where it finished (``checked``)."""
+  checked(run, stage)
   return pipeline.STAGES.get(stage).run(run, inputs)
 
 
 def stage_results(config, workdir: pathlib.Path, fp, stages) -> dict:
   """The results of ``workdir`` once ``stages`` (in order, each fed the one before it and the
-  fp stage's output ``fp``) are finished there."""
+  fp stage's output ``fp``) are finished there (``checked``; all finished: nothing restored)."""
   run = pipeline.Run(config, workdir)
+  if all([checked(run, stage) for stage in stages]):
+    return run.results
   name, state = "fp", fp
   for stage in stages:
     name, state = stage, run_stage(run, stage, {"fp": fp, name: state})
   return run.results
-
-
-def metric_of(result: dict, name: str) -> float:
-  """A stage result's metric: accuracy in percent, or bits per character."""
-  return result[name] * (100.0 if name == "accuracy" else 1.0)

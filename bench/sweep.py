@@ -174,9 +174,10 @@ def seed_dir(workdir: pathlib.Path, index: int) -> pathlib.Path:
 def stage_result(config, workdir: pathlib.Path, stage: str, inputs: dict) -> dict:
   """``results[stage]`` of the run in ``workdir``, whose ``stage`` starts from ``inputs`` (the
   outputs of the stages it needs, made elsewhere): restored where it finished with the same
-  config values, else trained (resumed); see ``stage_runs.run_stage``."""
+  config values (``stage_runs.checked``), else trained (resumed)."""
   run = pipeline.Run(config, workdir)
-  stage_runs.run_stage(run, stage, inputs)
+  if not stage_runs.checked(run, stage):
+    pipeline.STAGES.get(stage).run(run, inputs)
   return run.results[stage]
 
 

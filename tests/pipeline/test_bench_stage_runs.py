@@ -21,6 +21,7 @@ def test_a_finished_stage_is_restored_only_with_the_config_it_was_made_with(fini
   run = pipeline.Run(config, here)
   assert stage_runs.run_stage(run, "fp", {}) is not None
   assert run.results["fp"] == results["fp"]  # restored, not trained again
+  assert stage_runs.stage_results(config, here, None, ("ptq", "efqat")) == results
 
   changed = config.copy_and_resolve_references()
   changed.fp.steps += 1
