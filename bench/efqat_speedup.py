@@ -172,6 +172,17 @@ def _variants(rhos, importances: list[str]) -> list[tuple[str, float, str, str]]
   ]
 
 
+def _built(name: str):
+  """Model ``name`` at W4A4, initialised: (qmodel, variables, its quantized layers, (inputs,
+  labels))."""
+  build, data = MODELS[name]
+  inputs, labels = data(jax.random.key(1))
+  qmodel = _w4a4(build(), inputs)
+  variables = qmodel.init(jax.random.key(0), inputs, train=False)
+  layers = quantized_layers(qmodel, variables, inputs, train=False)
+  return qmodel, variables, layers, (inputs, labels)
+
+
 def weight_grad_fraction(qmodel, variables, layers, inputs, trainable) -> float:
   """The share of the weight-gradient multiply-adds that ``trainable`` computes. A layer's weight
   gradient costs its weights times the positions of its output (a conv's output pixels, a Dense
@@ -200,11 +211,7 @@ def shares_table(models, importance: str) -> str:
     "|---|---|---|---|---|",
   ]
   for name in models:
-    build, data = MODELS[name]
-    inputs, _ = data(jax.random.key(1))
-    qmodel = _w4a4(build(), inputs)
-    variables = qmodel.init(jax.random.key(0), inputs, train=False)
-    layers = quantized_layers(qmodel, variables, inputs, train=False)
+    qmodel, variables, layers, (inputs, _) = _built(name)
     for unit in RHO_UNITS:
       for mode in MODES:
         trainable = select(
@@ -250,13 +257,9 @@ def _bench_model(
 ) -> list[dict]:
   """Compiles every variant of model ``name``, times them interleaved, returns its rows."""
   print(f"{name}:", flush=True)
-  build, data = MODELS[name]
-  inputs, labels = data(jax.random.key(1))
-  qmodel = _w4a4(build(), inputs)
+  qmodel, variables, layers, (inputs, labels) = _built(name)
   mesh = make_mesh()
   tx = freeze_unselected(optax.adamw(1e-4))
-  variables = qmodel.init(jax.random.key(0), inputs, train=False)
-  layers = quantized_layers(qmodel, variables, inputs, train=False)
   base = replicate(create_train_state(variables, tx), mesh)
   batch = shard_batch({"inputs": inputs, "labels": labels}, mesh)
   rng = replicate(jax.random.key(2), mesh)
