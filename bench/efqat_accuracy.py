@@ -219,7 +219,7 @@ def importance_note(rows: list[dict]) -> str:
 def rho_counts(rows: list[dict]) -> str:
   """What rho counted in the CWPN and LWPN rows of ``rows`` (rows written before the field was
   recorded: blocks, the default then)."""
-  units = {r.get("rho_unit") or "blocks" for r in rows if r["mode"] in ("cwpn", "lwpn")}
+  units = {sweep.rho_unit(r) for r in rows if r["mode"] in ("cwpn", "lwpn")}
   return " and ".join(RHO_COUNTS[u] for u in sorted(units))
 
 

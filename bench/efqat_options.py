@@ -139,13 +139,8 @@ def _mean_or_blank(values: list) -> str:
   return "" if None in values else f"{statistics.mean(values):.3f}"
 
 
-def _rho_unit(row: dict) -> str:
-  """What rho counted in a row's run (rows written before it was recorded: blocks)."""
-  return row.get("rho_unit", "blocks")
-
-
 def _row_key(row: dict) -> tuple:
-  return row["setting"], row["value"], _rho_unit(row), row["mode"]
+  return row["setting"], row["value"], sweep.rho_unit(row), row["mode"]
 
 
 def _summary(rows: list[dict], first: str) -> list[dict]:
@@ -154,7 +149,9 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
   against the same value with rho in blocks."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
-    groups.setdefault((row["setting"], _rho_unit(row), row["mode"], row["value"]), []).append(row)
+    groups.setdefault((row["setting"], sweep.rho_unit(row), row["mode"], row["value"]), []).append(
+      row
+    )
   recovered = {key: [r["gap_recovered"] for r in group] for key, group in groups.items()}
   out = []
   for (setting, unit, mode, value), group in groups.items():

@@ -48,6 +48,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+import sweep
 import timing
 
 from efqat_jax import QuantRule, QuantSpec, quantize
@@ -337,11 +338,6 @@ def _floor(row: dict) -> str:
   return f"{row['backward_speedup']:.2f}x"
 
 
-def _rho_unit(row: dict) -> str:
-  """What rho counted in CWPN and LWPN (rows written before it was recorded: blocks)."""
-  return row.get("rho_unit", "blocks")
-
-
 def _find(rows: list[dict], mode: str, rho: float, cheap: str, importance=None) -> dict:
   """The row of (mode, rho, cheap_params), of ``importance`` where given."""
   return next(
@@ -370,7 +366,7 @@ def summary_table(rows: list[dict]) -> str:
       cells = [f"{_cell(r)}, {r['param_fraction']:.1%}" for r in modes]
       floor = _find(own, "ptq", 0.0, cheap)
       lines.append(
-        f"| {model} | {cheap} | {importance} | {_rho_unit(qat)} |"
+        f"| {model} | {cheap} | {importance} | {sweep.rho_unit(qat)} |"
         f" {qat['step_ms']:.1f} / {qat['backward_ms']:.1f} | "
         + " | ".join(cells)
         + f" | {_floor(floor)} ({floor['step_speedup']:.2f}x) |"

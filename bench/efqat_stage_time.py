@@ -197,7 +197,7 @@ def _rho_unit(row: dict) -> str:
   blocks); blank for QAT and CWPL, where it changes nothing."""
   if not row["method"].startswith(("cwpn", "lwpn")):
     return ""
-  return row.get("rho_unit", "blocks")
+  return sweep.rho_unit(row)
 
 
 def _share(fraction) -> str:

@@ -165,6 +165,12 @@ def with_train_seed(config, index: int):
   return config
 
 
+def rho_unit(row: dict) -> str:
+  """What rho counted in the CWPN and LWPN of an EfQAT result row (``efqat.rho_unit``); rows
+  written before it was recorded: blocks, the default then."""
+  return row.get("rho_unit") or "blocks"
+
+
 def seed_dir(workdir: pathlib.Path, index: int) -> pathlib.Path:
   """The workdir of seed number ``index`` of a run: ``workdir`` for index 0, else
   ``<workdir>_seed<index>`` beside it."""
