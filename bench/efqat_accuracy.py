@@ -61,8 +61,13 @@ RHOS = (0.0, 0.05, 0.10, 0.25, 0.50, 1.0)
 MODEL_RHOS = {"transformer_shakespeare_large": (0.10,)}
 QUICK_RHOS = (0.1, 1.0)
 QUICK_STEPS = 20
+UNIT_FREE_RUNS = "params"  # efqat.rho_unit of the runs whose selection it does not change
 MIN_GAP = {"accuracy": 0.5, "bits_per_char": 0.02}  # |qat - ptq| below this: no gap_recovered
-RHO_COUNTS = {"blocks": "channels (CWPN) and layers (LWPN)", "params": "weights in CWPN and LWPN"}
+RHO_COUNTS = {
+  "blocks": "channels (CWPN) and layers (LWPN)",
+  "params": "weights in CWPN and LWPN",
+  "work": "weight-gradient work in CWPN and LWPN",
+}
 COLORS = {"cwpl": "C0", "cwpn": "C1", "lwpn": "C2", "fp": "C7", "ptq": "C3", "qat": "k"}
 COLUMNS = [
   "model", "weight_bits", "act_bits", "method", "mode", "rho", "steps", "metric_name", "metric",
@@ -86,10 +91,15 @@ def setting_config(setting: tuple[str, int, int], root: pathlib.Path, quick: boo
 
 
 def efqat_config(config, mode: str, rho: float):
-  """``config`` with EfQAT at (mode, rho) and QAT's optimizer settings and steps."""
+  """``config`` with EfQAT at (mode, rho) and QAT's optimizer settings and steps. CWPL's
+  selection, and rho 0 and 1 in every mode, are the same whatever rho counts: those runs keep
+  ``UNIT_FREE_RUNS``, the unit they were made with, so a change of the default unit reruns only
+  the CWPN and LWPN runs it changes."""
   cfg = config.copy_and_resolve_references()
   cfg.efqat.update({k: v for k, v in config.qat.to_dict().items() if k != "method"})
   cfg.efqat.update(mode=mode, rho=rho)
+  if mode == "cwpl" or rho in (0.0, 1.0):
+    cfg.efqat.rho_unit = UNIT_FREE_RUNS
   return cfg
 
 
@@ -156,6 +166,7 @@ def setting_rows(setting, config, results: dict, qat: list, efqat: dict) -> list
       allocator=sweep.recorded_allocator(runs),
       channel_fraction=runs[0].get("channel_fraction"),
       param_fraction=runs[0].get("param_fraction"),
+      work_fraction=runs[0].get("work_fraction"),  # None where the run did not record it
       importance=runs[0].get("importance"),  # EfQAT's ranking (None: not EfQAT, or not recorded)
       rho_unit=runs[0].get("rho_unit"),
     )
@@ -217,9 +228,9 @@ def importance_note(rows: list[dict]) -> str:
 
 
 def rho_counts(rows: list[dict]) -> str:
-  """What rho counted in the CWPN and LWPN rows of ``rows`` (rows written before the field was
-  recorded: blocks, the default then)."""
-  units = {sweep.rho_unit(r) for r in rows if r["mode"] in ("cwpn", "lwpn")}
+  """What rho counted in the CWPN and LWPN rows of ``rows`` at 0 < rho < 1 (at 0 and 1 they are
+  CWPL's runs; rows written before the field was recorded: blocks, the default then)."""
+  units = {sweep.rho_unit(r) for r in rows if r["mode"] in ("cwpn", "lwpn") and 0 < r["rho"] < 1}
   return " and ".join(RHO_COUNTS[u] for u in sorted(units))
 
 
@@ -241,9 +252,11 @@ def setting_table(title: str, rows: list[dict]) -> str:
   for mode in MODES:
     lines.append(f"| {mode} | " + " | ".join(cell(efqat[mode, rho]) for rho in rhos) + " |")
   shares = ", ".join(
-    f"{mode} {efqat[mode, 0.1]['param_fraction']:.1%}" for mode in MODES if (mode, 0.1) in efqat
+    f"{mode} {sweep.trained_shares(efqat[mode, 0.1])}" for mode in MODES if (mode, 0.1) in efqat
   )
-  return "\n".join([head, "", *lines, "", f"Kernel params trained at ρ=10%: {shares}."])
+  return "\n".join(
+    [head, "", *lines, "", f"Kernel params (/ weight-gradient work) trained at ρ=10%: {shares}."]
+  )
 
 
 def summary_table(groups: dict[str, list[dict]]) -> str:

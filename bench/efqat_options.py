@@ -12,8 +12,8 @@ workdir (same PTQ model, same step budget as QAT).
 per seed (for bits per character, lower is better, the same ratio); the table gives the mean
 and the [min, max] over seeds. A difference between two values counts only where their ranges
 do not overlap: ``versus_first`` compares each value with the option's first in the same rho
-unit, ``versus_blocks`` a value's params rows with its blocks rows. ``train_time_s`` is the
-stage's wall time before its final evaluation (compilation and re-selection included).
+unit, ``versus_blocks`` a value's params and work rows with its blocks rows. ``train_time_s`` is
+the stage's wall time before its final evaluation (compilation and re-selection included).
 
   python bench/efqat_options.py --option=cheap_params    # writes results/efqat_cheap_params.json
   python bench/efqat_options.py --option=importance      # writes results/efqat_importance.json
@@ -21,10 +21,11 @@ stage's wall time before its final evaluation (compilation and re-selection incl
       --values=mean_abs,fan_in --seeds=0,1
 
 ``--values`` picks some of the option's values (e.g. no ``bn_folded`` for a model without
-BatchNorm, where it equals mean_abs). ``--rho-unit`` sets what rho counts (default: params, the
-pipeline's; blocks: channels and layers, the paper's). Counted in weights, values that rank
-blocks of different sizes first train about the same share of weights. cwpl selects the same
-channels in both units, so its runs are always in blocks (a params run resumes them):
+BatchNorm, where it equals mean_abs). ``--rho-unit`` sets what rho counts (default: work, the
+pipeline's; params: weights; blocks: channels and layers, the paper's). Counted in weights or
+work, values that rank blocks of different sizes first train about the same share. cwpl selects
+the same channels in every unit, so its runs are always in blocks (a params or work run resumes
+them):
 
   python bench/efqat_options.py --option=importance --values=bn_folded,ptq_error --rho-unit=blocks
 
@@ -126,6 +127,7 @@ def _seed_rows(
           efqat=efqat[metric],
           gap_recovered=(efqat[metric] - ptq) / (qat - ptq),
           param_fraction=efqat["param_fraction"],
+          work_fraction=efqat.get("work_fraction"),
           qat_train_time_s=results["qat"].get("train_time_s"),
           train_time_s=efqat.get("train_time_s"),
           **timing.machine(),
@@ -145,8 +147,8 @@ def _row_key(row: dict) -> tuple:
 
 def _summary(rows: list[dict], first: str) -> list[dict]:
   """Mean and [min, max] over seeds per setting, rho unit, mode and value, with the verdicts
-  against the option's first value in the same setting, rho unit and mode, and (params rows)
-  against the same value with rho in blocks."""
+  against the option's first value in the same setting, rho unit and mode, and (params and
+  work rows) against the same value with rho in blocks."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     groups.setdefault((row["setting"], sweep.rho_unit(row), row["mode"], row["value"]), []).append(
@@ -161,7 +163,7 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
     gaps = [scale * (r["qat"] - r["ptq"]) for r in group]
     ours = recovered[setting, unit, mode, value]
     base = recovered.get((setting, unit, mode, first))
-    blocks = recovered.get((setting, "blocks", mode, value)) if unit == "params" else None
+    blocks = recovered.get((setting, "blocks", mode, value)) if unit != "blocks" else None
     out.append(
       dict(
         setting=setting,
@@ -172,6 +174,7 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
         qat_minus_ptq=f"{fmt(statistics.mean(gaps))} [{fmt(min(gaps))}, {fmt(max(gaps))}]",
         metric=f"{fmt(statistics.mean(metric))} [{fmt(min(metric))}, {fmt(max(metric))}]",
         param_fraction=_mean_or_blank([r.get("param_fraction") for r in group]),
+        work_fraction=_mean_or_blank([r.get("work_fraction") for r in group]),
         gap_recovered=f"{statistics.mean(ours):.2f} [{min(ours):.2f}, {max(ours):.2f}]",
         versus_first="" if value == first or base is None else sweep.verdict(ours, base),
         versus_blocks="" if blocks is None else sweep.verdict(ours, blocks),

@@ -15,12 +15,14 @@ rounds at rho 10% with both cheap_params settings. ``ptq_error`` takes the initi
 the float model, so it ranks by the error round-to-nearest PTQ would leave in them.
 
 ``attainable_realised`` = (QAT - mode) / (QAT - ideal) on backward times, with ideal = floor +
-param_fraction x (QAT - floor) and floor the all_layers ``ptq`` row: the share of the saving a
-backward pass whose weight-gradient cost followed the trained share exactly would make. Above 1
-means the mode also skips work the all_layers floor keeps (selected_layers). A conv's weight
-gradient costs its weights times its output pixels, so where the trained weights sit in early,
-large-output layers their share of the work (``--shares``) exceeds their share of the weights,
-and this ratio reads low.
+work_fraction x (QAT - floor) and floor the all_layers ``ptq`` row: the share of the saving a
+backward pass whose weight-gradient cost followed the trained work exactly would make. Above 1
+means the mode also skips work the all_layers floor keeps (selected_layers). ``work_fraction``
+is the trained share of the weight-gradient multiply-adds (``TrainableSet.summary``): a conv's
+weight gradient costs its weights times its output pixels, so where the trained weights sit in
+early, large-output layers it exceeds ``param_fraction``, the share of the weights
+(``--shares`` prints both; ``--rho-unit=work`` makes the work share rho). Rows are kept per
+model and rho unit: a run replaces those it measures.
 
   python bench/efqat_speedup.py           # all models, writes bench/results/efqat_speedup.json
   python bench/efqat_speedup.py --quick   # resnet20 and transformer at rho 10%, nothing written
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import time
 from collections.abc import Callable
@@ -184,35 +185,15 @@ def _built(name: str):
   return qmodel, variables, layers, (inputs, labels)
 
 
-def weight_grad_fraction(qmodel, variables, layers, inputs, trainable) -> float:
-  """The share of the weight-gradient multiply-adds that ``trainable`` computes. A layer's weight
-  gradient costs its weights times the positions of its output (a conv's output pixels, a Dense
-  layer's tokens), a trained channel its share of that; so a weight of an early conv, with a large
-  output, costs more than one of a late conv, where the kernel params trained count both alike."""
-  _, state = qmodel.apply(
-    variables, inputs, train=False, capture_intermediates=True, mutable=["intermediates"]
-  )
-  full = kept = 0.0
-  for path, layer in layers.items():
-    node = state["intermediates"]
-    for name in path.split("/"):
-      node = node[name]
-    out = node["__call__"][0]
-    cost = math.prod(layer.weight_shape) * math.prod(out.shape[1 : out.ndim - len(layer.out_axes)])
-    full += cost
-    kept += cost * trainable.count(path) / layer.num_channels
-  return kept / full
-
-
 def shares_table(models, importance: str) -> str:
   """Per model and mode at rho 10%, in each rho unit: the kernel params trained and the share of
-  the weight-gradient work (``weight_grad_fraction``); no timing."""
+  the weight-gradient work (``TrainableSet.summary``'s ``work_fraction``); no timing."""
   lines = [
     "| model | ρ counts | mode | kernel params trained | weight-gradient work |",
     "|---|---|---|---|---|",
   ]
   for name in models:
-    qmodel, variables, layers, (inputs, _) = _built(name)
+    _, variables, layers, _ = _built(name)
     for unit in RHO_UNITS:
       for mode in MODES:
         trainable = select(
@@ -225,9 +206,11 @@ def shares_table(models, importance: str) -> str:
           batch_stats=variables.get("batch_stats", {}),
           reference=variables["params"],
         )
-        work = weight_grad_fraction(qmodel, variables, layers, inputs, trainable)
-        share = trainable.summary()["param_fraction"]
-        lines.append(f"| {name} | {unit} | {mode} | {share:.1%} | {work:.1%} |")
+        share = trainable.summary()
+        lines.append(
+          f"| {name} | {unit} | {mode} | {share['param_fraction']:.1%}"
+          f" | {share['work_fraction']:.1%} |"
+        )
   return "\n".join(lines)
 
 
@@ -287,7 +270,7 @@ def _bench_model(
   rows = []
   for variant in _variants(rhos, importances):
     mode, rho, cheap, importance = variant
-    backward_ms, share = times[variant] - forward_ms, fractions[variant]["param_fraction"]
+    backward_ms, share = times[variant] - forward_ms, fractions[variant]["work_fraction"]
     ideal_bw = floor_bw + share * (qat_bw - floor_bw)
     rows.append(
       dict(
@@ -302,7 +285,8 @@ def _bench_model(
         backward_speedup=qat_bw / backward_ms,
         attainable_realised=(qat_bw - backward_ms) / (qat_bw - ideal_bw) if share < 1 else None,
         channel_fraction=fractions[variant]["channel_fraction"],
-        param_fraction=share,
+        param_fraction=fractions[variant]["param_fraction"],
+        work_fraction=share,
         importance=importance,
         rho_unit=rho_unit,
         rounds=rounds,
@@ -313,11 +297,14 @@ def _bench_model(
 
 
 def _with_other_models(rows: list[dict], stem: str) -> list[dict]:
-  """``rows`` after the rows of the models they do not cover, from the JSON already written."""
+  """``rows`` after the rows of the models and rho units they do not cover, from the JSON
+  already written."""
   path = timing.RESULTS / f"{stem}.json"
-  measured = {row["model"] for row in rows}
+  measured = {(row["model"], row["rho_unit"]) for row in rows}
   kept = (
-    [r for r in json.loads(path.read_text()) if r["model"] not in measured] if path.exists() else []
+    [r for r in json.loads(path.read_text()) if (r["model"], sweep.rho_unit(r)) not in measured]
+    if path.exists()
+    else []
   )
   return kept + rows
 
@@ -357,16 +344,16 @@ def summary_table(rows: list[dict]) -> str:
     " CWPN ρ=10% | LWPN ρ=10% | floor | ρ=100% step vs QAT |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for model in dict.fromkeys(r["model"] for r in rows):
-    own = [r for r in rows if r["model"] == model]
+  for model, unit in dict.fromkeys((r["model"], sweep.rho_unit(r)) for r in rows):
+    own = [r for r in rows if (r["model"], sweep.rho_unit(r)) == (model, unit)]
     qat, full = _find(own, "qat", 1.0, "all_layers"), _find(own, "cwpl", 1.0, "all_layers")
     timed = dict.fromkeys((r["cheap_params"], r["importance"]) for r in own if r["mode"] != "qat")
     for cheap, importance in sorted(timed, key=lambda k: (k[1] != qat["importance"], k)):
       modes = [_find(own, m, CHEAP_PARAMS_RHO, cheap, importance) for m in MODES]
-      cells = [f"{_cell(r)}, {r['param_fraction']:.1%}" for r in modes]
+      cells = [f"{_cell(r)}, {sweep.trained_shares(r)}" for r in modes]
       floor = _find(own, "ptq", 0.0, cheap)
       lines.append(
-        f"| {model} | {cheap} | {importance} | {sweep.rho_unit(qat)} |"
+        f"| {model} | {cheap} | {importance} | {unit} |"
         f" {qat['step_ms']:.1f} / {qat['backward_ms']:.1f} | "
         + " | ".join(cells)
         + f" | {_floor(floor)} ({floor['step_speedup']:.2f}x) |"
@@ -378,17 +365,19 @@ def summary_table(rows: list[dict]) -> str:
 def rows_table(rows: list[dict]) -> str:
   """Every row (bench/README.md's table of all rows)."""
   lines = [
-    "| model | ranking | mode | ρ | cheap params | step ms | backward ms | step speedup |"
-    " backward speedup | attainable saving realised | channels trained | kernel params trained |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| model | ranking | ρ counts | mode | ρ | cheap params | step ms | backward ms | step speedup |"
+    " backward speedup | attainable saving realised | channels trained | kernel params / work"
+    " trained |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     share = "" if r["attainable_realised"] is None else f"{r['attainable_realised']:.0%}"
     lines.append(
-      f"| {r['model']} | {r['importance']} | {r['mode']} | {r['rho']:.2f} | {r['cheap_params']} |"
+      f"| {r['model']} | {r['importance']} | {sweep.rho_unit(r)} | {r['mode']} | {r['rho']:.2f} |"
+      f" {r['cheap_params']} |"
       f" {r['step_ms']:.1f} | {r['backward_ms']:.1f} | {r['step_speedup']:.2f} |"
       f" {r['backward_speedup']:.2f} | {share} | {r['channel_fraction']:.1%} |"
-      f" {r['param_fraction']:.1%} |"
+      f" {sweep.trained_shares(r)} |"
     )
   return "\n".join(lines)
 

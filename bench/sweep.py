@@ -171,6 +171,13 @@ def rho_unit(row: dict) -> str:
   return row.get("rho_unit") or "blocks"
 
 
+def trained_shares(row: dict) -> str:
+  """A row's share of kernel params trained, and of the weight-gradient work where it was
+  recorded: "10.0%" or "2.5% / 10.0%"."""
+  work = row.get("work_fraction")
+  return f"{row['param_fraction']:.1%}" + ("" if work is None else f" / {work:.1%}")
+
+
 def seed_dir(workdir: pathlib.Path, index: int) -> pathlib.Path:
   """The workdir of seed number ``index`` of a run: ``workdir`` for index 0, else
   ``<workdir>_seed<index>`` beside it."""

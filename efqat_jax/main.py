@@ -69,9 +69,12 @@ def results_table(results: dict) -> str:
     if result.get("zeroed_layers"):  # ptq, only with allow_zeroed_layers = True
       metric += f"; all weights zero in {', '.join(result['zeroed_layers'])}"
     if "mode" in result:  # efqat
+      work = result.get("work_fraction")  # results written before it was recorded lack it
       metric += (
         f" ({result['mode']}, rho {result['rho']:g}: {100 * result['param_fraction']:.1f}% of"
-        " kernel params trained)"
+        " kernel params trained"
+        + ("" if work is None else f", {100 * work:.1f}% of their gradient work")
+        + ")"
       )
     lines.append(f"| {stage} | {metric} | {result['wall_time_s']:.1f} |")
   return "\n".join(lines)

@@ -361,6 +361,7 @@ def test_quantize_calibrate_qat_efqat_and_export(name):
   variables = {k: v for k, v in calibrated.items() if k != "quant_stats"}
   assert not jax.tree.all(jax.tree.map(np.array_equal, calibrated["params"], initial["params"]))
   layers = quantized_layers(qmodel, variables, *inputs, **case.eval_kwargs)
+  assert all(layer.macs_per_weight > 0 for layer in layers.values())  # what rho_unit=work weighs
   mesh = make_mesh()
   batch = shard_batch(case.batch, mesh)
   loss_fn = _loss_fn(case)
@@ -392,12 +393,18 @@ def test_quantize_calibrate_qat_efqat_and_export(name):
   fresh = replicate(create_train_state(variables, tx), mesh)
   for mode, rho in modes:
     # cwpl ranks by BatchNorm-folded magnitude (mean |w| where no norm follows), lwpn by
-    # fan-in scaled magnitude: every importance meets the other codebases' layouts.
-    importance = "bn_folded" if mode == "cwpl" else "fan_in"
+    # fan-in scaled magnitude with rho counting weight-gradient work: every importance and the
+    # work each layout records meet the other codebases' layouts.
+    importance, unit = ("bn_folded", "blocks") if mode == "cwpl" else ("fan_in", "work")
     stats = variables.get("batch_stats", {})
     trainable = select(
-      variables["params"], layers, mode, rho, importance=importance, batch_stats=stats
-    )
+      variables["params"], layers, mode, rho, importance=importance, batch_stats=stats,
+      rho_unit=unit,
+    )  # fmt: skip
+    if unit == "work":  # within rho, unless the top layer alone exceeds it
+      assert (
+        trainable.summary()["work_fraction"] <= rho or sum(k > 0 for _, k in trainable.counts) == 1
+      )
     state = fresh.replace(opt_state=set_trainable(fresh.opt_state, fresh.params, trainable))
     compiled = step.lower(state, batch, rng, trainable).compile()
     shapes = _dot_and_conv_shapes(compiled.as_text())

@@ -12,9 +12,14 @@ What rho counts (``rho_unit``), an open point of the paper:
           importance and take each one whose weights still fit in rho of all quantized weights
           (one that does not fit is passed over, and the next ones are tried); if none fits,
           the most important one trains alone. rho then bounds the share of weight gradients
-          computed, whatever the sizes of the blocks ranked first (for cwpn, before its counts
-          are rounded up to ``bucket``). cwpl is the same in both: a layer's channels are equal
-          in size.
+          computed, whatever the sizes of the blocks ranked first (cwpn pays for a layer's
+          channels ``bucket`` at a time, so its bucketed counts stay within rho too). cwpl is
+          the same in every unit: a layer's channels are equal in size.
+  work    weight-gradient multiply-adds: as ``params``, with each weight counted at what its
+          gradient costs (``QuantizedLayer.macs_per_weight``: a conv's output pixels, a Dense
+          layer's tokens). rho then bounds the share of the weight-gradient work, the part of
+          the backward pass that EfQAT saves; a weight of a late, low-resolution conv counts
+          less than one of an early conv.
 Importance is mean |w| (the paper) or another of ``IMPORTANCES``
 (``efqat_jax.efqat.importance``); a unit's is the mean of its channels'.
 
@@ -47,7 +52,7 @@ from efqat_jax.nn.layer_table import QuantizedLayer, own_params
 
 MODES = ("cwpl", "cwpn", "lwpn", "qat", "ptq")
 CHEAP_PARAMS = ("all_layers", "selected_layers")
-RHO_UNITS = ("blocks", "params")
+RHO_UNITS = ("blocks", "params", "work")
 
 
 @functools.partial(
@@ -92,15 +97,19 @@ class TrainableSet:
 
   def summary(self) -> dict[str, float]:
     """What trains, for logging: per unit the share of channels and of weight params (equal
-    within a unit), and over the network the share of channels and of weight params."""
+    within a unit); over the network the share of channels, of weight params and (where the
+    layers recorded it) of the weight-gradient work."""
     unit_layer = self._unit_layer()
     sizes = {unit: math.prod(unit_layer[unit].weight_shape) for unit, _ in self.counts}
     channels = {unit: unit_layer[unit].num_channels for unit, _ in self.counts}
-    trained = sum(k / channels[u] * sizes[u] for u, k in self.counts)
+    work = {unit: sizes[unit] * unit_layer[unit].macs_per_weight for unit in sizes}
+    trained = lambda size: sum(k / channels[u] * size[u] for u, k in self.counts)
     out = {
       "channel_fraction": sum(k for _, k in self.counts) / sum(channels.values()),
-      "param_fraction": trained / sum(sizes.values()),
+      "param_fraction": trained(sizes) / sum(sizes.values()),
     }
+    if all(work.values()):
+      out["work_fraction"] = trained(work) / sum(work.values())
     for unit, share in self.fractions().items():
       out[f"{unit}/channel_fraction"] = out[f"{unit}/param_fraction"] = share
     return out
@@ -154,9 +163,25 @@ def weights_per_channel(layers: Mapping[str, QuantizedLayer]) -> dict[str, int]:
   }
 
 
+def work_per_channel(layers: Mapping[str, QuantizedLayer]) -> dict[str, float]:
+  """Per unit, the weight-gradient multiply-adds of one of its output channels."""
+  missing = [path for path, layer in layers.items() if layer.macs_per_weight <= 0]
+  if missing:
+    raise ValueError(
+      f"rho_unit='work' needs each layer's macs_per_weight, which quantized_layers records;"
+      f" missing for {missing}"
+    )
+  weights = weights_per_channel(layers)
+  return {
+    unit: weights[unit] * layer.macs_per_weight
+    for layer in layers.values()
+    for unit in layer.units()
+  }
+
+
 def _within_budget(sizes: np.ndarray, rho: float) -> np.ndarray:
-  """Which of the ranked blocks of ``sizes`` train when rho counts weights: each in turn whose
-  size still fits in rho of the total (the most important one alone if none fits)."""
+  """Which of the ranked blocks of ``sizes`` train when rho counts weights or work: each in turn
+  whose size still fits in rho of the total (the most important one alone if none fits)."""
   chosen = np.zeros(len(sizes), bool)
   if rho == 0:
     return chosen
@@ -166,6 +191,33 @@ def _within_budget(sizes: np.ndarray, rho: float) -> np.ndarray:
       chosen[i], room = True, room - size
   chosen[0] |= not chosen.any()
   return chosen
+
+
+def _channels_within_budget(
+  owners: np.ndarray, cost: np.ndarray, sizes: np.ndarray, bucket: int, rho: float
+) -> np.ndarray:
+  """Per unit, how many channels train when rho counts weights or work: the channels, ranked
+  (``owners``: the unit of each, most important first), are gone through in turn; a unit's
+  channels are paid for ``bucket`` at a time (fewer where its size ends), and a channel trains if
+  its unit has a paid slot left or the next bucket still fits in rho of the total. If none
+  fits, the top channel's bucket trains alone. So the counts are multiples of ``bucket`` (or
+  the unit's size) and their cost stays within rho."""
+  paid = np.zeros(len(sizes), np.int64)
+  if rho == 0:
+    return paid
+  used = np.zeros(len(sizes), np.int64)
+  room = rho * float(np.sum(cost * sizes, dtype=np.float64)) * (1 + 1e-9)  # rho = 1 takes all
+  for unit in owners:
+    if used[unit] == paid[unit]:
+      slots = min(bucket, sizes[unit] - paid[unit])
+      if slots * cost[unit] > room:
+        continue
+      room -= slots * cost[unit]
+      paid[unit] += slots
+    used[unit] += 1
+  if not paid.any():
+    paid[owners[0]] = min(bucket, sizes[owners[0]])
+  return paid
 
 
 def select(
@@ -187,9 +239,10 @@ def select(
     params: the model's params.
     layers: its quantized layers, ``efqat_jax.nn.quantized_layers(qmodel, variables, *inputs)``.
     mode: one of ``MODES``.
-    rho: fraction of channels (cwpl, cwpn) or units (lwpn) that train.
-    bucket: for cwpn, per-unit counts are rounded up to a multiple of ``bucket`` (capped at
-      C), so that re-selections change the static counts, and recompile the step, less often.
+    rho: the trained fraction, of channels in cwpl, of what ``rho_unit`` counts in cwpn and lwpn.
+    bucket: for cwpn, per-unit counts are multiples of ``bucket`` (or C), so that
+      re-selections change the static counts, and recompile the step, less often: rounded up
+      in blocks, paid for within rho in params and work.
     train_frozen_scales: let the weight scales of frozen channels train.
     cheap_params: where the params other than quantized weights train (see the module doc).
     importance: how channels and units are ranked, one of ``IMPORTANCES``.
@@ -207,7 +260,7 @@ def select(
   layers = dict(sorted(layers.items()))
   scores = unit_scores(params, layers, importance, batch_stats, reference)
   sizes = {unit: s.size for unit, s in scores.items()}
-  per_channel = weights_per_channel(layers)
+  cost = work_per_channel(layers) if rho_unit == "work" else weights_per_channel(layers)
   if mode == "qat":
     counts = dict(sizes)
   elif mode == "ptq":
@@ -216,8 +269,8 @@ def select(
     counts = {unit: math.ceil(rho * c) for unit, c in sizes.items()}
   elif mode == "lwpn":
     ranked = sorted(scores, key=lambda u: -float(np.mean(scores[u])))
-    if rho_unit == "params":
-      fits = _within_budget(np.array([per_channel[u] * sizes[u] for u in ranked]), rho)
+    if rho_unit != "blocks":
+      fits = _within_budget(np.array([cost[u] * sizes[u] for u in ranked]), rho)
       chosen = {u for u, fit in zip(ranked, fits, strict=True) if fit}
     else:
       chosen = set(ranked[: math.ceil(rho * len(ranked))])
@@ -225,18 +278,23 @@ def select(
   else:  # cwpn
     pooled = np.concatenate(list(scores.values()))
     order = np.argsort(-pooled, kind="stable")
-    if rho_unit == "params":
+    if rho_unit != "blocks":
       # a unit's channels weigh the same, so the ones that fit are its most important ones
       owner = np.concatenate([np.full(sizes[u], i) for i, u in enumerate(scores)])
-      weights = np.array([per_channel[u] for u in scores])[owner]
-      fits = _within_budget(weights[order], rho)
-      taken = np.bincount(owner[order][fits], minlength=len(scores))
-      counts = {unit: int(n) for unit, n in zip(scores, taken, strict=True)}
+      units = list(scores)
+      taken = _channels_within_budget(
+        owner[order],
+        np.array([cost[u] for u in units]),
+        np.array([sizes[u] for u in units]),
+        bucket,
+        rho,
+      )
+      counts = {unit: int(n) for unit, n in zip(units, taken, strict=True)}
     else:
       k = math.ceil(rho * len(pooled))
       threshold = pooled[order[k - 1]] if k else np.inf
       counts = {unit: int(np.sum(s >= threshold)) for unit, s in scores.items()}
-    counts = {unit: _bucketed(k, sizes[unit], bucket) for unit, k in counts.items()}
+      counts = {unit: _bucketed(k, sizes[unit], bucket) for unit, k in counts.items()}
   channels = {
     unit: jnp.asarray(np.argsort(-scores[unit], kind="stable")[: counts[unit]], jnp.int32)
     for unit in sizes

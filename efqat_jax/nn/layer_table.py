@@ -50,6 +50,10 @@ class QuantizedLayer:
     stack_shape: the leading axes that ``nn.scan`` / ``nn.vmap`` add to the stored weight.
     attached: the modules without a quantized weight whose params go with this layer (see
       ``quantized_layers``), by path.
+    macs_per_weight: the multiply-adds each weight takes part in, in the traced call (a conv's
+      output pixels times the batch, a Dense layer's tokens; for a lookup, the rows read per
+      row): the layer's weight gradient costs its weights times this. Not compared: the same
+      layer traced with another batch is the same layer.
   """
 
   path: str
@@ -61,6 +65,7 @@ class QuantizedLayer:
   op: tuple[tuple[str, Any], ...]
   stack_shape: tuple[int, ...] = ()
   attached: tuple[str, ...] = ()
+  macs_per_weight: float = dataclasses.field(default=0.0, compare=False)
 
   @property
   def scale_name(self) -> str:
@@ -89,6 +94,11 @@ class QuantizedLayer:
 _RECORDERS: contextvars.ContextVar[tuple[dict[str, QuantizedLayer], ...]] = contextvars.ContextVar(
   "efqat_jax_layer_recorders", default=()
 )
+
+
+def is_recording() -> bool:
+  """Whether a quantized op's layer is being recorded (``recording``)."""
+  return bool(_RECORDERS.get())
 
 
 def report(layer: QuantizedLayer) -> None:

@@ -41,15 +41,19 @@ EFQAT_FIELDS = {
     number(0, 1),
   ),
   "rho_unit": Field(
-    "params",
-    "what rho counts in cwpn and lwpn: params (channels or layers taken in order of importance"
-    " while their weights fit in rho of all quantized weights) or blocks (channels, or layers for"
-    " lwpn: the paper's reading)",
+    "work",
+    "what rho counts in cwpn and lwpn: work (channels or layers taken in order of importance"
+    " while their weight-gradient multiply-adds fit in rho of the network's: a weight counts"
+    " its layer's output positions), params (the same, counting weights) or blocks (channels,"
+    " or layers for lwpn: the paper's reading)",
     one_of(*RHO_UNITS),
   ),
   "reselect_every": Field(100, "steps between importance re-rankings (0: rank once)", integer(0)),
   "bucket": Field(
-    4, "cwpn: per-layer counts rounded up to a multiple (fewer recompiles)", integer(1)
+    4,
+    "cwpn: per-layer counts are multiples of it, rounded up in blocks and paid for within rho in"
+    " work and params (fewer recompiles)",
+    integer(1),
   ),
   "reuse_steps": Field(
     True,
@@ -150,6 +154,7 @@ def train_efqat(run, stage, qmodel, variables, cfg, fp, **step_options):
     "importance": settings.importance,
     "channel_fraction": summary["channel_fraction"],
     "param_fraction": summary["param_fraction"],
+    "work_fraction": summary["work_fraction"],
     "selections": 1 if every is None else math.ceil(cfg.steps / every),
     "recompiles_this_process": recompiles[0],
   }

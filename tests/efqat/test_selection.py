@@ -1,5 +1,6 @@
 """Importance (mean |w|) and the CWPL / CWPN / LWPN selections."""
 
+import dataclasses
 import math
 
 import jax
@@ -100,6 +101,29 @@ def test_cwpn_bucket_rounds_counts_up():
     assert tset.count(path) == min(tset.size(path), -(-k // 4) * 4)
 
 
+@pytest.mark.parametrize("rho", [0.05, 0.2, 0.5])
+@pytest.mark.parametrize("built, unit", [(TFM, "params"), (CNN, "work")], ids=["tfm", "cnn"])
+def test_cwpn_buckets_are_paid_for_within_rho(built, unit, rho):
+  """Counting weights or work, CWPN's counts are multiples of the bucket (or the layer's size)
+  and cost no more than rho; no layer could take one more bucket within the budget."""
+  per_channel = _channel_costs(built, unit)
+  total = sum(per_channel[p] * n for p, n in select(built.params, built.layers, "qat").counts)
+  tset = select(built.params, built.layers, "cwpn", rho, bucket=4, rho_unit=unit)
+  spent = sum(per_channel[p] * k for p, k in tset.counts)
+  assert spent <= rho * total * (1 + 1e-9)
+  room = rho * total - spent
+  for path, k in tset.counts:
+    size = tset.size(path)
+    assert k % 4 == 0 or k == size, (path, k)
+    assert k == size or min(4, size - k) * per_channel[path] > room, path
+  scores = _brute_force_channel_scores(built.params, built.layers)
+  for path, channels in tset.channels.items():  # a layer's paid channels are its top ones
+    top = np.argsort(-np.asarray(scores[path]), kind="stable")[: tset.count(path)]
+    assert set(np.asarray(channels).tolist()) == set(top.tolist())
+  fraction = "param_fraction" if unit == "params" else "work_fraction"
+  assert tset.summary()[fraction] == pytest.approx(spent / total)
+
+
 def test_lwpn_trains_the_top_layers_whole():
   tset = select(CNN.params, CNN.layers, "lwpn", 0.3)  # ceil(0.3 * 3 layers) = 1
   weights = unit_weights(CNN.params, CNN.layers)
@@ -119,37 +143,86 @@ def _fit_in_order(blocks, sizes, budget):
   return taken or blocks[:1]
 
 
-@pytest.mark.parametrize("rho", [0.02, 0.1, 0.3, 0.7, 1.0])
-def test_rho_in_params_takes_the_top_blocks_that_fit_in_rho_of_the_weights(rho):
-  per_channel = {
-    u: math.prod(layer.weight_shape) // layer.num_channels
-    for layer in TFM.layers.values()
-    for u in layer.units()
+def _output_positions(built) -> dict[str, float]:
+  """Per layer, its output elements per output channel in ``built``'s call, read from the
+  module's own output (Flax's captured intermediates)."""
+  _, state = built.model.apply(
+    built.variables, built.x, capture_intermediates=True, mutable=["intermediates"]
+  )
+  positions = {}
+  for path, layer in built.layers.items():
+    node = state["intermediates"]
+    for name in path.split("/"):
+      node = node[name]
+    positions[path] = node["__call__"][0].size / layer.num_channels
+  return positions
+
+
+def _channel_costs(built, unit: str) -> dict[str, float]:
+  """Per layer, what one output channel weighs when rho counts ``unit``: its weights, each
+  counted (work) at the output positions it is used at."""
+  positions = _output_positions(built) if unit == "work" else dict.fromkeys(built.layers, 1.0)
+  return {
+    p: math.prod(layer.weight_shape) // layer.num_channels * positions[p]
+    for p, layer in built.layers.items()
   }
-  total = sum(per_channel[p] * n for p, n in select(TFM.params, TFM.layers, "qat").counts)
-  scores = _brute_force_channel_scores(TFM.params, TFM.layers)
-  # cwpn: channels of all layers ranked together, each weighing its fan-in
+
+
+@pytest.mark.parametrize("rho", [0.02, 0.1, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("built, unit", [(TFM, "params"), (CNN, "work")], ids=["tfm", "cnn"])
+def test_rho_in_params_or_work_takes_the_top_blocks_that_fit_in_rho_of_the_total(built, unit, rho):
+  per_channel = _channel_costs(built, unit)
+  fraction = f"{unit[:-1] if unit == 'params' else unit}_fraction"
+  total = sum(per_channel[p] * n for p, n in select(built.params, built.layers, "qat").counts)
+  scores = _brute_force_channel_scores(built.params, built.layers)
+  # cwpn: channels of all layers ranked together, each weighing its fan-in (times its positions)
   pooled = sorted(((s, p, c) for p, ss in scores.items() for c, s in enumerate(ss)), reverse=True)
   want = _fit_in_order(
     [(p, c) for _, p, c in pooled], {(p, c): per_channel[p] for _, p, c in pooled}, rho * total
   )
-  tset = select(TFM.params, TFM.layers, "cwpn", rho, rho_unit="params")
+  tset = select(built.params, built.layers, "cwpn", rho, rho_unit=unit)
   got = {(p, int(c)) for p, cs in tset.channels.items() for c in np.asarray(cs)}
   assert got == set(want)
-  assert tset.summary()["param_fraction"] <= rho + 1e-9
-  if rho < 1:  # the budget was used up: no channel left out would have fit
-    left = total * (rho - tset.summary()["param_fraction"])
+  trained = tset.summary()[fraction]
+  assert trained == pytest.approx(sum(per_channel[p] for p, _ in want) / total)
+  assert trained <= rho + 1e-9 or len(want) == 1
+  if rho < 1 and len(want) > 1:  # the budget was used up: no channel left out would have fit
+    left = total * (rho - trained)
     assert all(per_channel[p] > left for _, p, c in pooled if (p, c) not in got)
-  # lwpn: whole layers by mean score, each weighing all its weights
+  # lwpn: whole layers by mean score, each weighing all its channels
   ranked = sorted(scores, key=lambda p: -np.mean(scores[p]))
   want = _fit_in_order(ranked, {p: per_channel[p] * len(scores[p]) for p in ranked}, rho * total)
-  tset = select(TFM.params, TFM.layers, "lwpn", rho, rho_unit="params")
+  tset = select(built.params, built.layers, "lwpn", rho, rho_unit=unit)
   assert {p for p, k in tset.counts if k} == set(want)
   assert all(tset.count(p) == tset.size(p) for p in want)
-  # cwpl: a layer's channels weigh the same, so both units give one selection
-  assert select(TFM.params, TFM.layers, "cwpl", rho, rho_unit="params").counts == (
-    select(TFM.params, TFM.layers, "cwpl", rho).counts
+  # cwpl: a layer's channels weigh the same, so every unit gives one selection
+  assert select(built.params, built.layers, "cwpl", rho, rho_unit=unit).counts == (
+    select(built.params, built.layers, "cwpl", rho).counts
   )
+
+
+def test_rho_in_work_weighs_a_weight_by_the_output_positions_it_is_used_at():
+  """The CNN on a batch of two 12x12 images: a Conv_0 weight is used at 2 x 12 x 12 output
+  pixels, a Conv_1 weight (stride 2) at 2 x 6 x 6, a Dense_0 weight (after global pooling) at
+  2. So Conv_0's 72 weights are a fifth of the weight-gradient work (20,736 of 104,000
+  multiply-adds) though only 5% of the weights; at rho = 0.2 of the work Conv_0 fits and
+  Dense_0 (320) no longer does, where counted in weights both fit."""
+  assert {p: layer.macs_per_weight for p, layer in CNN.layers.items()} == {
+    "Conv_0": 288.0, "Conv_1": 72.0, "Dense_0": 2.0
+  }  # fmt: skip
+  assert _output_positions(CNN) == {"Conv_0": 288.0, "Conv_1": 72.0, "Dense_0": 2.0}
+  work = select(CNN.params, CNN.layers, "lwpn", 0.2, rho_unit="work")
+  assert [p for p, k in work.counts if k] == ["Conv_0"]
+  assert work.summary()["work_fraction"] == 20736 / 104000
+  params = select(CNN.params, CNN.layers, "lwpn", 0.2, rho_unit="params")
+  assert [p for p, k in params.counts if k] == ["Conv_0", "Dense_0"]
+  # traced on another batch, the same layers (equal, as jit's static arguments) cost more
+  bigger = quantized_layers(CNN.model, CNN.variables, jnp.ones((6, 12, 12, 1)))
+  assert bigger == CNN.layers and hash(bigger["Conv_0"]) == hash(CNN.layers["Conv_0"])
+  assert bigger["Conv_0"].macs_per_weight == 3 * CNN.layers["Conv_0"].macs_per_weight
+  stripped = {p: dataclasses.replace(layer, macs_per_weight=0.0) for p, layer in CNN.layers.items()}
+  with pytest.raises(ValueError, match="macs_per_weight"):
+    select(CNN.params, stripped, "lwpn", 0.2, rho_unit="work")
 
 
 def test_rho_in_params_never_trains_more_than_rho_of_the_weights():

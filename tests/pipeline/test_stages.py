@@ -32,7 +32,8 @@ def test_every_stage_runs_for_classification_and_for_a_language_model(
     assert np.isfinite(results[stage][metric]) and results[stage]["wall_time_s"] > 0
     assert results[stage]["allocator"] == allocator.current()  # what the wall time ran under
   assert results["efqat"]["method"] == "efqat"
-  assert results["efqat"]["rho_unit"] == "params"
+  assert results["efqat"]["rho_unit"] == "work"
+  assert 0 < results["efqat"]["work_fraction"] <= results["efqat"]["rho"]
   assert results["efqat"]["importance"] == ("bn_folded" if dataset == "digits" else "ptq_error")
   times = results["efqat"]
   assert times["train_time_s"] + times["eval_time_s"] == pytest.approx(times["wall_time_s"])
