@@ -179,29 +179,16 @@ def work_per_channel(layers: Mapping[str, QuantizedLayer]) -> dict[str, float]:
   }
 
 
-def _within_budget(sizes: np.ndarray, rho: float) -> np.ndarray:
-  """Which of the ranked blocks of ``sizes`` train when rho counts weights or work: each in turn
-  whose size still fits in rho of the total (the most important one alone if none fits)."""
-  chosen = np.zeros(len(sizes), bool)
-  if rho == 0:
-    return chosen
-  room = rho * float(np.sum(sizes, dtype=np.float64)) * (1 + 1e-9)  # rho = 1 takes all
-  for i, size in enumerate(sizes):
-    if size <= room:
-      chosen[i], room = True, room - size
-  chosen[0] |= not chosen.any()
-  return chosen
-
-
-def _channels_within_budget(
+def _within_budget(
   owners: np.ndarray, cost: np.ndarray, sizes: np.ndarray, bucket: int, rho: float
 ) -> np.ndarray:
-  """Per unit, how many channels train when rho counts weights or work: the channels, ranked
-  (``owners``: the unit of each, most important first), are gone through in turn; a unit's
-  channels are paid for ``bucket`` at a time (fewer where its size ends), and a channel trains if
-  its unit has a paid slot left or the next bucket still fits in rho of the total. If none
-  fits, the top channel's bucket trains alone. So the counts are multiples of ``bucket`` (or
-  the unit's size) and their cost stays within rho."""
+  """Per block (a unit, or for lwpn a whole unit of size 1), how many of its ``sizes`` items
+  train when rho counts weights or work: the items, ranked (``owners``: the block of each, most
+  important first), are gone through in turn; a block's items are paid for (``cost`` each)
+  ``bucket`` at a time (fewer where its size ends), and an item trains if its block has a paid
+  slot left or the next bucket still fits in rho of the total. If none fits, the top item's
+  bucket trains alone. So the counts are multiples of ``bucket`` (or the block's size) and their
+  cost stays within rho."""
   paid = np.zeros(len(sizes), np.int64)
   if rho == 0:
     return paid
@@ -270,7 +257,9 @@ def select(
   elif mode == "lwpn":
     ranked = sorted(scores, key=lambda u: -float(np.mean(scores[u])))
     if rho_unit != "blocks":
-      fits = _within_budget(np.array([cost[u] * sizes[u] for u in ranked]), rho)
+      whole = np.array([cost[u] * sizes[u] for u in ranked])
+      ones = np.ones(len(ranked), np.int64)
+      fits = _within_budget(np.arange(len(ranked)), whole, ones, 1, rho)
       chosen = {u for u, fit in zip(ranked, fits, strict=True) if fit}
     else:
       chosen = set(ranked[: math.ceil(rho * len(ranked))])
@@ -282,7 +271,7 @@ def select(
       # a unit's channels weigh the same, so the ones that fit are its most important ones
       owner = np.concatenate([np.full(sizes[u], i) for i, u in enumerate(scores)])
       units = list(scores)
-      taken = _channels_within_budget(
+      taken = _within_budget(
         owner[order],
         np.array([cost[u] for u in units]),
         np.array([sizes[u] for u in units]),
