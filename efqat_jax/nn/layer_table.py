@@ -96,6 +96,24 @@ _RECORDERS: contextvars.ContextVar[tuple[dict[str, QuantizedLayer], ...]] = cont
 )
 
 
+def macs_per_weight(
+  settings: dict[str, Any], weight_shape: tuple[int, ...], out_size: int
+) -> float:
+  """The multiply-adds each weight takes part in when an op with ``settings`` (``op``,
+  ``dimension_numbers``) gives ``out_size`` output elements, i.e. what its weight gradient costs
+  per weight: output elements times the multiply-adds per output element, over the weights. A
+  lookup copies one row per id: 1 per output element."""
+  weights = math.prod(weight_shape)
+  if settings["op"] == "dot_general":
+    (_, contracting), _ = settings["dimension_numbers"]
+    per_output = math.prod(weight_shape[d] for d in contracting)
+  elif settings["op"] == "conv":
+    per_output = weights // weight_shape[settings["dimension_numbers"].rhs_spec[0]]
+  else:
+    per_output = 1
+  return out_size * per_output / weights
+
+
 def is_recording() -> bool:
   """Whether a quantized op's layer is being recorded (``recording``)."""
   return bool(_RECORDERS.get())

@@ -19,7 +19,6 @@ import contextvars
 import dataclasses
 import enum
 import functools
-import math
 from collections.abc import Collection, Iterator
 from typing import Any
 
@@ -242,7 +241,10 @@ class QuantizedOps:
       layer_table.report(
         layer_table.QuantizedLayer(
           self.path, self.weight_name, kernel_spec, input_spec, tuple(rhs.shape), out_axes,
-          tuple(settings.items()), macs_per_weight=_macs_per_weight(float_op, lhs, rhs, settings),
+          tuple(settings.items()),
+          macs_per_weight=layer_table.macs_per_weight(
+            settings, rhs.shape, jax.eval_shape(float_op, lhs, rhs).size
+          ),
         )
       )  # fmt: skip
     params = self._params(lhs, rhs, kernel_spec, input_spec)
@@ -403,18 +405,3 @@ def _input_grad_scale(x: jax.Array, spec: QuantSpec) -> float:
   per_scale = granularity.elements_per_param(spec, x.shape)
   batch = x.shape[0] if x.ndim > 1 else 1
   return lsq_grad_scale(spec, per_scale // batch)
-
-
-def _macs_per_weight(float_op, lhs, rhs, settings: dict[str, Any]) -> float:
-  """The multiply-adds each weight of ``rhs`` takes part in when ``float_op(lhs, rhs)`` runs
-  (what its weight gradient costs per weight): output elements times the multiply-adds per
-  output element, over the weights. A lookup copies one row per id: 1 per output element."""
-  out = jax.eval_shape(float_op, lhs, rhs)
-  if settings["op"] == "dot_general":
-    (_, contracting), _ = settings["dimension_numbers"]
-    per_output = math.prod(rhs.shape[d] for d in contracting)
-  elif settings["op"] == "conv":
-    per_output = rhs.size // rhs.shape[settings["dimension_numbers"].rhs_spec[0]]
-  else:
-    per_output = 1
-  return out.size * per_output / rhs.size
