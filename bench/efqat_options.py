@@ -29,9 +29,18 @@ them):
 
   python bench/efqat_options.py --option=importance --values=bn_folded,ptq_error --rho-unit=blocks
 
-Rows of other settings, and of values or rho units not run, already in the JSON are kept.
-Reruns resume: every run keeps its workdir under --root (default /tmp/efqat_options), and
-finished stages are read back, not run again.
+``--importance`` sets the ranking of the cheap_params runs (default: the pipeline's, bn_folded;
+mean_abs, the ranking before it, for models without BatchNorm, whose importance runs were made
+with that name):
+
+  python bench/efqat_options.py --option=cheap_params --settings=transformer_shakespeare_w4a4 \
+      --importance=mean_abs --rho-unit=params
+
+Rows of other settings, and of values, rankings or rho units not run, already in the JSON are
+kept. Reruns resume: every run keeps its workdir under --root (default /tmp/efqat_options), named
+by its mode, ranking, cheap params and rho unit, so the two options share the runs they have in
+common (cheap_params=all_layers is the importance run of the same ranking); finished stages are
+read back, not run again.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ SETTINGS = {
 # each option's values, the one the others are compared with first: the paper's reading (for
 # cheap_params also the default; importance's default is bn_folded)
 OPTIONS = {"cheap_params": CHEAP_PARAMS, "importance": PIPELINE_IMPORTANCES}
+CHEAP_DEFAULT = base_config().efqat.cheap_params
 MODES = ("cwpl", "cwpn", "lwpn")
 RHO = 0.1
 
@@ -87,8 +97,23 @@ def _metric(result: dict) -> str:
   return "bits_per_char" if "bits_per_char" in result else "accuracy"
 
 
+def _workdir(base: pathlib.Path, mode: str, importance: str, cheap_params: str, unit: str):
+  """An EfQAT run's workdir, named by everything that varies between the runs of one base, so
+  the importance and cheap_params benches share the runs they have in common."""
+  cheap = "" if cheap_params == "all_layers" else f"_{cheap_params}"
+  return base.parent / (
+    f"{base.name}_{mode}_{importance}{cheap}{'' if unit == 'blocks' else '_' + unit}"
+  )
+
+
 def _seed_rows(
-  setting: str, seed: int, option: str, values: list[str], root: pathlib.Path, rho_unit: str
+  setting: str,
+  seed: int,
+  option: str,
+  values: list[str],
+  root: pathlib.Path,
+  rho_unit: str,
+  importance: str,
 ):
   config, bits = SETTINGS[setting]
   base = root / f"{config}_w{bits}_s{seed}"
@@ -99,7 +124,8 @@ def _seed_rows(
   for mode in MODES:
     unit = "blocks" if mode == "cwpl" else rho_unit  # cwpl's selection is the same in both
     for value in values:
-      workdir = root / f"{base.name}_{mode}_{value}{'' if unit == 'blocks' else '_' + unit}"
+      choice = {"importance": importance, "cheap_params": CHEAP_DEFAULT, option: value}
+      workdir = _workdir(base, mode, choice["importance"], choice["cheap_params"], unit)
       if not workdir.exists():
         shutil.copytree(base, workdir, ignore=shutil.ignore_patterns("qat", "export"))
       efqat = _run(
@@ -110,7 +136,8 @@ def _seed_rows(
         "--config.stages=fp,ptq,efqat",
         f"--config.efqat.mode={mode}",
         f"--config.efqat.rho={RHO}",
-        f"--config.efqat.{option}={value}",
+        f"--config.efqat.importance={choice['importance']}",
+        f"--config.efqat.cheap_params={choice['cheap_params']}",
         f"--config.efqat.rho_unit={unit}",
       )["efqat"]
       rows.append(
@@ -121,6 +148,7 @@ def _seed_rows(
           option=option,
           value=value,
           rho_unit=efqat["rho_unit"],
+          importance=efqat["importance"],
           metric=metric,
           ptq=ptq,
           qat=qat,
@@ -141,8 +169,21 @@ def _mean_or_blank(values: list) -> str:
   return "" if None in values else f"{statistics.mean(values):.3f}"
 
 
+def _ranking(row: dict) -> str:
+  """The importance a row's run ranked by; rows written before it was recorded: the value in
+  the importance bench, else mean_abs (the default then)."""
+  return row.get("importance") or (row["value"] if row["option"] == "importance" else "mean_abs")
+
+
+def _held(row: dict) -> tuple:
+  """What the comparisons of a row hold fixed: setting, rho unit, mode, and the ranking where
+  the option is not the ranking itself."""
+  ranking = None if row["option"] == "importance" else _ranking(row)
+  return row["setting"], sweep.rho_unit(row), row["mode"], ranking
+
+
 def _row_key(row: dict) -> tuple:
-  return row["setting"], row["value"], sweep.rho_unit(row), row["mode"]
+  return row["setting"], _ranking(row), row["value"], sweep.rho_unit(row), row["mode"]
 
 
 def _summary(rows: list[dict], first: str) -> list[dict]:
@@ -151,22 +192,24 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
   work rows) against the same value with rho in blocks."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
-    groups.setdefault((row["setting"], sweep.rho_unit(row), row["mode"], row["value"]), []).append(
-      row
-    )
+    groups.setdefault((_held(row), row["value"]), []).append(row)
   recovered = {key: [r["gap_recovered"] for r in group] for key, group in groups.items()}
   out = []
-  for (setting, unit, mode, value), group in groups.items():
+  for (held, value), group in groups.items():
+    setting, unit, mode, ranking = held
     scale = 100 if group[0]["metric"] == "accuracy" else 1
     fmt = (lambda v: f"{v:.1f}") if scale == 100 else (lambda v: f"{v:.3f}")
     metric = [scale * r["efqat"] for r in group]
     gaps = [scale * (r["qat"] - r["ptq"]) for r in group]
-    ours = recovered[setting, unit, mode, value]
-    base = recovered.get((setting, unit, mode, first))
-    blocks = recovered.get((setting, "blocks", mode, value)) if unit != "blocks" else None
+    ours = recovered[held, value]
+    base = recovered.get((held, first))
+    blocks = (
+      recovered.get(((setting, "blocks", mode, ranking), value)) if unit != "blocks" else None
+    )
     out.append(
       dict(
         setting=setting,
+        importance=ranking or value,
         rho_unit=unit,
         mode=mode,
         value=value,
@@ -198,6 +241,12 @@ def main():
     choices=RHO_UNITS,
     help="efqat.rho_unit of the cwpn and lwpn runs (cwpl's are in blocks; default: the pipeline's)",
   )
+  parser.add_argument(
+    "--importance",
+    default=base_config().efqat.importance,
+    choices=PIPELINE_IMPORTANCES,
+    help="efqat.importance of the runs of another option (default: the pipeline's)",
+  )
   args = parser.parse_args()
   settings = args.settings.split(",")
   unknown = [s for s in settings if s not in SETTINGS]
@@ -214,13 +263,14 @@ def main():
     row
     for setting in settings
     for seed in seeds
-    for row in _seed_rows(setting, seed, args.option, values, root, args.rho_unit)
+    for row in _seed_rows(setting, seed, args.option, values, root, args.rho_unit, args.importance)
   ]
   path = timing.RESULTS / f"efqat_{args.option}.json"
   # the rows of other settings, values, rho units and modes than those run here are kept
   order = [
-    (s, value, unit, mode)
+    (s, ranking, value, unit, mode)
     for s in SETTINGS
+    for ranking in PIPELINE_IMPORTANCES
     for value in allowed
     for unit in RHO_UNITS
     for mode in MODES
