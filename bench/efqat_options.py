@@ -1,6 +1,7 @@
 """EfQAT's options compared on gap recovery at rho 10%, 3 seeds: where the cheap params train
-(``efqat.cheap_params``) or how channels and layers are ranked (``efqat.importance``), with rho
-counting channels and layers or weights (``efqat.rho_unit``).
+(``efqat.cheap_params``), how channels and layers are ranked (``efqat.importance``) or EfQAT's
+learning rate as a multiple of QAT's (``learning_rate``: 1x, 2x, 4x), with rho counting channels
+and layers, weights or work (``efqat.rho_unit``).
 
 Per setting and seed, the float model, PTQ and QAT run once (``config.seed`` seeds init, data
 order and dropout, so every seed has its own float and PTQ model); then EfQAT in each mode
@@ -15,10 +16,15 @@ do not overlap: ``versus_first`` compares each value with the option's first in 
 unit, ``versus_blocks`` a value's params and work rows with its blocks rows. ``train_time_s`` is
 the stage's wall time before its final evaluation (compilation and re-selection included).
 
+A learning rate k times QAT's is compared with QAT at its own rate (``gap_recovered``) and with
+QAT at k times it too (``qat_same_lr``, ``gap_recovered_same_lr``; each seed's QAT runs again at
+that rate), so a gain that QAT would make as well with the larger rate is not credited to EfQAT.
+
   python bench/efqat_options.py --option=cheap_params    # writes results/efqat_cheap_params.json
   python bench/efqat_options.py --option=importance      # writes results/efqat_importance.json
   python bench/efqat_options.py --option=importance --settings=transformer_shakespeare_w4a4 \
       --values=mean_abs,fan_in --seeds=0,1
+  python bench/efqat_options.py --option=learning_rate --values=1x,2x  # efqat_learning_rate.json
 
 ``--values`` picks some of the option's values (e.g. no ``bn_folded`` for a model without
 BatchNorm, where it equals mean_abs). ``--rho-unit`` sets what rho counts (default: work, the
@@ -55,6 +61,7 @@ import sys
 
 import sweep
 import timing
+from reference_results import load_config
 
 from efqat_jax.config import base_config
 from efqat_jax.efqat import CHEAP_PARAMS, RHO_UNITS
@@ -68,7 +75,11 @@ SETTINGS = {
 }
 # each option's values, the one the others are compared with first: the paper's reading (for
 # cheap_params also the default; importance's default is bn_folded)
-OPTIONS = {"cheap_params": CHEAP_PARAMS, "importance": PIPELINE_IMPORTANCES}
+OPTIONS = {
+  "cheap_params": CHEAP_PARAMS,
+  "importance": PIPELINE_IMPORTANCES,
+  "learning_rate": ("1x", "2x", "4x"),  # EfQAT's, a multiple of QAT's (QAT runs at it too)
+}
 CHEAP_DEFAULT = base_config().efqat.cheap_params
 MODES = ("cwpl", "cwpn", "lwpn")
 RHO = 0.1
@@ -97,13 +108,37 @@ def _metric(result: dict) -> str:
   return "bits_per_char" if "bits_per_char" in result else "accuracy"
 
 
-def _workdir(base: pathlib.Path, mode: str, importance: str, cheap_params: str, unit: str):
+def _workdir(
+  base: pathlib.Path, mode: str, importance: str, cheap_params: str, unit: str, lr_scale: str
+):
   """An EfQAT run's workdir, named by everything that varies between the runs of one base, so
-  the importance and cheap_params benches share the runs they have in common."""
+  the options share the runs they have in common."""
   cheap = "" if cheap_params == "all_layers" else f"_{cheap_params}"
+  lr = "" if lr_scale == "1x" else f"_lr{lr_scale}"
   return base.parent / (
-    f"{base.name}_{mode}_{importance}{cheap}{'' if unit == 'blocks' else '_' + unit}"
+    f"{base.name}_{mode}_{importance}{cheap}{'' if unit == 'blocks' else '_' + unit}{lr}"
   )
+
+
+def _scale(lr_scale: str) -> float:
+  """``"2x"`` -> 2.0."""
+  return float(lr_scale.removesuffix("x"))
+
+
+def _qat_at(config: str, bits: int, seed: int, base: pathlib.Path, lr_scale: str, metric: str):
+  """QAT's metric with its learning rate times ``lr_scale``: the base's own run at 1x."""
+  if lr_scale == "1x":
+    return json.loads((base / "results.json").read_text())["qat"][metric]
+  workdir = base.parent / f"{base.name}_qat_lr{lr_scale}"
+  if not workdir.exists():  # the base's fp and ptq stages, without the qat it ran
+    outputs = ("qat", "qat.json", "efqat", "efqat.json", "export")
+    shutil.copytree(base, workdir, ignore=shutil.ignore_patterns(*outputs))
+    results = json.loads((workdir / "results.json").read_text())
+    results.pop("qat")
+    (workdir / "results.json").write_text(json.dumps(results))
+  lr = _scale(lr_scale) * load_config(config).qat.learning_rate
+  overrides = (f"--config.seed={seed}", "--config.stages=fp,ptq,qat")
+  return _run(config, bits, workdir, *overrides, f"--config.qat.learning_rate={lr}")["qat"][metric]
 
 
 def _seed_rows(
@@ -120,12 +155,24 @@ def _seed_rows(
   results = _run(config, bits, base, f"--config.seed={seed}", "--config.stages=fp,ptq,qat")
   metric = _metric(results["ptq"])
   ptq, qat = results["ptq"][metric], results["qat"][metric]
+  qat_lr = load_config(config).qat.learning_rate
+  choices = {
+    value: {"importance": importance, "cheap_params": CHEAP_DEFAULT, "learning_rate": "1x"}
+    | {option: value}
+    for value in values
+  }
+  qat_same_lr = {
+    value: _qat_at(config, bits, seed, base, choice["learning_rate"], metric)
+    for value, choice in choices.items()
+  }
   rows = []
   for mode in MODES:
     unit = "blocks" if mode == "cwpl" else rho_unit  # cwpl's selection is the same in both
     for value in values:
-      choice = {"importance": importance, "cheap_params": CHEAP_DEFAULT, option: value}
-      workdir = _workdir(base, mode, choice["importance"], choice["cheap_params"], unit)
+      choice = choices[value]
+      workdir = _workdir(
+        base, mode, choice["importance"], choice["cheap_params"], unit, choice["learning_rate"]
+      )
       if not workdir.exists():
         shutil.copytree(base, workdir, ignore=shutil.ignore_patterns("qat", "export"))
       efqat = _run(
@@ -139,6 +186,7 @@ def _seed_rows(
         f"--config.efqat.importance={choice['importance']}",
         f"--config.efqat.cheap_params={choice['cheap_params']}",
         f"--config.efqat.rho_unit={unit}",
+        f"--config.efqat.learning_rate={_scale(choice['learning_rate']) * qat_lr}",
       )["efqat"]
       rows.append(
         dict(
@@ -154,6 +202,9 @@ def _seed_rows(
           qat=qat,
           efqat=efqat[metric],
           gap_recovered=(efqat[metric] - ptq) / (qat - ptq),
+          learning_rate_scale=_scale(choice["learning_rate"]),
+          qat_same_lr=qat_same_lr[value],
+          gap_recovered_same_lr=(efqat[metric] - ptq) / (qat_same_lr[value] - ptq),
           param_fraction=efqat["param_fraction"],
           work_fraction=efqat.get("work_fraction"),
           qat_train_time_s=results["qat"].get("train_time_s"),
@@ -206,6 +257,14 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
     blocks = (
       recovered.get(((setting, "blocks", mode, ranking), value)) if unit != "blocks" else None
     )
+    same_lr = {}
+    if group[0]["option"] == "learning_rate":
+      qat_same = [scale * r["qat_same_lr"] for r in group]
+      same = [r["gap_recovered_same_lr"] for r in group]
+      same_lr = dict(
+        qat_same_lr=f"{fmt(statistics.mean(qat_same))} [{fmt(min(qat_same))}, {fmt(max(qat_same))}]",
+        gap_recovered_same_lr=f"{statistics.mean(same):.2f} [{min(same):.2f}, {max(same):.2f}]",
+      )
     out.append(
       dict(
         setting=setting,
@@ -221,6 +280,7 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
         gap_recovered=f"{statistics.mean(ours):.2f} [{min(ours):.2f}, {max(ours):.2f}]",
         versus_first="" if value == first or base is None else sweep.verdict(ours, base),
         versus_blocks="" if blocks is None else sweep.verdict(ours, blocks),
+        **same_lr,
       )
     )
   return out
