@@ -125,10 +125,9 @@ def _scale(lr_scale: str) -> float:
   return float(lr_scale.removesuffix("x"))
 
 
-def _qat_at(config: str, bits: int, seed: int, base: pathlib.Path, lr_scale: str, metric: str):
-  """QAT's metric with its learning rate times ``lr_scale``: the base's own run at 1x."""
-  if lr_scale == "1x":
-    return json.loads((base / "results.json").read_text())["qat"][metric]
+def _qat_at(config: str, bits: int, seed: int, base: pathlib.Path, lr: float, lr_scale: str):
+  """The results of QAT from ``base``'s PTQ model with learning rate ``lr`` (``lr_scale`` times
+  the config's)."""
   workdir = base.parent / f"{base.name}_qat_lr{lr_scale}"
   if not workdir.exists():  # the base's fp and ptq stages, without the qat it ran
     outputs = ("qat", "qat.json", "efqat", "efqat.json", "export")
@@ -136,9 +135,8 @@ def _qat_at(config: str, bits: int, seed: int, base: pathlib.Path, lr_scale: str
     results = json.loads((workdir / "results.json").read_text())
     results.pop("qat")
     (workdir / "results.json").write_text(json.dumps(results))
-  lr = _scale(lr_scale) * load_config(config).qat.learning_rate
   overrides = (f"--config.seed={seed}", "--config.stages=fp,ptq,qat")
-  return _run(config, bits, workdir, *overrides, f"--config.qat.learning_rate={lr}")["qat"][metric]
+  return _run(config, bits, workdir, *overrides, f"--config.qat.learning_rate={lr}")["qat"]
 
 
 def _seed_rows(
@@ -161,10 +159,11 @@ def _seed_rows(
     | {option: value}
     for value in values
   }
-  qat_same_lr = {
-    value: _qat_at(config, bits, seed, base, choice["learning_rate"], metric)
-    for value, choice in choices.items()
+  scales = {choice["learning_rate"] for choice in choices.values()} - {"1x"}
+  qat_at = {"1x": qat} | {
+    k: _qat_at(config, bits, seed, base, _scale(k) * qat_lr, k)[metric] for k in scales
   }
+  qat_same_lr = {value: qat_at[choice["learning_rate"]] for value, choice in choices.items()}
   rows = []
   for mode in MODES:
     unit = "blocks" if mode == "cwpl" else rho_unit  # cwpl's selection is the same in both
@@ -215,6 +214,11 @@ def _seed_rows(
   return rows
 
 
+def _span(values: list[float], fmt=lambda v: f"{v:.2f}") -> str:
+  """``"mean [min, max]"`` of ``values``."""
+  return f"{fmt(statistics.mean(values))} [{fmt(min(values))}, {fmt(max(values))}]"
+
+
 def _mean_or_blank(values: list) -> str:
   """The mean of ``values`` to 3 places, or "" where rows predate the field."""
   return "" if None in values else f"{statistics.mean(values):.3f}"
@@ -262,8 +266,8 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
       qat_same = [scale * r["qat_same_lr"] for r in group]
       same = [r["gap_recovered_same_lr"] for r in group]
       same_lr = dict(
-        qat_same_lr=f"{fmt(statistics.mean(qat_same))} [{fmt(min(qat_same))}, {fmt(max(qat_same))}]",
-        gap_recovered_same_lr=f"{statistics.mean(same):.2f} [{min(same):.2f}, {max(same):.2f}]",
+        qat_same_lr=_span(qat_same, fmt),
+        gap_recovered_same_lr=_span(same),
       )
     out.append(
       dict(
@@ -273,11 +277,11 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
         mode=mode,
         value=value,
         seeds=len(group),
-        qat_minus_ptq=f"{fmt(statistics.mean(gaps))} [{fmt(min(gaps))}, {fmt(max(gaps))}]",
-        metric=f"{fmt(statistics.mean(metric))} [{fmt(min(metric))}, {fmt(max(metric))}]",
+        qat_minus_ptq=_span(gaps, fmt),
+        metric=_span(metric, fmt),
         param_fraction=_mean_or_blank([r.get("param_fraction") for r in group]),
         work_fraction=_mean_or_blank([r.get("work_fraction") for r in group]),
-        gap_recovered=f"{statistics.mean(ours):.2f} [{min(ours):.2f}, {max(ours):.2f}]",
+        gap_recovered=_span(ours),
         versus_first="" if value == first or base is None else sweep.verdict(ours, base),
         versus_blocks="" if blocks is None else sweep.verdict(ours, blocks),
         **same_lr,
