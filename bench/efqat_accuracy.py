@@ -72,7 +72,7 @@ COLORS = {"cwpl": "C0", "cwpn": "C1", "lwpn": "C2", "fp": "C7", "ptq": "C3", "qa
 COLUMNS = [
   "model", "weight_bits", "act_bits", "method", "mode", "rho", "steps", "metric_name", "metric",
   "metric_std", "metric_min", "metric_max", "seeds", "vs_ptq", "vs_qat", "gap_recovered",
-  "param_fraction", "wall_time_s",
+  "param_fraction", "learning_rate", "wall_time_s",
 ]  # fmt: skip
 
 
@@ -152,6 +152,7 @@ def setting_rows(setting, config, results: dict, qat: list, efqat: dict) -> list
   lower_is_better = metric_name == "bits_per_char"
   scale = 100.0 if metric_name == "accuracy" else 1.0
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
+  base["learning_rate"] = config.qat.learning_rate  # QAT's and every EfQAT run's (efqat_config)
 
   def row(method, mode, rho, steps, runs):
     values = [r[metric_name] * scale for r in runs]
@@ -227,6 +228,13 @@ def importance_note(rows: list[dict]) -> str:
   return note + f", ρ counts {rho_counts(efqat)}"
 
 
+def rate_note(qat: dict) -> str:
+  """ " at learning rate X" where the QAT row records its peak learning rate (rows written
+  before it was: "")."""
+  rate = qat.get("learning_rate")
+  return "" if rate is None else f" at learning rate {rate:g}"
+
+
 def rho_counts(rows: list[dict]) -> str:
   """What rho counted in the CWPN and LWPN rows of ``rows`` at 0 < rho < 1 (at 0 and 1 they are
   CWPL's runs; rows written before the field was recorded: blocks, the default then)."""
@@ -242,8 +250,8 @@ def setting_table(title: str, rows: list[dict]) -> str:
   n = seed_count(by["qat"])
   head = (
     f"**{title}** ({metric}; {n} seed{'s' if n > 1 else ''}): FP {value(by['fp'])}, PTQ "
-    f"{value(by['ptq'])}, QAT {value(by['qat'])}; {by['qat']['steps']} steps for QAT and every"
-    f" EfQAT run{importance_note(rows)}."
+    f"{value(by['ptq'])}, QAT {value(by['qat'])}; {by['qat']['steps']} steps"
+    f"{rate_note(by['qat'])} for QAT and every EfQAT run{importance_note(rows)}."
   )
   rhos = sorted({r["rho"] for r in rows if r["method"] == "efqat"})
   lines = ["| mode | " + " | ".join(f"ρ={rho:.0%}" for rho in rhos) + " |"]

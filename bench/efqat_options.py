@@ -1,6 +1,6 @@
 """EfQAT's options compared on gap recovery at rho 10%, 3 seeds: where the cheap params train
 (``efqat.cheap_params``), how channels and layers are ranked (``efqat.importance``) or EfQAT's
-learning rate as a multiple of QAT's (``learning_rate``: 1x, 2x, 4x), with rho counting channels
+learning rate as a multiple of QAT's (``learning_rate``: 1x, 2x, 4x, 8x), with rho counting channels
 and layers, weights or work (``efqat.rho_unit``).
 
 Per setting and seed, the float model, PTQ and QAT run once (``config.seed`` seeds init, data
@@ -19,6 +19,8 @@ the stage's wall time before its final evaluation (compilation and re-selection 
 A learning rate k times QAT's is compared with QAT at its own rate (``gap_recovered``) and with
 QAT at k times it too (``qat_same_lr``, ``gap_recovered_same_lr``; each seed's QAT runs again at
 that rate), so a gain that QAT would make as well with the larger rate is not credited to EfQAT.
+Every row records the config's QAT rate it ran with (``qat_learning_rate``); a second table
+gives each method's metric at every rate and its best.
 
   python bench/efqat_options.py --option=cheap_params    # writes results/efqat_cheap_params.json
   python bench/efqat_options.py --option=importance      # writes results/efqat_importance.json
@@ -46,7 +48,8 @@ Rows of other settings, and of values, rankings or rho units not run, already in
 kept. Reruns resume: every run keeps its workdir under --root (default /tmp/efqat_options), named
 by its mode, ranking, cheap params and rho unit, so the two options share the runs they have in
 common (cheap_params=all_layers is the importance run of the same ranking); finished stages are
-read back, not run again.
+read back, not run again. A run whose config has changed since (e.g. a config's learning rate)
+stops at the pipeline's fingerprint check, which names what to delete; or pass a new --root.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ SETTINGS = {
 OPTIONS = {
   "cheap_params": CHEAP_PARAMS,
   "importance": PIPELINE_IMPORTANCES,
-  "learning_rate": ("1x", "2x", "4x"),  # EfQAT's, a multiple of QAT's (QAT runs at it too)
+  "learning_rate": ("1x", "2x", "4x", "8x"),  # EfQAT's, a multiple of QAT's (QAT runs at it too)
 }
 CHEAP_DEFAULT = base_config().efqat.cheap_params
 MODES = ("cwpl", "cwpn", "lwpn")
@@ -201,6 +204,7 @@ def _seed_rows(
           qat=qat,
           efqat=efqat[metric],
           gap_recovered=(efqat[metric] - ptq) / (qat - ptq),
+          qat_learning_rate=qat_lr,  # the config's; EfQAT's is learning_rate_scale times it
           learning_rate_scale=_scale(choice["learning_rate"]),
           qat_same_lr=qat_same_lr[value],
           gap_recovered_same_lr=(efqat[metric] - ptq) / (qat_same_lr[value] - ptq),
@@ -277,6 +281,7 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
         mode=mode,
         value=value,
         seeds=len(group),
+        qat_rate=f"{group[0]['qat_learning_rate']:g}",
         qat_minus_ptq=_span(gaps, fmt),
         metric=_span(metric, fmt),
         param_fraction=_mean_or_blank([r.get("param_fraction") for r in group]),
@@ -288,6 +293,33 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
       )
     )
   return out
+
+
+def _rate_grid(rows: list[dict]) -> list[dict]:
+  """The learning-rate rows as one grid per setting: QAT's and each mode's metric, mean
+  [min, max] over seeds, at each rate; the best rate by mean, and whether it beats the next best
+  beyond both spreads (``sweep.verdict``)."""
+  cells = {}  # (setting, metric name, method) -> rate -> seed -> metric
+  for row in rows:
+    for method, metric in ((row["mode"], row["efqat"]), ("qat", row["qat_same_lr"])):
+      at_rate = cells.setdefault((row["setting"], row["metric"], method), {})
+      at_rate.setdefault(row["value"], {})[row["seed"]] = metric
+  out = []
+  for (setting, metric_name, method), at_rate in cells.items():
+    lower = metric_name == "bits_per_char"
+    scale, fmt = (1, lambda v: f"{v:.3f}") if lower else (100, lambda v: f"{v:.1f}")
+    seeds = {rate: list(by_seed.values()) for rate, by_seed in at_rate.items()}
+    ranked = sorted(seeds, key=lambda k: statistics.mean(seeds[k]), reverse=not lower)
+    versus = "" if len(ranked) < 2 else sweep.verdict(seeds[ranked[0]], seeds[ranked[1]], lower)
+    spans = {
+      rate: _span([scale * v for v in seeds[rate]], fmt) if rate in seeds else ""
+      for rate in OPTIONS["learning_rate"]
+    }
+    out.append(
+      dict(setting=setting, method=method, **spans, best=ranked[0], best_versus_next=versus)
+    )
+  methods = ["qat", *MODES]
+  return sorted(out, key=lambda r: (list(SETTINGS).index(r["setting"]), methods.index(r["method"])))
 
 
 def main():
@@ -342,6 +374,9 @@ def main():
   rows = sweep.merged(rows, path, _row_key, order)
   summary = _summary(rows, allowed[0])
   print(timing.markdown_table(summary, list(summary[0])))
+  if args.option == "learning_rate":
+    grid = _rate_grid(rows)
+    print(timing.markdown_table(grid, list(grid[0])))
   print(f"wrote {timing.write_rows(f'efqat_{args.option}', rows)}")
 
 

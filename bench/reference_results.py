@@ -74,6 +74,7 @@ def main():
             metric=results[stage][metric],
             wall_time_s=results[stage]["wall_time_s"],
             steps=config[stage].steps if stage != "ptq" else config.ptq.calibration_batches,
+            learning_rate=config[stage].learning_rate if stage != "ptq" else None,
             quick=args.quick,
             **timing.machine(),
           )
