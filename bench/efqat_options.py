@@ -223,6 +223,13 @@ def _span(values: list[float], fmt=lambda v: f"{v:.2f}") -> str:
   return f"{fmt(statistics.mean(values))} [{fmt(min(values))}, {fmt(max(values))}]"
 
 
+def _shown(metric_name: str):
+  """How a metric is shown: accuracy in % to 1 place, bits per character to 3."""
+  if metric_name == "accuracy":
+    return 100, lambda v: f"{v:.1f}"
+  return 1, lambda v: f"{v:.3f}"
+
+
 def _mean_or_blank(values: list) -> str:
   """The mean of ``values`` to 3 places, or "" where rows predate the field."""
   return "" if None in values else f"{statistics.mean(values):.3f}"
@@ -256,8 +263,7 @@ def _summary(rows: list[dict], first: str) -> list[dict]:
   out = []
   for (held, value), group in groups.items():
     setting, unit, mode, ranking = held
-    scale = 100 if group[0]["metric"] == "accuracy" else 1
-    fmt = (lambda v: f"{v:.1f}") if scale == 100 else (lambda v: f"{v:.3f}")
+    scale, fmt = _shown(group[0]["metric"])
     metric = [scale * r["efqat"] for r in group]
     gaps = [scale * (r["qat"] - r["ptq"]) for r in group]
     ours = recovered[held, value]
@@ -307,7 +313,7 @@ def _rate_grid(rows: list[dict]) -> list[dict]:
   out = []
   for (setting, metric_name, method), at_rate in cells.items():
     lower = metric_name == "bits_per_char"
-    scale, fmt = (1, lambda v: f"{v:.3f}") if lower else (100, lambda v: f"{v:.1f}")
+    scale, fmt = _shown(metric_name)
     seeds = {rate: list(by_seed.values()) for rate, by_seed in at_rate.items()}
     ranked = sorted(seeds, key=lambda k: statistics.mean(seeds[k]), reverse=not lower)
     versus = "" if len(ranked) < 2 else sweep.verdict(seeds[ranked[0]], seeds[ranked[1]], lower)
