@@ -26,7 +26,7 @@ gives each method's metric at every rate and its best.
   python bench/efqat_options.py --option=importance      # writes results/efqat_importance.json
   python bench/efqat_options.py --option=importance --settings=transformer_shakespeare_w4a4 \
       --values=mean_abs,fan_in --seeds=0,1
-  python bench/efqat_options.py --option=learning_rate --values=1x,2x  # efqat_learning_rate.json
+  python bench/efqat_options.py --option=learning_rate  # 1x-8x; writes efqat_learning_rate.json
 
 ``--values`` picks some of the option's values (e.g. no ``bn_folded`` for a model without
 BatchNorm, where it equals mean_abs). ``--rho-unit`` sets what rho counts (default: work, the
