@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from efqat_jax import data
-from efqat_jax.data.array_record_builder import ArrayRecordBuilder
+from efqat_jax.data.array_record_builder import ArrayRecordBuilder, LocalDatasetInfo
 from efqat_jax.data.bundled import bundled_config, parse_name
 from efqat_jax.data.describe import feature_specs
 from efqat_jax.errors import DataError
@@ -125,7 +125,7 @@ class ToyPoints(ArrayRecordBuilder, skip_registration=True):
         "label": tfds.features.ClassLabel(num_classes=3),
       }
     )
-    return tfds.core.DatasetInfo(builder=self, features=features)
+    return LocalDatasetInfo(builder=self, features=features)
 
   def _split_generators(self, dl_manager):
     sizes = self.SIZES[self.builder_config.name]
