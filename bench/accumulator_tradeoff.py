@@ -30,8 +30,7 @@ import pathlib
 
 import jax
 import sweep
-from reference_results import load_config
-from stage_runs import metric_of, run_stage, stage_results
+from stage_runs import run_stage, stage_results
 
 from efqat_jax import pipeline
 from efqat_jax.nn import quantized_layers
@@ -61,12 +60,9 @@ SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
 
 
 def base_config(setting, root: pathlib.Path, quick: bool):
-  model, weight_bits, act_bits = setting
-  config = load_config(model)
-  config.quant.update(weight_bits=weight_bits, act_bits=act_bits, high_precision_layers="")
+  config = sweep.setting_config(setting, root)
+  config.quant.high_precision_layers = ""
   config.ptq.calibration_batches = 4
-  config.progress = False
-  config.data_dir = str(root / "data")
   if quick:
     config.model_kwargs.depth = 8
     config.fp.steps, config.efqat.steps = 150, 30
@@ -119,12 +115,12 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
   rows = [
     dict(
       base, method="fp", accumulator_bits=None, tile=0,
-      metric=metric_of(fp_run.results["fp"], metric_name), overflow_free=None, used_bits=None,
+      metric=sweep.metric_of(fp_run.results["fp"], metric_name), overflow_free=None, used_bits=None,
       outer_bits=None,
     ),
     dict(
       base, method="rtn", accumulator_bits=reference["accumulator_needed_bits"], tile=0,
-      metric=metric_of(reference, metric_name), overflow_free=True,
+      metric=sweep.metric_of(reference, metric_name), overflow_free=True,
       used_bits=f"W{weight_bits}A{act_bits}", outer_bits=None,
     )
   ]  # fmt: skip
@@ -139,7 +135,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
           cfg = config.copy_and_resolve_references()
           cfg.quant.update(weight_bits=chosen[0], act_bits=chosen[1])
           workdir = root / name / f"rtn_w{chosen[0]}a{chosen[1]}"
-          metric = metric_of(ptq_result(cfg, workdir, fp), metric_name)
+          metric = sweep.metric_of(ptq_result(cfg, workdir, fp), metric_name)
         rows.append(
           dict(
             base, method=method, accumulator_bits=bits, tile=tile, metric=metric,
@@ -157,7 +153,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool) -> list[dict]:
         rows.append(
           dict(
             base, method=method, accumulator_bits=bits, tile=tile,
-            metric=metric_of(result, metric_name), overflow_free=result["overflow_free"],
+            metric=sweep.metric_of(result, metric_name), overflow_free=result["overflow_free"],
             used_bits=f"W{weight_bits}A{act_bits}", outer_bits=outer,
           )
         )  # fmt: skip
@@ -204,7 +200,7 @@ def efqat_row(rows, ptq_states, base, metric_name, config) -> dict:
   results = stage_results(cfg, workdir, None, ("ptq", "efqat", "export"))
   return dict(
     base, method=f"{method}+efqat", accumulator_bits=bits, tile=tile,
-    metric=metric_of(results["efqat"], metric_name),
+    metric=sweep.metric_of(results["efqat"], metric_name),
     overflow_free=results["export"]["overflow_free"], used_bits=None, outer_bits=None,
   )  # fmt: skip
 

@@ -53,8 +53,7 @@ from collections.abc import Callable
 import jax
 import sweep
 import timing
-from reference_results import load_config
-from stage_runs import metric_of, run_stage, stage_results
+from stage_runs import run_stage, stage_results
 
 from efqat_jax import pipeline
 from efqat_jax.efqat import freeze_unselected, restrict_backward, set_trainable
@@ -95,11 +94,7 @@ SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
 
 
 def base_config(setting, root: pathlib.Path, quick: bool):
-  model, weight_bits, act_bits = setting
-  config = load_config(model)
-  config.quant.update(weight_bits=weight_bits, act_bits=act_bits)
-  config.progress = False
-  config.data_dir = str(root / "data")
+  config = sweep.setting_config(setting, root)
   if quick:
     config.model_kwargs.depth = 8
     config.fp.steps, config.qat.steps, config.efqat.steps = 150, 30, 30
@@ -267,7 +262,7 @@ def cell(runs: list[dict], stages: tuple[str, ...], metric_name: str, **fields) 
   ``wall_s``, the wall time of all of them (plus ``extra_s``), median over the runs, and the
   allocator they record."""
   extra_s = fields.pop("extra_s", 0.0)
-  values = [metric_of(r[stages[-1]], metric_name) for r in runs]
+  values = [sweep.metric_of(r[stages[-1]], metric_name) for r in runs]
   walls = [extra_s + sum(r[s]["wall_time_s"] for s in stages) for r in runs]
   allocator = sweep.recorded_allocator([r[s] for r in runs for s in stages])
   wall_s = sweep.typical_seconds(walls)

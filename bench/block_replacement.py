@@ -34,8 +34,7 @@ import pathlib
 import jax
 import sweep
 import timing
-from reference_results import load_config
-from stage_runs import metric_of, run_stage
+from stage_runs import run_stage
 
 from efqat_jax import pipeline
 from efqat_jax.efqat import freeze_unselected, restrict_backward, select, set_trainable
@@ -63,11 +62,7 @@ SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
 
 
 def base_config(setting, root: pathlib.Path, quick: bool):
-  model, weight_bits, act_bits = setting
-  config = load_config(model)
-  config.quant.update(weight_bits=weight_bits, act_bits=act_bits)
-  config.progress = False
-  config.data_dir = str(root / "data")
+  config = sweep.setting_config(setting, root)
   config.efqat.update(rho=RHO, mode="cwpl")
   if quick:
     config.model_kwargs.depth = 8
@@ -148,7 +143,7 @@ def run_setting(setting, root: pathlib.Path, quick: bool, seeds: int = 1) -> lis
       method=method,
       budget=budget,
       steps=n,
-      **sweep.seed_stats([metric_of(r, metric_name) for r in results]),
+      **sweep.seed_stats([sweep.metric_of(r, metric_name) for r in results]),
       step_ms=ms[method],
       wall_time_s=sweep.typical_seconds([r["wall_time_s"] for r in results]),
       allocator=sweep.recorded_allocator(results),

@@ -41,7 +41,6 @@ import functools
 import pathlib
 
 import sweep
-from reference_results import load_config
 from stage_runs import run_stage
 
 from efqat_jax import fields, pipeline
@@ -80,11 +79,7 @@ SETTING_NAMES = [sweep.setting_name(*s) for s in SETTINGS]
 
 
 def setting_config(setting: tuple[str, int, int], root: pathlib.Path, quick: bool):
-  model, weight_bits, act_bits = setting
-  config = load_config(model)
-  config.quant.update(weight_bits=weight_bits, act_bits=act_bits)
-  config.progress = False
-  config.data_dir = str(root / "data")
+  config = sweep.setting_config(setting, root)
   if quick:
     config.fp.steps = config.qat.steps = QUICK_STEPS
   return config
@@ -150,12 +145,11 @@ def setting_rows(setting, config, results: dict, qat: list, efqat: dict) -> list
   model, weight_bits, act_bits = setting
   metric_name = sweep.metric_name_of(config)
   lower_is_better = metric_name == "bits_per_char"
-  scale = 100.0 if metric_name == "accuracy" else 1.0
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
   base["learning_rate"] = config.qat.learning_rate  # QAT's and every EfQAT run's (efqat_config)
 
   def row(method, mode, rho, steps, runs):
-    values = [r[metric_name] * scale for r in runs]
+    values = [sweep.metric_of(r, metric_name) for r in runs]
     return dict(
       base,
       method=method,

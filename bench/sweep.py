@@ -15,6 +15,7 @@ from typing import Any
 
 import stage_runs
 import timing
+from reference_results import load_config
 
 from efqat_jax import pipeline
 
@@ -28,9 +29,25 @@ def setting_name(model: str, weight_bits: int, act_bits: int) -> str:
   return f"{model}_w{weight_bits}a{act_bits}"
 
 
+def setting_config(setting: tuple[str, int, int], root: pathlib.Path):
+  """The config of ``configs/<model>.py`` at (model, weight bits, act bits), quiet, with its
+  datasets prepared under ``root``/data."""
+  model, weight_bits, act_bits = setting
+  config = load_config(model)
+  config.quant.update(weight_bits=weight_bits, act_bits=act_bits)
+  config.progress = False
+  config.data_dir = str(root / "data")
+  return config
+
+
 def metric_name_of(config) -> str:
   """The metric a setting is judged by: bits per character for a language model, else accuracy."""
   return "bits_per_char" if config.task == "lm" else "accuracy"
+
+
+def metric_of(result: dict, name: str) -> float:
+  """A stage result's metric ``name``: accuracy in percent, or bits per character."""
+  return result[name] * (100.0 if name == "accuracy" else 1.0)
 
 
 def row_setting(row: dict) -> str:

@@ -1,0 +1,70 @@
+"""The benchmark scripts under bench/ as a user meets them: every one imports, the sweeps redraw
+their plots from the JSON committed in bench/results, and the tables bench/README.md shows are
+the ones the scripts print from that JSON. A change to a shared helper, or to the fields a row
+records, cannot leave a benchmark that fails before it measures anything, or a README table
+that its JSON no longer gives."""
+
+import importlib
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+import timing  # noqa: E402
+
+COMMITTED = timing.RESULTS
+PLOTS = {  # script: (its report function, the figures it writes)
+  "efqat_accuracy": ("report", ("efqat_accuracy_vs_rho.png", "efqat_accuracy_vs_time.png")),
+  "attention_round": ("plot", ("attention_round.png",)),
+  "block_replacement": ("plot", ("block_replacement.png",)),
+  "accumulator_tradeoff": ("plot", ("accumulator_tradeoff.png",)),
+}
+
+
+def committed_rows(name: str) -> list[dict]:
+  return json.loads((COMMITTED / f"{name}.json").read_text())
+
+
+def table_rows(text: str) -> list[str]:
+  return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_every_benchmark_script_imports():
+  scripts = sorted(p.stem for p in BENCH.glob("*.py"))
+  assert {"efqat_accuracy", "efqat_speedup", "attention_round", "sweep"} <= set(scripts)
+  for name in scripts:
+    module = importlib.import_module(name)
+    assert module.__doc__, f"bench/{name}.py has no docstring"
+
+
+def test_sweeps_redraw_their_plots_from_the_committed_json(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(timing, "RESULTS", tmp_path)  # the figures go here, not into bench/
+  for name, (report, figures) in PLOTS.items():
+    getattr(importlib.import_module(name), report)(committed_rows(name), name)
+    for figure in figures:
+      assert (tmp_path / figure).stat().st_size > 10_000, f"{name}: {figure} is empty"
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+    f for _, fs in PLOTS.values() for f in fs
+  )
+  assert "| setting | seeds | PTQ | QAT |" in capsys.readouterr().out
+
+
+def test_bench_readme_tables_are_the_ones_the_json_gives():
+  readme = (BENCH / "README.md").read_text()
+  accuracy = importlib.import_module("efqat_accuracy").tables(committed_rows("efqat_accuracy"))
+  speedup = importlib.import_module("efqat_speedup")
+  speed_rows = committed_rows("efqat_speedup")
+  stage_time = importlib.import_module("efqat_stage_time").table(committed_rows("efqat_stage_time"))
+  printed = {
+    "efqat_accuracy.py --plots-only": accuracy,
+    "efqat_speedup.py --table-only (summary)": speedup.summary_table(speed_rows),
+    "efqat_speedup.py --table-only (rows)": speedup.rows_table(speed_rows),
+    "efqat_stage_time.py --table-only": stage_time,
+  }
+  for command, text in printed.items():
+    rows = table_rows(text)
+    assert len(rows) > 4, command
+    missing = [row for row in rows if row not in readme]
+    assert not missing, f"bench/README.md lacks {len(missing)} rows of {command}: {missing[:2]}"
