@@ -44,12 +44,14 @@ def run_stage(run: pipeline.Run, stage: str, inputs: dict):
 
 
 def stage_results(config, workdir: pathlib.Path, fp, stages) -> dict:
-  """The results of ``workdir`` once ``stages`` (in order, each fed the one before it and the
-  fp stage's output ``fp``) are finished there (``checked``; all finished: nothing restored)."""
+  """The results of ``workdir`` once ``stages`` are finished there (``checked``; all finished:
+  nothing restored). Each stage, in order, is fed the outputs it needs, as the command line
+  feeds them: of the stages before it in ``stages``, or the fp stage's output ``fp``."""
   run = pipeline.Run(config, workdir)
   if all([checked(run, stage) for stage in stages]):
     return run.results
-  name, state = "fp", fp
+  outputs = {"fp": fp}
   for stage in stages:
-    name, state = stage, run_stage(run, stage, {"fp": fp, name: state})
+    needs = pipeline.STAGES.get(stage).needs(run.config, set(run.results))
+    outputs[stage] = run_stage(run, stage, {name: outputs[name] for name in needs})
   return run.results

@@ -1,6 +1,7 @@
 """The benchmarks' stage runner (bench/stage_runs.py): a finished stage is reused only when the
 workdir's fingerprint says it was made with the same config values."""
 
+import json
 import pathlib
 import shutil
 import sys
@@ -22,6 +23,15 @@ def test_a_finished_stage_is_restored_only_with_the_config_it_was_made_with(fini
   assert stage_runs.run_stage(run, "fp", {}) is not None
   assert run.results["fp"] == results["fp"]  # restored, not trained again
   assert stage_runs.stage_results(config, here, None, ("ptq", "efqat")) == results
+
+  exported = tmp_path / "exported"  # a chain that ends in a stage taking one input, its source
+  shutil.copytree(workdir, exported)
+  shutil.rmtree(exported / "export")
+  recorded = json.loads((exported / "results.json").read_text())
+  del recorded["export"]
+  (exported / "results.json").write_text(json.dumps(recorded))
+  again = stage_runs.stage_results(config, exported, None, ("ptq", "efqat", "export"))
+  assert again["export"]["sha256"] == results["export"]["sha256"]  # the same bytes, exported again
 
   changed = config.copy_and_resolve_references()
   changed.fp.steps += 1
