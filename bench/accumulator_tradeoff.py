@@ -30,7 +30,7 @@ import pathlib
 
 import jax
 import sweep
-from stage_runs import run_stage, stage_results
+from stage_runs import run_stage, seeded_workdir, stage_results
 
 from efqat_jax import pipeline
 from efqat_jax.nn import quantized_layers
@@ -190,9 +190,10 @@ def tightest_working(rows: list[dict], metric_name: str):
 
 def efqat_row(rows, ptq_states, base, metric_name, config) -> dict:
   """EfQAT (rho 0.1, QAT's steps and optimizer) from the tightest working AXE model, exported
-  and checked."""
+  and checked, in a workdir of its own seeded with that model's PTQ run."""
   method, bits, tile = tightest_working(rows, metric_name)
-  cfg, workdir = ptq_states[method, bits, tile]
+  cfg, ptq_workdir = ptq_states[method, bits, tile]
+  workdir = seeded_workdir(ptq_workdir, ptq_workdir.with_name(f"{ptq_workdir.name}_efqat"))
   cfg = cfg.copy_and_resolve_references()
   cfg.efqat.update({k: v for k, v in config.qat.to_dict().items() if k != "method"})
   cfg.efqat.update(rho=0.1, steps=config.efqat.steps)

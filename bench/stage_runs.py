@@ -8,6 +8,7 @@ the pipeline's fingerprint check has found it made with the same config values.
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 from efqat_jax import pipeline
 from efqat_jax.pipeline import fingerprint
@@ -55,3 +56,15 @@ def stage_results(config, workdir: pathlib.Path, fp, stages) -> dict:
     needs = pipeline.STAGES.get(stage).needs(run.config, set(run.results))
     outputs[stage] = run_stage(run, stage, {name: outputs[name] for name in needs})
   return run.results
+
+
+def seeded_workdir(source: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
+  """``workdir``, made once as a copy of the run in ``source``, whose finished stages are then
+  restored there instead of made again. A chain of later stages with config values of its own
+  runs there, so their fingerprints never enter ``source``, whose run stays resumable."""
+  if not workdir.exists():
+    partial = workdir.with_name(f"{workdir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a copy cut short
+    shutil.copytree(source, partial)
+    partial.rename(workdir)
+  return workdir

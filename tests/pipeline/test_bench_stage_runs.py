@@ -24,14 +24,19 @@ def test_a_finished_stage_is_restored_only_with_the_config_it_was_made_with(fini
   assert run.results["fp"] == results["fp"]  # restored, not trained again
   assert stage_runs.stage_results(config, here, None, ("ptq", "efqat")) == results
 
-  exported = tmp_path / "exported"  # a chain that ends in a stage taking one input, its source
-  shutil.copytree(workdir, exported)
-  shutil.rmtree(exported / "export")
-  recorded = json.loads((exported / "results.json").read_text())
+  source = tmp_path / "unexported"  # a chain that ends in a stage taking one input, its source
+  shutil.copytree(workdir, source)
+  shutil.rmtree(source / "export")
+  recorded = json.loads((source / "results.json").read_text())
   del recorded["export"]
-  (exported / "results.json").write_text(json.dumps(recorded))
-  again = stage_runs.stage_results(config, exported, None, ("ptq", "efqat", "export"))
+  (source / "results.json").write_text(json.dumps(recorded))
+  (tmp_path / "seeded.partial").mkdir()  # left by a copy cut short
+  seeded = stage_runs.seeded_workdir(source, tmp_path / "seeded")
+  again = stage_runs.stage_results(config, seeded, None, ("ptq", "efqat", "export"))
   assert again["export"]["sha256"] == results["export"]["sha256"]  # the same bytes, exported again
+  assert "export" not in json.loads((source / "results.json").read_text())  # the source untouched
+  assert stage_runs.seeded_workdir(source, seeded) == seeded  # made once: not copied over
+  assert json.loads((seeded / "results.json").read_text())["export"] == again["export"]
 
   changed = config.copy_and_resolve_references()
   changed.fp.steps += 1
