@@ -19,8 +19,8 @@ def get_config():
   config.eval_batch_size = 256
   config.fp.update(steps=3000, learning_rate=1e-3, weight_decay=0.0, warmup_steps=100)
   # QAT's and EfQAT's peak rate, 4x the former 3e-4 (the multiple the smaller configs' sweep
-  # chose): at W3A3, QAT and every EfQAT mode end beyond both spreads better than at 3e-4, 3 seeds
-  # (bench/README.md, EfQAT accuracy); 2x and 8x were not measured on this model
+  # chose): at W3A3 and W4A4, QAT and every EfQAT mode end beyond both spreads better than at
+  # 3e-4, 3 seeds (bench/README.md, EfQAT accuracy); 2x and 8x were not measured on this model
   config.qat.update(steps=1000, learning_rate=1.2e-3)
   config.efqat.update(steps=1000, learning_rate=1.2e-3)
   config.quant.high_precision_layers = (
