@@ -343,6 +343,27 @@ def _conv_case(x_shape, k_shape, seed):
   return x, w, b, s_w, s_x, z_x
 
 
+def _nhwc(x, w):
+  return lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+
+def _export_conv(x, w, s_w, s_x, z_x, *, strides=(1, 1), padding="SAME", bias=None, **kw):
+  """An NHWC x HWIO conv exported at W4 (per output channel) and A8, undilated by default."""
+  weight_spec, input_spec = kw.pop("weight_spec", W4), kw.pop("input_spec", A8)
+  kw.setdefault("rhs_dilation", (1, 1))
+  settings = dict(
+    op="conv", dimension_numbers=_nhwc(x, w), window_strides=strides, padding=padding, **kw
+  )
+  return _export(w, s_w, weight_spec, s_x, z_x, input_spec, bias=bias, **settings)
+
+
+def _np_accumulator(x, layer, s_x, z_x, strides, pads):
+  """The int64 accumulator of an undilated, ungrouped exported conv on float input ``x``."""
+  weight = np.asarray(layer.weight, np.int64)
+  x_int = _np_quantize(x, s_x, z_x, A8)
+  return _np_conv_nhwc_hwio(x_int, weight, strides, pads, (1, 1), 1, pad_value=int(z_x))
+
+
 @pytest.mark.parametrize(
   ("x_shape", "k_shape", "strides", "dilation", "groups"),
   [c[1:] for c in _CONV_CASES],
@@ -353,11 +374,9 @@ def test_conv_same_padding_reproduces_fake_quantized_conv(
 ):
   x, w, b, s_w, s_x, z_x = _conv_case(x_shape, k_shape, seed=sum(x_shape))
   assert int(z_x) > 10  # a zero point far from 0, so padding with 0 instead would show
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  settings = dict(
-    window_strides=strides, padding="SAME", rhs_dilation=dilation, feature_group_count=groups
-  )
-  layer = _export(w, s_w, W4, s_x, z_x, A8, bias=b, op="conv", dimension_numbers=dn, **settings)
+  dn = _nhwc(x, w)
+  grouping = dict(rhs_dilation=dilation, feature_group_count=groups)
+  layer = _export_conv(x, w, s_w, s_x, z_x, strides=strides, bias=b, **grouping)
   y, acc_max = _apply(layer, x)
 
   x_hat = _fake_quant(jnp.asarray(x), s_x, z_x, spec=A8)
@@ -405,30 +424,9 @@ def test_conv_same_padding_reproduces_fake_quantized_conv(
 def test_conv_reports_the_largest_accumulator_magnitude_for_either_kernel_sign(sign):
   x, w, _, s_w, s_x, z_x = _conv_case((1, 6, 5, 2), (3, 3, 2, 3), seed=16)
   w = sign * w
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  layer = _export(
-    w,
-    s_w,
-    W4,
-    s_x,
-    z_x,
-    A8,
-    op="conv",
-    dimension_numbers=dn,
-    window_strides=(1, 1),
-    padding="SAME",
-    rhs_dilation=(1, 1),
-  )
+  layer = _export_conv(x, w, s_w, s_x, z_x)
   _, acc_max = _apply(layer, x)
-  acc = _np_conv_nhwc_hwio(
-    _np_quantize(x, s_x, z_x, A8),
-    np.asarray(layer.weight, np.int64),
-    (1, 1),
-    [(1, 1), (1, 1)],
-    (1, 1),
-    1,
-    pad_value=int(z_x),
-  )
+  acc = _np_accumulator(x, layer, s_x, z_x, (1, 1), [(1, 1), (1, 1)])
   assert int(acc_max) == np.abs(acc).max()
 
 
@@ -436,20 +434,8 @@ def test_conv_padding_uses_the_zero_point_not_integer_zero():
   # Float zero padding is zero-point padding in the integer domain. Padding with integer 0 would
   # pad with the float value -z * s_x instead, which visibly changes a corner output.
   x, w, _, s_w, s_x, z_x = _conv_case((1, 4, 4, 1), (3, 3, 1, 2), seed=11)
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  layer = _export(
-    w,
-    s_w,
-    W4,
-    s_x,
-    z_x,
-    A8,
-    op="conv",
-    dimension_numbers=dn,
-    window_strides=(1, 1),
-    padding="SAME",
-    rhs_dilation=(1, 1),
-  )
+  dn = _nhwc(x, w)
+  layer = _export_conv(x, w, s_w, s_x, z_x)
   y, _ = _apply(layer, x)
   x_hat = _fake_quant(jnp.asarray(x), s_x, z_x, spec=A8)
   w_hat = _fake_quant(jnp.asarray(w), s_w, spec=W4)
@@ -471,10 +457,7 @@ def test_conv_padding_uses_the_zero_point_not_integer_zero():
 def test_conv_nchw_oihw_layout_matches_nhwc_hwio():
   x, w, b, s_w, s_x, z_x = _conv_case((2, 6, 5, 3), (3, 3, 3, 4), seed=17)
   settings = dict(window_strides=(2, 1), padding="SAME", rhs_dilation=(1, 1))
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  y_nhwc, acc_nhwc = _apply(
-    _export(w, s_w, W4, s_x, z_x, A8, op="conv", dimension_numbers=dn, **settings), x
-  )
+  y_nhwc, acc_nhwc = _apply(_export_conv(x, w, s_w, s_x, z_x, strides=(2, 1)), x)
   x_t, w_t = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
   dn_t = lax.conv_dimension_numbers(x_t.shape, w_t.shape, ("NCHW", "OIHW", "NCHW"))
   spec_t = QuantSpec.for_weights(4, axis=0)  # output channels are axis 0 of OIHW
@@ -486,76 +469,26 @@ def test_conv_nchw_oihw_layout_matches_nhwc_hwio():
 
 def test_conv_with_explicit_padding():
   x, w, b, s_w, s_x, z_x = _conv_case((1, 5, 5, 2), (3, 3, 2, 3), seed=12)
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
   pads = ((2, 0), (1, 2))
-  layer = _export(
-    w,
-    s_w,
-    W4,
-    s_x,
-    z_x,
-    A8,
-    bias=b,
-    op="conv",
-    dimension_numbers=dn,
-    window_strides=(1, 2),
-    padding=pads,
-    rhs_dilation=(1, 1),
-  )
+  layer = _export_conv(x, w, s_w, s_x, z_x, strides=(1, 2), padding=pads, bias=b)
   y, acc_max = _apply(layer, x)
   x_hat = _fake_quant(jnp.asarray(x), s_x, z_x, spec=A8)
   w_hat = _fake_quant(jnp.asarray(w), s_w, spec=W4)
-  ref = lax.conv_general_dilated(x_hat, w_hat, (1, 2), pads, dimension_numbers=dn) + b
+  ref = lax.conv_general_dilated(x_hat, w_hat, (1, 2), pads, dimension_numbers=_nhwc(x, w)) + b
   _assert_close_to_output_scale(y, ref)
-  acc = _np_conv_nhwc_hwio(
-    _np_quantize(x, s_x, z_x, A8),
-    np.asarray(layer.weight, np.int64),
-    (1, 2),
-    pads,
-    (1, 1),
-    1,
-    pad_value=int(z_x),
-  )
+  acc = _np_accumulator(x, layer, s_x, z_x, (1, 2), pads)
   assert int(acc_max) == np.abs(acc).max()
 
 
 def test_conv_under_jit_matches_eager():
   x, w, b, s_w, s_x, z_x = _conv_case((1, 6, 6, 2), (3, 3, 2, 3), seed=13)
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  layer = _export(
-    w,
-    s_w,
-    W4,
-    s_x,
-    z_x,
-    A8,
-    bias=b,
-    op="conv",
-    dimension_numbers=dn,
-    window_strides=(2, 2),
-    padding="SAME",
-    rhs_dilation=(1, 1),
-  )
+  layer = _export_conv(x, w, s_w, s_x, z_x, strides=(2, 2), bias=b)
   chex.assert_trees_all_close(_apply(layer, x), apply_integer(layer, x), rtol=1e-6)
 
 
 def test_weight_only_conv_matches_float_conv_with_fake_quantized_weights():
   x, w, b, s_w, _, _ = _conv_case((2, 8, 7, 3), (3, 3, 3, 4), seed=14)
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  layer = _export(
-    w,
-    s_w,
-    W4,
-    None,
-    None,
-    None,
-    bias=b,
-    op="conv",
-    dimension_numbers=dn,
-    window_strides=(2, 2),
-    padding="SAME",
-    rhs_dilation=(1, 1),
-  )
+  layer = _export_conv(x, w, s_w, None, None, strides=(2, 2), bias=b, input_spec=None)
   y, acc_max = _apply(layer, x)
   ref = (
     lax.conv_general_dilated(
@@ -563,7 +496,7 @@ def test_weight_only_conv_matches_float_conv_with_fake_quantized_weights():
       _fake_quant(jnp.asarray(w), s_w, spec=W4),
       (2, 2),
       "SAME",
-      dimension_numbers=dn,
+      dimension_numbers=_nhwc(x, w),
       precision="highest",
     )
     + b
@@ -576,20 +509,7 @@ def test_conv_with_group_wise_weights_raises():
   spec_w = QuantSpec(bits=4, granularity="group", axis=2, group_size=3)
   x, w, _, _, s_x, z_x = _conv_case((1, 4, 4, 3), (3, 3, 3, 2), seed=15)
   s_w, _ = _params(w, spec_w)
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  layer = _export(
-    w,
-    s_w,
-    spec_w,
-    s_x,
-    z_x,
-    A8,
-    op="conv",
-    dimension_numbers=dn,
-    window_strides=(1, 1),
-    padding="SAME",
-    rhs_dilation=(1, 1),
-  )
+  layer = _export_conv(x, w, s_w, s_x, z_x, weight_spec=spec_w)
   with pytest.raises(ValueError, match="group"):
     _apply(layer, x)
 
