@@ -29,13 +29,14 @@ weight_bits, act_bits, bits_mode, method, steps, metric_name, metric (mean over 
 accuracy in %, or bits per character), metric_std / _min / _max / _seeds, seeds, versus and
 verdict (the row against the method named in ``versus``: better or worse by more than the spread
 (max - min) of either, else within spread; ``sweep.differs``), wall_s (measured, median over
-the seeds; a pipeline's stages added up) and budget_s (the side-by-side estimate the budgets use).
+the seeds; a pipeline's stages added up), budget_s (the side-by-side estimate the budgets use)
+and learning_rate (QAT's and EfQAT's peak rate in the setting's config when the row ran).
 
   python bench/attention_round.py                         # every setting (long)
   python bench/attention_round.py --settings=resnet20_mnist5k_w3a4 --seeds=5
   python bench/attention_round.py --settings=mobilenetv2_mnist5k_w3a4 --bits-modes=uniform
   python bench/attention_round.py --quick                 # ResNet-8 W4A8, 2 seeds (~22 min)
-  python bench/attention_round.py --plots-only
+  python bench/attention_round.py --plots-only            # the tables of bench/README.md, the plot
 
 Runs resume: each keeps its results under --root and is skipped once finished. A run replaces the
 rows of the settings and bits modes it ran and keeps the others.
@@ -87,6 +88,7 @@ ROUNDS = {False: 20, True: 5}
 COLUMNS = [
   "model", "weight_bits", "act_bits", "bits_mode", "method", "steps", "metric_name", "metric",
   "metric_std", "metric_min", "metric_max", "seeds", "versus", "verdict", "wall_s", "budget_s",
+  "learning_rate",
 ]  # fmt: skip
 
 
@@ -321,6 +323,7 @@ def run_setting(
   fp_run = pipeline.Run(config, root / model)
   fp = run_stage(fp_run, "fp", {})
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
+  base["learning_rate"] = config.qat.learning_rate  # QAT's and EfQAT's (attention_round_config)
   fp_cell = cell([fp_run.results] * seeds, ("fp",), metric_name, steps=config.fp.steps)
   rows = [dict(base, bits_mode="uniform", method="fp", **fp_cell)] * ("uniform" in bits_modes)
   here = root / sweep.setting_name(*setting)
@@ -343,6 +346,106 @@ def compare(rows: dict, lower_is_better: bool) -> list[dict]:
       row = sweep.compared(row, rows[other], other, lower_is_better)
     out.append(row)
   return out
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+MODEL_TITLES = {
+  "resnet20_mnist5k": "ResNet-20 on mnist5k, accuracy in %",
+  "mobilenetv2_mnist5k": "MobileNetV2-style model on mnist5k, accuracy in %",
+  "transformer_shakespeare": "Transformer char-LM, bits per character on the validation split",
+}
+TABLE_METHODS = ("rtn", "optq", AR, f"qat@{AR}", AR_EFQAT, f"qat@{AR_EFQAT}")
+METHOD_HEADS = (
+  "seeds | RTN | OPTQ | Attention Round | QAT at AR's time | AR + EfQAT | QAT at AR + EfQAT's time "
+  "| QAT's and EfQAT's rate |"
+)
+MODEL_NAMES = {
+  "resnet20_mnist5k": "ResNet-20",
+  "mobilenetv2_mnist5k": "MobileNetV2",
+  "transformer_shakespeare": "Transformer",
+}
+SUMMARY_SETTINGS = ((4, 4), (3, 4))  # README's summary: uniform bits at these W/A
+
+
+def value(row: dict) -> str:
+  """A cell's metric: the mean over its seeds and, where they differ, [min, max]."""
+  digits = 3 if row["metric_name"] == "bits_per_char" else 1
+  text = f"{row['metric']:.{digits}f}"
+  low, high = row.get("metric_min", row["metric"]), row.get("metric_max", row["metric"])
+  return text if low == high else f"{text} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def bold_methods(rows: dict) -> set[str]:
+  """The methods of a bits mode ahead of the one they are compared with beyond both spreads,
+  among Attention Round (+ EfQAT) and QAT at its time."""
+  bold = set()
+  for pipeline_ in (AR, AR_EFQAT):
+    verdict = rows.get(f"qat@{pipeline_}", {}).get("verdict")
+    bold |= {"better": {f"qat@{pipeline_}"}, "worse": {pipeline_}}.get(verdict, set())
+  return bold
+
+
+def method_cells(rows: dict) -> str:
+  """One bits mode of one setting (``{method: row}``): its seeds, every method's value and wall
+  time (QAT's steps too), then the learning rate QAT and EfQAT ran with."""
+  bold = bold_methods(rows)
+  cells = [str(rows[AR].get("seeds") or 1)]
+  for method in TABLE_METHODS:
+    if method not in rows:  # QAT at the pair's time: not run in the single-seed sweep
+      cells.append("—")
+      continue
+    r = rows[method]
+    text = f"**{value(r)}**" if method in bold else value(r)
+    steps = f", {r['steps']} steps" if method.startswith("qat@") else ""
+    cells.append(f"{text} ({r['wall_s']:.0f} s{steps})")
+  return " | ".join([*cells, f"{rows['rtn']['learning_rate']:g}"]) + " |"
+
+
+def fp_note(rows: list[dict]) -> str:
+  """The float models' metric: one value, or one per setting where they differ."""
+  fps = {wa(r): value(r) for r in rows if r["method"] == "fp"}
+  if len(set(fps.values())) == 1:
+    return f"FP {next(iter(fps.values()))}"
+  return "FP " + ", ".join(f"{name} {v}" for name, v in fps.items())
+
+
+def wa(row: dict) -> str:
+  return f"W{row['weight_bits']}A{row['act_bits']}"
+
+
+def tables(rows: list[dict]) -> str:
+  """Markdown of each model's table (bench/README.md shows them): per setting and bits mode,
+  every method's metric, [min, max] over the seeds where they differ, and wall time; bold: the
+  better of Attention Round (+ EfQAT) and QAT at its time, beyond both spreads."""
+  out = []
+  for model, group in sweep.grouped(rows, lambda r: r["model"]).items():
+    head = [f"{MODEL_TITLES[model]} ({fp_note(group)}):", "", f"| W/A | bits | {METHOD_HEADS}"]
+    lines = [*head, "|---" * 10 + "|"]
+    for mode in sweep.grouped(group, row_group).values():
+      by = {r["method"]: r for r in mode}
+      lines.append(f"| {wa(by['rtn'])} | {by['rtn']['bits_mode'].replace('_', ' ')} | ")
+      lines[-1] += method_cells(by)
+    out.append("\n".join(lines))
+  return "\n\n".join(out)
+
+
+def summary_table(rows: list[dict]) -> str:
+  """README's table: uniform bits at ``SUMMARY_SETTINGS`` for each model, with its FP."""
+  lines = [f"| model | W/A | {METHOD_HEADS}", "|---" * 10 + "|"]
+  for model in MODEL_NAMES:
+    for w, a in SUMMARY_SETTINGS:
+      name = sweep.setting_name(model, w, a)
+      by = {r["method"]: r for r in rows if row_group(r) == f"{name}/uniform"}
+      label = f"{MODEL_NAMES[model]} (FP {value(by['fp'])})"
+      lines.append(f"| {label} | W{w}A{a} | " + method_cells(by))
+  return "\n".join(lines)
+
+
+def report(rows: list[dict], stem: str) -> None:
+  """Prints the tables (bench/README.md's, then README.md's summary) and draws the plot."""
+  print(tables(rows), summary_table(rows), sep="\n\n")
+  plot(rows, stem)
 
 
 def plot(rows: list[dict], stem: str) -> None:
@@ -396,7 +499,7 @@ def main():
   bits_modes = args.options["bits_modes"]
   run = functools.partial(run_setting, seeds=args.seeds, bits_modes=bits_modes)
   groups = [f"{name}/{mode}" for name in SETTING_NAMES for mode in BITS_MODES]
-  sweep.run(args, SETTINGS, SETTING_NAMES, run, COLUMNS, row_group, plot, row_groups=groups)
+  sweep.run(args, SETTINGS, SETTING_NAMES, run, COLUMNS, row_group, report, row_groups=groups)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import timing  # noqa: E402
 COMMITTED = timing.RESULTS
 PLOTS = {  # script: (its report function, the figures it writes)
   "efqat_accuracy": ("report", ("efqat_accuracy_vs_rho.png", "efqat_accuracy_vs_time.png")),
-  "attention_round": ("plot", ("attention_round.png",)),
+  "attention_round": ("report", ("attention_round.png",)),
   "block_replacement": ("plot", ("block_replacement.png",)),
   "accumulator_tradeoff": ("plot", ("accumulator_tradeoff.png",)),
 }
@@ -48,7 +48,9 @@ def test_sweeps_redraw_their_plots_from_the_committed_json(tmp_path, monkeypatch
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
     f for _, fs in PLOTS.values() for f in fs
   )
-  assert "| setting | seeds | PTQ | QAT |" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "| setting | seeds | PTQ | QAT |" in printed
+  assert "| W/A | bits | seeds | RTN | OPTQ | Attention Round |" in printed
 
 
 def test_bench_readme_tables_are_the_ones_the_json_gives():
@@ -57,14 +59,36 @@ def test_bench_readme_tables_are_the_ones_the_json_gives():
   speedup = importlib.import_module("efqat_speedup")
   speed_rows = committed_rows("efqat_speedup")
   stage_time = importlib.import_module("efqat_stage_time").table(committed_rows("efqat_stage_time"))
+  attention_round = importlib.import_module("attention_round").tables(
+    committed_rows("attention_round")
+  )
   printed = {
     "efqat_accuracy.py --plots-only": accuracy,
     "efqat_speedup.py --table-only (summary)": speedup.summary_table(speed_rows),
     "efqat_speedup.py --table-only (rows)": speedup.rows_table(speed_rows),
     "efqat_stage_time.py --table-only": stage_time,
+    "attention_round.py --plots-only": attention_round,
   }
   for command, text in printed.items():
     rows = table_rows(text)
     assert len(rows) > 4, command
     missing = [row for row in rows if row not in readme]
     assert not missing, f"bench/README.md lacks {len(missing)} rows of {command}: {missing[:2]}"
+
+
+def test_readme_summaries_are_the_ones_the_json_gives():
+  readme = (ROOT / "README.md").read_text()
+  accuracy = importlib.import_module("efqat_accuracy")
+  groups = accuracy.sweep.grouped(committed_rows("efqat_accuracy"), accuracy.sweep.setting_title)
+  attention_round = importlib.import_module("attention_round")
+  printed = {
+    "efqat_accuracy.py --plots-only (summary)": accuracy.summary_table(groups),
+    "attention_round.py --plots-only (summary)": attention_round.summary_table(
+      committed_rows("attention_round")
+    ),
+  }
+  for command, text in printed.items():
+    rows = table_rows(text)
+    assert len(rows) > 4, command
+    missing = [row for row in rows if row not in readme]
+    assert not missing, f"README.md lacks {len(missing)} rows of {command}: {missing[:2]}"
