@@ -402,16 +402,17 @@ def method_cells(rows: dict) -> str:
   return " | ".join([*cells, f"{rows['rtn']['learning_rate']:g}"]) + " |"
 
 
+def wa(row: dict) -> str:
+  """A row's weight and activation widths: "W4A8"."""
+  return f"W{row['weight_bits']}A{row['act_bits']}"
+
+
 def fp_note(rows: list[dict]) -> str:
   """The float models' metric: one value, or one per setting where they differ."""
   fps = {wa(r): value(r) for r in rows if r["method"] == "fp"}
   if len(set(fps.values())) == 1:
     return f"FP {next(iter(fps.values()))}"
   return "FP " + ", ".join(f"{name} {v}" for name, v in fps.items())
-
-
-def wa(row: dict) -> str:
-  return f"W{row['weight_bits']}A{row['act_bits']}"
 
 
 def tables(rows: list[dict]) -> str:
@@ -424,8 +425,8 @@ def tables(rows: list[dict]) -> str:
     lines = [*head, "|---" * 10 + "|"]
     for mode in sweep.grouped(group, row_group).values():
       by = {r["method"]: r for r in mode}
-      lines.append(f"| {wa(by['rtn'])} | {by['rtn']['bits_mode'].replace('_', ' ')} | ")
-      lines[-1] += method_cells(by)
+      bits = by["rtn"]["bits_mode"].replace("_", " ")
+      lines.append(f"| {wa(by['rtn'])} | {bits} | " + method_cells(by))
     out.append("\n".join(lines))
   return "\n\n".join(out)
 
