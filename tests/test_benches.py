@@ -12,6 +12,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
+import sweep  # noqa: E402
 import timing  # noqa: E402
 
 COMMITTED = timing.RESULTS
@@ -79,7 +80,7 @@ def test_bench_readme_tables_are_the_ones_the_json_gives():
 def test_readme_summaries_are_the_ones_the_json_gives():
   readme = (ROOT / "README.md").read_text()
   accuracy = importlib.import_module("efqat_accuracy")
-  groups = accuracy.sweep.grouped(committed_rows("efqat_accuracy"), accuracy.sweep.setting_title)
+  groups = sweep.grouped(committed_rows("efqat_accuracy"), sweep.setting_title)
   attention_round = importlib.import_module("attention_round")
   printed = {
     "efqat_accuracy.py --plots-only (summary)": accuracy.summary_table(groups),
