@@ -316,7 +316,9 @@ def bits_mode_cells(config, here: pathlib.Path, bits_mode: str, fp, quick: bool,
 def run_setting(
   setting, root: pathlib.Path, quick: bool, seeds: int = 1, bits_modes: tuple = BITS_MODES
 ) -> list[dict]:
-  """The rows of ``setting`` in each of ``bits_modes`` (the float model's row with ``uniform``)."""
+  """The rows of ``setting`` in each of ``bits_modes``, each mode's with the float model's row
+  (a run of some bits modes may train another float model: the CPU's thread pool can change the
+  order of its sums)."""
   model, weight_bits, act_bits = setting
   config = base_config(setting, root, quick)
   metric_name = sweep.metric_name_of(config)
@@ -325,10 +327,11 @@ def run_setting(
   base = dict(model=model, weight_bits=weight_bits, act_bits=act_bits, metric_name=metric_name)
   base["learning_rate"] = config.qat.learning_rate  # QAT's and EfQAT's (attention_round_config)
   fp_cell = cell([fp_run.results] * seeds, ("fp",), metric_name, steps=config.fp.steps)
-  rows = [dict(base, bits_mode="uniform", method="fp", **fp_cell)] * ("uniform" in bits_modes)
+  rows = []
   here = root / sweep.setting_name(*setting)
   for bits_mode in bits_modes:
     cells = bits_mode_cells(with_bits_mode(config, bits_mode), here, bits_mode, fp, quick, seeds)
+    cells = {"fp": fp_cell, **cells}
     mode_rows = {m: dict(base, bits_mode=bits_mode, method=m, **c) for m, c in cells.items()}
     rows += compare(mode_rows, lower_is_better=metric_name == "bits_per_char")
     print(f"{sweep.setting_name(*setting)}: {bits_mode} done", flush=True)
@@ -357,7 +360,7 @@ MODEL_TITLES = {
 }
 TABLE_METHODS = ("rtn", "optq", AR, f"qat@{AR}", AR_EFQAT, f"qat@{AR_EFQAT}")
 METHOD_HEADS = (
-  "seeds | RTN | OPTQ | Attention Round | QAT at AR's time | AR + EfQAT | QAT at AR + EfQAT's time "
+  "seeds | FP | RTN | OPTQ | Attention Round | QAT at AR's time | AR + EfQAT | QAT at AR + EfQAT's time "
   "| QAT's and EfQAT's rate |"
 )
 MODEL_NAMES = {
@@ -390,7 +393,7 @@ def method_cells(rows: dict) -> str:
   """One bits mode of one setting (``{method: row}``): its seeds, every method's value and wall
   time (QAT's steps too), then the learning rate QAT and EfQAT ran with."""
   bold = bold_methods(rows)
-  cells = [str(rows[AR].get("seeds") or 1)]
+  cells = [str(rows[AR].get("seeds") or 1), value(rows["fp"])]
   for method in TABLE_METHODS:
     if method not in rows:  # QAT at the pair's time: not run in the single-seed sweep
       cells.append("—")
@@ -407,22 +410,14 @@ def wa(row: dict) -> str:
   return f"W{row['weight_bits']}A{row['act_bits']}"
 
 
-def fp_note(rows: list[dict]) -> str:
-  """The float models' metric: one value, or one per setting where they differ."""
-  fps = {wa(r): value(r) for r in rows if r["method"] == "fp"}
-  if len(set(fps.values())) == 1:
-    return f"FP {next(iter(fps.values()))}"
-  return "FP " + ", ".join(f"{name} {v}" for name, v in fps.items())
-
-
 def tables(rows: list[dict]) -> str:
   """Markdown of each model's table (bench/README.md shows them): per setting and bits mode,
   every method's metric, [min, max] over the seeds where they differ, and wall time; bold: the
   better of Attention Round (+ EfQAT) and QAT at its time, beyond both spreads."""
   out = []
   for model, group in sweep.grouped(rows, lambda r: r["model"]).items():
-    head = [f"{MODEL_TITLES[model]} ({fp_note(group)}):", "", f"| W/A | bits | {METHOD_HEADS}"]
-    lines = [*head, "|---" * 10 + "|"]
+    head = [f"{MODEL_TITLES[model]}:", "", f"| W/A | bits | {METHOD_HEADS}"]
+    lines = [*head, "|---" * 11 + "|"]
     for mode in sweep.grouped(group, row_group).values():
       by = {r["method"]: r for r in mode}
       bits = by["rtn"]["bits_mode"].replace("_", " ")
@@ -432,14 +427,13 @@ def tables(rows: list[dict]) -> str:
 
 
 def summary_table(rows: list[dict]) -> str:
-  """README's table: uniform bits at ``SUMMARY_SETTINGS`` for each model, with its FP."""
-  lines = [f"| model | W/A | {METHOD_HEADS}", "|---" * 10 + "|"]
+  """README's table: uniform bits at ``SUMMARY_SETTINGS`` for each model."""
+  lines = [f"| model | W/A | {METHOD_HEADS}", "|---" * 11 + "|"]
   for model in MODEL_NAMES:
     for w, a in SUMMARY_SETTINGS:
       name = sweep.setting_name(model, w, a)
       by = {r["method"]: r for r in rows if row_group(r) == f"{name}/uniform"}
-      label = f"{MODEL_NAMES[model]} (FP {value(by['fp'])})"
-      lines.append(f"| {label} | W{w}A{a} | " + method_cells(by))
+      lines.append(f"| {MODEL_NAMES[model]} | W{w}A{a} | " + method_cells(by))
   return "\n".join(lines)
 
 
@@ -464,8 +458,8 @@ def plot(rows: list[dict], stem: str) -> None:
       )  # fmt: skip
       for r in points:
         ax.annotate(r["method"].split(" ")[0], (r["wall_s"], r["metric"]), fontsize=6)
-    fp = next(r for r in group if r["method"] == "fp")
-    ax.axhline(fp["metric"], color="k", ls=":", label="fp")
+    for fp in sorted({r["metric"] for r in group if r["method"] == "fp"}):
+      ax.axhline(fp, color="k", ls=":", label="fp")
     ax.set_xscale("log")
     ax.set_title(title)
     ax.set_xlabel("wall time (s)")

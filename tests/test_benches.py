@@ -9,6 +9,8 @@ import json
 import pathlib
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
@@ -40,6 +42,7 @@ def test_every_benchmark_script_imports():
     assert module.__doc__, f"bench/{name}.py has no docstring"
 
 
+@pytest.mark.long
 def test_sweeps_redraw_their_plots_from_the_committed_json(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(timing, "RESULTS", tmp_path)  # the figures go here, not into bench/
   for name, (report, figures) in PLOTS.items():
@@ -51,7 +54,7 @@ def test_sweeps_redraw_their_plots_from_the_committed_json(tmp_path, monkeypatch
   )
   printed = capsys.readouterr().out
   assert "| setting | seeds | PTQ | QAT |" in printed
-  assert "| W/A | bits | seeds | RTN | OPTQ | Attention Round |" in printed
+  assert "| W/A | bits | seeds | FP | RTN | OPTQ | Attention Round |" in printed
 
 
 def test_bench_readme_tables_are_the_ones_the_json_gives():
