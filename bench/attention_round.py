@@ -6,7 +6,8 @@ Settings: ResNet-20 and the MobileNetV2-style model on mnist5k, the Transformer 
 is a set of per-layer weight widths: ``uniform`` (every other layer at W), ``coding_length``
 (Attention Round's mixed precision) and ``sensitivity`` (the baseline: the loss increase of each
 layer rounded alone), both mixed ones within the weight memory of ``uniform``. The float model is
-trained once; each cell runs with --seeds seeds (Attention Round's minibatches and noise:
+trained once per model and root (``fp``: a row in every bits mode, since a run of some bits modes
+on a new root trains another one, which need not be bit-identical); each cell runs with --seeds seeds (Attention Round's minibatches and noise:
 ``ptq.attention_round.seed``; QAT's and EfQAT's data order and dropout: ``train_seed``). Per bits
 mode:
 - ``rtn``, ``optq``: the PTQ stage, run once: neither draws random numbers, so every seed has
@@ -316,9 +317,7 @@ def bits_mode_cells(config, here: pathlib.Path, bits_mode: str, fp, quick: bool,
 def run_setting(
   setting, root: pathlib.Path, quick: bool, seeds: int = 1, bits_modes: tuple = BITS_MODES
 ) -> list[dict]:
-  """The rows of ``setting`` in each of ``bits_modes``, each mode's with the float model's row
-  (a run of some bits modes may train another float model: the CPU's thread pool can change the
-  order of its sums)."""
+  """The rows of ``setting`` in each of ``bits_modes``, each mode's with the float model's."""
   model, weight_bits, act_bits = setting
   config = base_config(setting, root, quick)
   metric_name = sweep.metric_name_of(config)
@@ -390,8 +389,8 @@ def bold_methods(rows: dict) -> set[str]:
 
 
 def method_cells(rows: dict) -> str:
-  """One bits mode of one setting (``{method: row}``): its seeds, every method's value and wall
-  time (QAT's steps too), then the learning rate QAT and EfQAT ran with."""
+  """One bits mode of one setting (``{method: row}``): its seeds, the float model's metric, every
+  method's value and wall time (QAT's steps too), then the learning rate QAT and EfQAT ran with."""
   bold = bold_methods(rows)
   cells = [str(rows[AR].get("seeds") or 1), value(rows["fp"])]
   for method in TABLE_METHODS:

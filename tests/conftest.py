@@ -87,17 +87,3 @@ def compilations():
       logger.removeHandler(handler)
 
   return count
-
-
-def pytest_configure(config):
-  config.addinivalue_line(
-    "markers", "long: takes about ten seconds or more; its module runs before the others"
-  )
-
-
-def pytest_collection_modifyitems(items):
-  """Modules holding a ``long`` test first, each module's tests kept together and in order
-  (its module fixtures are made once). xdist hands tests out in this order, four at a time: a
-  long test at the end of the run would keep one worker busy while the other waits."""
-  long_modules = {item.module for item in items if item.get_closest_marker("long")}
-  items.sort(key=lambda item: item.module not in long_modules)

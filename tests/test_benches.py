@@ -9,8 +9,6 @@ import json
 import pathlib
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
@@ -42,7 +40,6 @@ def test_every_benchmark_script_imports():
     assert module.__doc__, f"bench/{name}.py has no docstring"
 
 
-@pytest.mark.long
 def test_sweeps_redraw_their_plots_from_the_committed_json(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(timing, "RESULTS", tmp_path)  # the figures go here, not into bench/
   for name, (report, figures) in PLOTS.items():

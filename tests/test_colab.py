@@ -8,8 +8,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 NOTEBOOK = pathlib.Path(__file__).parent.parent / "colabs" / "efqat_quickstart.ipynb"
 
 
@@ -19,7 +17,6 @@ def _code_cells(notebook: pathlib.Path) -> list[str]:
   return ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
 
 
-@pytest.mark.long
 def test_notebook_runs_top_to_bottom_and_saves_its_plots(tmp_path):
   script = tmp_path / "notebook.py"
   script.write_text("\n\n".join(_code_cells(NOTEBOOK)))

@@ -346,7 +346,6 @@ LWPN_CASES = (
 SIGNATURE_ONLY_CASES = ("deterministic_flag", "two_inputs")
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("name", CASES)
 def test_quantize_calibrate_qat_efqat_and_export(name):
   case = built(name)
@@ -440,7 +439,6 @@ def test_quantize_calibrate_qat_efqat_and_export(name):
   assert accumulators and all(int(a["max_abs"]) > 0 for a in accumulators.values())
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("name", NNX_CASES)
 def test_nnx_models_take_every_ptq_method(name):
   """Every registered PTQ method on every NNX model (through as_linen): weights on their grid,

@@ -88,7 +88,6 @@ def test_readme_has_python_blocks():
   assert len(BLOCKS) >= 3, [name for name, _ in BLOCKS]
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("code", [code for _, code in BLOCKS], ids=[name for name, _ in BLOCKS])
 def test_readme_block_runs(code, tmp_path):
   script = tmp_path / "block.py"

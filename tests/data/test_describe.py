@@ -21,7 +21,6 @@ def _example_specs(example):
   return {k: (np.asarray(v).shape, np.asarray(v).dtype.name) for k, v in example.items()}
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("name", BUNDLED)
 def test_declared_metadata_equals_the_prepared_dataset(prepared, data_dir, name):
   sources = prepared(name)

@@ -11,7 +11,6 @@ from efqat_jax.data import verify
 from efqat_jax.errors import DataError
 
 
-@pytest.mark.long
 def test_bundled_preparation_prints_nothing_and_leaves_no_temporary_dirs(
   tmp_path, capfd, monkeypatch
 ):

@@ -103,7 +103,6 @@ def _train(workdir, train_step, steps, reuse=True):
   return jax.device_get(state), step
 
 
-@pytest.mark.long
 def test_a_padded_step_trains_the_selection_and_a_resumed_run_picks_the_same_step(tmp_path):
   train_step = make_train_step(MODEL, TX, MESH, param_context=restrict_backward)
   straight, step = _train(tmp_path / "straight", train_step, STEPS)

@@ -210,7 +210,6 @@ def test_batch_stats_update_in_train_mode_only(name):
   assert not np.allclose(train_first, train_out[:1], atol=1e-3)
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("name", MODELS)
 def test_quantize_every_layer_float_mode_reproduces_model_and_quantize_mode_fake_quantizes(name):
   model, qmodel, qvars, fvars = _quantized(name)

@@ -57,7 +57,6 @@ def _layer_inputs_and_outputs(model, variables, x):
   return seen
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("model, x", MODELS, ids=["cnn", "transformer"])
 def test_every_exported_layer_reproduces_its_fake_quantized_layer(model, x, bits):

@@ -158,7 +158,6 @@ class LoopStack(nnx.Module):
     return self.out(x)
 
 
-@pytest.mark.long
 def test_a_scanned_remat_stack_quantizes_each_layer_as_the_same_layers_unstacked():
   x = jax.random.normal(jax.random.key(3), (4, 8))
   stacked = ScannedStack(8, 3, nnx.Rngs(0))
@@ -293,7 +292,6 @@ def _calibrated_and_stepped(qmodel, variables):
   return calibrated, layers, trainable, stepped
 
 
-@pytest.mark.long
 def test_the_same_model_in_linen_and_nnx_calibrates_trains_an_efqat_step_and_exports_the_same():
   model = NnxNet(nnx.Rngs(0))
   module, variables = as_linen(quantize(model, RULES, IMAGES, TOKENS))
@@ -323,7 +321,6 @@ def test_the_same_model_in_linen_and_nnx_calibrates_trains_an_efqat_step_and_exp
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.long
 def test_optq_on_an_nnx_scan_stack_equals_optq_on_the_same_layers_unstacked():
   x = jax.random.normal(jax.random.key(3), (32, 8))
   stacked = ScannedStack(8, 3, nnx.Rngs(0))
@@ -386,7 +383,6 @@ def test_an_nnx_models_variables_round_trip_through_an_orbax_checkpoint(tmp_path
   np.testing.assert_allclose(back(x), module.apply(restored.variables, x, train=False), rtol=1e-6)
 
 
-@pytest.mark.long
 def test_attention_round_on_an_nnx_scan_stack_rounds_on_the_grid_and_beats_round_to_nearest():
   """Attention Round's block reconstruction (block inputs recorded and fed inside nnx.scan, its
   own weight rounding in every layer) through as_linen."""
@@ -409,7 +405,6 @@ def test_attention_round_on_an_nnx_scan_stack_rounds_on_the_grid_and_beats_round
   assert error(rounded) < error(rtn)
 
 
-@pytest.mark.long
 def test_block_replacement_trains_an_nnx_stack_guided_by_its_float_nnx_partner():
   """Boundaries at every unit of an nnx.scan stack: the partner (the float NNX model, through
   as_linen too) is fed the LP blocks' inputs inside the scan; the loss falls."""

@@ -11,7 +11,6 @@ from efqat_jax.train import Checkpointer
 from tests.pipeline.conftest import tiny_config
 
 
-@pytest.mark.long
 def test_attention_round_with_mixed_bits_runs_through_qat_to_the_export(data_dir, tmp_path, capsys):
   config = tiny_config("digits", data_dir)
   config.ptq.method = "attention_round"
@@ -31,7 +30,6 @@ def test_attention_round_with_mixed_bits_runs_through_qat_to_the_export(data_dir
   assert results["export"]["prediction_agreement"] > 0.9
 
 
-@pytest.mark.long
 def test_sensitivity_allocation_gives_each_free_layer_a_candidate(data_dir, tmp_path):
   config = tiny_config("digits", data_dir)
   config.quant.update(

@@ -11,7 +11,6 @@ from efqat_jax.errors import ConfigError
 from tests.pipeline.conftest import tiny_config
 
 
-@pytest.mark.long
 def test_qat_and_efqat_train_with_block_replacement_and_its_settings_fingerprint_them(
   data_dir, tmp_path
 ):

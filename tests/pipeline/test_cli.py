@@ -103,7 +103,6 @@ def _latest_step(step_dir):
   return max(int(p.name) for p in step_dir.glob("[0-9]*") if p.name.isdigit())
 
 
-@pytest.mark.long
 def test_sigterm_and_ctrl_c_stop_with_one_line_and_the_same_command_resumes(data_dir, tmp_path):
   """SIGTERM (schedulers, ``timeout``) stops like Ctrl-C, with status 143; Ctrl-C stops a run
   started with SIGINT ignored (as a shell starts a background job), with status 130."""

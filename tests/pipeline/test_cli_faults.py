@@ -104,7 +104,6 @@ def test_an_unusable_workdir_is_one_line_naming_it_before_any_file(data_dir, tmp
     assert read_only is None or list(read_only.iterdir()) == []
 
 
-@pytest.mark.long
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(
   finished, data_dir, tmp_path
 ):

@@ -80,7 +80,6 @@ KILLS = {
 }
 
 
-@pytest.mark.long
 def test_kills_at_any_moment_resume_to_the_identical_result(straight, data_dir, tmp_path):
   """One run killed twice (mid-checkpoint, mid-export), then finished: every stage's params, the
   export and the metrics equal an uninterrupted run's. Each rerun also restores the stages

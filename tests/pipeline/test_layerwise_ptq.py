@@ -22,7 +22,6 @@ from tests.pipeline.conftest import tiny_config
 BITS, TILE = 9, 8
 
 
-@pytest.mark.long
 def test_an_axe_model_stays_overflow_free_through_qat_and_efqat_to_the_export(
   data_dir, tmp_path, capsys
 ):

@@ -15,7 +15,6 @@ from efqat_jax.train import Checkpointer, read_scalars
 from tests.pipeline.conftest import tiny_config
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("dataset", ["digits", "shakespeare_char/seq64"])
 def test_every_stage_runs_for_classification_and_for_a_language_model(
   dataset, data_dir, tmp_path, finished

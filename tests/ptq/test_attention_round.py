@@ -115,7 +115,6 @@ def output_error(model, float_vars, qmodel, variables, params, x):
   return float(jnp.mean(jnp.square(y - reference)) / jnp.mean(jnp.square(reference)))
 
 
-@pytest.mark.long
 def test_block_reconstruction_beats_rounding_and_optq_and_is_reproducible(compilations):
   x = correlated()
   model = OneBlock()
@@ -152,7 +151,6 @@ def test_block_reconstruction_beats_rounding_and_optq_and_is_reproducible(compil
   assert layer.weight_spec.bits == 3
 
 
-@pytest.mark.long
 def test_a_scanned_stack_is_reconstructed_per_layer():
   x = correlated(rows=256, seed=1)
   model = Scanned()

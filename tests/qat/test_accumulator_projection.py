@@ -61,7 +61,6 @@ def test_projected_weights_fit_and_fitting_ones_are_untouched(tile, bits):
   jax.tree.map(np.testing.assert_array_equal, untouched, variables["params"])
 
 
-@pytest.mark.long
 def test_training_with_the_projection_keeps_the_guarantee_and_without_it_loses_it():
   qmodel, variables, x = model_and_variables()
   accumulator = AccumulatorSpec(bits=16)

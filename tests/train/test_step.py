@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from efqat_jax import QuantRule, QuantSpec, quantize
 from efqat_jax.models import SmallCNN
@@ -129,7 +128,6 @@ EIGHT_DEVICES = textwrap.dedent(
 )
 
 
-@pytest.mark.long
 def test_eight_simulated_devices_match_one_device_and_reject_indivisible_batches():
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
   env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
