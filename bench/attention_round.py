@@ -7,9 +7,9 @@ is a set of per-layer weight widths: ``uniform`` (every other layer at W), ``cod
 (Attention Round's mixed precision) and ``sensitivity`` (the baseline: the loss increase of each
 layer rounded alone), both mixed ones within the weight memory of ``uniform``. The float model is
 trained once per model and root (``fp``: a row in every bits mode, since a run of some bits modes
-on a new root trains another one, which need not be bit-identical); each cell runs with --seeds seeds (Attention Round's minibatches and noise:
-``ptq.attention_round.seed``; QAT's and EfQAT's data order and dropout: ``train_seed``). Per bits
-mode:
+on a new root trains another one, which need not be bit-identical); each cell runs with --seeds
+seeds (Attention Round's minibatches and noise: ``ptq.attention_round.seed``; QAT's and EfQAT's
+data order and dropout: ``train_seed``). Per bits mode:
 - ``rtn``, ``optq``: the PTQ stage, run once: neither draws random numbers, so every seed has
   the same value (spread 0);
 - ``attention_round``: the PTQ stage, once per seed;
@@ -362,6 +362,8 @@ METHOD_HEADS = (
   "seeds | FP | RTN | OPTQ | Attention Round | QAT at AR's time | AR + EfQAT | QAT at AR + EfQAT's time "
   "| QAT's and EfQAT's rate |"
 )
+# The separator row of a table whose first two columns precede METHOD_HEADS.
+SEPARATOR = "|---" * (2 + METHOD_HEADS.count("|")) + "|"
 MODEL_NAMES = {
   "resnet20_mnist5k": "ResNet-20",
   "mobilenetv2_mnist5k": "MobileNetV2",
@@ -416,7 +418,7 @@ def tables(rows: list[dict]) -> str:
   out = []
   for model, group in sweep.grouped(rows, lambda r: r["model"]).items():
     head = [f"{MODEL_TITLES[model]}:", "", f"| W/A | bits | {METHOD_HEADS}"]
-    lines = [*head, "|---" * 11 + "|"]
+    lines = [*head, SEPARATOR]
     for mode in sweep.grouped(group, row_group).values():
       by = {r["method"]: r for r in mode}
       bits = by["rtn"]["bits_mode"].replace("_", " ")
@@ -427,7 +429,7 @@ def tables(rows: list[dict]) -> str:
 
 def summary_table(rows: list[dict]) -> str:
   """README's table: uniform bits at ``SUMMARY_SETTINGS`` for each model."""
-  lines = [f"| model | W/A | {METHOD_HEADS}", "|---" * 11 + "|"]
+  lines = [f"| model | W/A | {METHOD_HEADS}", SEPARATOR]
   for model in MODEL_NAMES:
     for w, a in SUMMARY_SETTINGS:
       name = sweep.setting_name(model, w, a)
@@ -457,8 +459,9 @@ def plot(rows: list[dict], stem: str) -> None:
       )  # fmt: skip
       for r in points:
         ax.annotate(r["method"].split(" ")[0], (r["wall_s"], r["metric"]), fontsize=6)
-    for fp in sorted({r["metric"] for r in group if r["method"] == "fp"}):
-      ax.axhline(fp, color="k", ls=":", label="fp")
+    fps = sorted({r["metric"] for r in group if r["method"] == "fp"})
+    for i, fp in enumerate(fps):
+      ax.axhline(fp, color="k", ls=":", label="fp" if i == 0 else None)
     ax.set_xscale("log")
     ax.set_title(title)
     ax.set_xlabel("wall time (s)")
