@@ -20,7 +20,8 @@ data order and dropout: ``train_seed``). Per bits mode:
 The step budgets come from step times measured side by side: QAT's step, EfQAT's step and
 Attention Round's Adam step of every block, interleaved in one process. A pipeline's time is its
 steps at those step times plus its fixed cost (compilation, calibration, capture passes,
-evaluation: a probe run's wall time less its probe steps at the same step times):
+evaluation): the median over runs of a wall time less its steps at the same step times, the runs
+being a probe run of a few steps and, for Attention Round and EfQAT, every seed's run:
   attention_round = fixed + steps per block x sum over blocks of its step time
   + efqat         = that + EfQAT's fixed + EfQAT's steps x its step time
   qat steps       = (pipeline time - rtn stage - QAT's fixed) / QAT's step time
@@ -50,6 +51,7 @@ import functools
 import itertools
 import math
 import pathlib
+import statistics
 from collections.abc import Callable
 
 import jax
@@ -209,9 +211,10 @@ def step_seconds(rtn_run, rtn, ar_run, ar, fp, rounds: int) -> dict[str, float]:
 # --- budgets ------------------------------------------------------------------------------------
 
 
-def fixed_seconds(wall_s: float, steps: int, step_s: float) -> float:
-  """A run's fixed cost: its wall time less its steps at the measured step time."""
-  return max(0.0, wall_s - steps * step_s)
+def fixed_seconds(runs: list[tuple[float, int]], step_s: float) -> float:
+  """A stage's fixed cost from its ``(wall time, steps)`` runs: the median of their wall times
+  less their steps at the measured step time (one run slowed by other load does not move it)."""
+  return max(0.0, statistics.median(wall_s - steps * step_s for wall_s, steps in runs))
 
 
 def qat_steps(budget_s: float, fixed_s: float, step_s: float) -> int:
@@ -236,9 +239,12 @@ def budgets(step_s: dict, fixed_s: dict, steps: dict, rtn_s: float) -> dict:
   }
 
 
-def measure_budgets(config, here: pathlib.Path, bits_mode: str, fp, rtn, quick: bool) -> dict:
+def measure_budgets(
+  config, here: pathlib.Path, bits_mode: str, fp, rtn, ar_runs: list[dict], quick: bool
+) -> dict:
   """Step times side by side, fixed costs from probe runs of ``PROBE_STEPS`` steps (Attention
-  Round and EfQAT after it; QAT from the ``rtn`` model), and the budgets they give."""
+  Round and EfQAT after it; QAT from the ``rtn`` model) and, for Attention Round and EfQAT, from
+  every seed's run (``ar_runs``) too, and the budgets they give."""
   probe = PROBE_STEPS[quick]
   probe_cfg = attention_round_config(config, steps=probe)
   probe_cfg.efqat.steps = probe
@@ -250,9 +256,15 @@ def measure_budgets(config, here: pathlib.Path, bits_mode: str, fp, rtn, quick: 
     qat_config(config, probe), here / f"{bits_mode}_qat_probe", "qat", {"ptq": rtn_model}
   )
   step_s = step_seconds(rtn_run, rtn_model, ar_run, ar, fp, ROUNDS[quick])
-  walls = {AR: ar_probe["ptq"], "efqat": ar_probe["efqat"], "qat": qat_probe}
-  fixed_s = {k: fixed_seconds(r["wall_time_s"], probe, step_s[k]) for k, r in walls.items()}
   steps = {AR: config.ptq.attention_round.steps, "efqat": config.efqat.steps}
+  stage = {AR: "ptq", "efqat": "efqat"}
+  runs = {
+    k: [(ar_probe[stage[k]]["wall_time_s"], probe)]
+    + [(r[stage[k]]["wall_time_s"], steps[k]) for r in ar_runs]
+    for k in (AR, "efqat")
+  }
+  runs["qat"] = [(qat_probe["wall_time_s"], probe)]
+  fixed_s = {k: fixed_seconds(r, step_s[k]) for k, r in runs.items()}
   rtn_s = rtn_run.results["ptq"]["wall_time_s"]
   return {"step_s": step_s, "fixed_s": fixed_s, **budgets(step_s, fixed_s, steps, rtn_s)}
 
@@ -298,7 +310,7 @@ def bits_mode_cells(config, here: pathlib.Path, bits_mode: str, fp, quick: bool,
   ar_runs = attention_round_runs(config, here / f"{bits_mode}_{AR}", fp, seeds)
   budget = sweep.cached_json(
     here / f"{bits_mode}_budget.json",
-    lambda: measure_budgets(config, here, bits_mode, fp, ptq["rtn"], quick),
+    lambda: measure_budgets(config, here, bits_mode, fp, ptq["rtn"], ar_runs, quick),
   )
   rtn_run, rtn = ptq["rtn"]
   cells = {m: cell([run.results] * seeds, ("ptq",), name) for m, (run, _) in ptq.items()}

@@ -93,3 +93,19 @@ def test_readme_summaries_are_the_ones_the_json_gives():
     assert len(rows) > 4, command
     missing = [row for row in rows if row not in readme]
     assert not missing, f"README.md lacks {len(missing)} rows of {command}: {missing[:2]}"
+
+
+def test_attention_round_budgets_take_the_typical_fixed_cost():
+  attention_round = importlib.import_module("attention_round")
+  ar, efqat = attention_round.AR, attention_round.AR_EFQAT
+  # Walls of a probe (20 steps) and three seeds (200 steps) at 0.5 s a step: fixed costs 60,
+  # 50, 55 and 250 (a run slowed by other load), whose median is 57.5.
+  runs = [(70.0, 20), (150.0, 200), (155.0, 200), (350.0, 200)]
+  assert attention_round.fixed_seconds(runs, 0.5) == 57.5
+  assert attention_round.fixed_seconds([(5.0, 20)], 0.5) == 0.0  # never below zero
+  step_s = {"qat": 0.25, "efqat": 0.2, ar: 0.5}
+  fixed_s = {ar: 57.5, "efqat": 10.0, "qat": 7.0}
+  out = attention_round.budgets(step_s, fixed_s, {ar: 200, "efqat": 100}, rtn_s=3.0)
+  assert out["budget_s"] == {ar: 157.5, efqat: 187.5}
+  assert out["qat_fixed_s"] == 10.0
+  assert out["qat_steps"] == {ar: 590, efqat: 710}  # (157.5 - 10) / 0.25, (187.5 - 10) / 0.25
