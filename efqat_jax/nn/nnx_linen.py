@@ -15,9 +15,10 @@ What ``apply`` does, per call (at trace time):
     ``nnx.scan`` slices them like the layer's own;
   - makes the modules that ``quantized_layers`` and ``block_io`` watch report their calls
     and record or take their block inputs (their classes swapped for subclasses that do);
-  - runs the copy once abstractly to learn which variables the call would create (the running
-    ranges of ``Mode.CALIBRATE``, captured inputs, accumulator maxima, recorded block inputs)
-    and creates them, because NNX cannot create variables inside a transform;
+  - where ``params`` is mutable, runs the copy once abstractly to learn which variables the call
+    would create (the running ranges of ``Mode.CALIBRATE``, captured inputs, accumulator maxima,
+    recorded block inputs) and creates them, because NNX cannot create variables inside a
+    transform;
   - runs the copy, and writes the state of the mutable collections back.
 A ``train`` keyword that the NNX model's ``__call__`` does not take switches the copy with
 ``model.train()`` / ``model.eval()`` instead.
@@ -133,7 +134,8 @@ class NnxAsLinen(nn.Module):
       _make_block(_module_at(copy, tuple(path.split("/"))), path)
     args, kwargs = _train_switch(copy, args, kwargs)
     mutable = self.is_mutable_collection("params")
-    create_variables(copy, args, kwargs, Running(created={}, params_mutable=mutable))
+    if mutable:  # every variable lives in params: a call that cannot write them creates none
+      create_variables(copy, args, kwargs, Running(created={}, params_mutable=True))
     with running(Running(params_mutable=mutable)):
       out = copy(*args, **kwargs)
     self._write_back(copy, holders)
