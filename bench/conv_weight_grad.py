@@ -151,7 +151,7 @@ def _rows(times: dict[tuple, list[float]], rounds: int) -> list[dict]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rounds", type=int, default=20, help="timed calls per variant")
   args = parser.parse_args()
   timing.use_jemalloc()

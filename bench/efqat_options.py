@@ -329,7 +329,7 @@ def _rate_grid(rows: list[dict]) -> list[dict]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--option", required=True, choices=list(OPTIONS))
   parser.add_argument("--values", help="comma list of the option's values (default: all)")
   parser.add_argument(

@@ -383,7 +383,7 @@ def rows_table(rows: list[dict]) -> str:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="two models, rho 10%%, 5 rounds")
   parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant (>= 20)")
   parser.add_argument("--models", default=None, help=f"comma list of {', '.join(MODELS)}")

@@ -206,7 +206,7 @@ def _share(fraction) -> str:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--root", default="/tmp/efqat_stage_time", type=pathlib.Path)
   parser.add_argument("--settings", help=f"comma-separated subset of {','.join(SETTING_NAMES)}")
   parser.add_argument("--repeats", type=int, default=2, help="runs of each method (default 2)")

@@ -153,7 +153,7 @@ def measure(k: int, rows: int, rounds: int) -> list[dict]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="K = 256 only (under a minute)")
   args = parser.parse_args()
   timing.use_jemalloc()  # as the command line runs: the rows record the allocator

@@ -92,7 +92,7 @@ def _train_step(model, x, loss):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="small models, few rounds")
   parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant")
   parser.add_argument("--allocator", choices=["jemalloc", "default"], default="jemalloc")

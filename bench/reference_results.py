@@ -36,7 +36,7 @@ def load_config(name: str):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--workdir", default="/tmp/efqat_reference")
   args = parser.parse_args()

@@ -97,7 +97,7 @@ def parse(
   ``--seeds``, and the arguments ``options(parser)`` adds (their values: ``SweepArgs.options``);
   an unknown setting is a usage error. Without --settings: every setting (with --quick: the
   first)."""
-  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
   parser.add_argument("--root", default=f"/tmp/{name}", type=pathlib.Path)
   parser.add_argument("--settings", help=f"comma-separated subset of {','.join(setting_names)}")
   parser.add_argument("--quick", action="store_true", help=quick_help)
