@@ -7,9 +7,9 @@ is a set of per-layer weight widths: ``uniform`` (every other layer at W), ``cod
 (Attention Round's mixed precision) and ``sensitivity`` (the baseline: the loss increase of each
 layer rounded alone), both mixed ones within the weight memory of ``uniform``. The float model is
 trained once per model and root (``fp``: a row in every bits mode, since a run of some bits modes
-on a new root trains another one, which need not be bit-identical); each cell runs with --seeds
-seeds (Attention Round's minibatches and noise: ``ptq.attention_round.seed``; QAT's and EfQAT's
-data order and dropout: ``train_seed``). Per bits mode:
+on a new root trains another one, which once came out different: bench/README.md); each cell
+runs with --seeds seeds (Attention Round's minibatches and noise: ``ptq.attention_round.seed``;
+QAT's and EfQAT's data order and dropout: ``train_seed``). Per bits mode:
 - ``rtn``, ``optq``: the PTQ stage, run once: neither draws random numbers, so every seed has
   the same value (spread 0);
 - ``attention_round``: the PTQ stage, once per seed;

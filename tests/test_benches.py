@@ -2,7 +2,8 @@
 their plots from the JSON committed in bench/results, and the tables bench/README.md shows are
 the ones the scripts print from that JSON. A change to a shared helper, or to the fields a row
 records, cannot leave a benchmark that fails before it measures anything, or a README table
-that its JSON no longer gives."""
+that its JSON no longer gives. The Attention Round sweep's budget arithmetic is checked on
+figures worked by hand."""
 
 import importlib
 import json
